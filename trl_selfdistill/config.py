@@ -1,0 +1,106 @@
+"""Configuration of the self-distillation trainer."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import SFTConfig
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DISTILL_SCOPES = ("completion", "all")
+TEACHER_MODES = ("auto", "adapter_disabled", "adapter_copy", "model_copy")
+
+
+@dataclass
+class SelfDistillConfig(SFTConfig):
+    r"""
+    [`~trl.SFTConfig`] plus the self-distillation term of arXiv 2604.15574:
+
+        loss = CE(gold) + distill_coef · distill_temperature² · D(p_teacher^τ, p_student^τ)   (per token)
+
+    The teacher is the frozen initial model (or a snapshot of it, see `teacher_mode`). With `distill_coef=0` the
+    trainer is exactly [`~trl.SFTTrainer`] and runs no teacher forward.
+    """
+
+    distill_coef: float = field(
+        default=1.0,
+        metadata={"help": "λ, weight of the distillation term. 0 disables it (plain SFT, no teacher forward)."},
+    )
+    distill_temperature: float = field(
+        default=0.5,
+        metadata={
+            "help": "τ, temperature applied to both teacher and student logits. The term is scaled by τ² so its "
+            "gradient keeps the same magnitude across temperatures. Paper default 0.5."
+        },
+    )
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = field(
+        default="forward_kl",
+        metadata={
+            "help": "`forward_kl`: KL(teacher ‖ student), the paper's choice (mass-covering). `reverse_kl`: "
+            "KL(student ‖ teacher) (mode-seeking). `jsd`: generalized Jensen-Shannon divergence "
+            "β·KL(teacher ‖ m) + (1-β)·KL(student ‖ m) with m = β·teacher + (1-β)·student, β = `jsd_beta`."
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "β of the generalized JSD, strictly between 0 and 1 (at both ends the JSD is identically 0; use "
+            "`divergence='forward_kl'` or `'reverse_kl'` instead). Only read when `divergence='jsd'`."
+        },
+    )
+    distill_scope: Literal["completion", "all"] = field(
+        default="completion",
+        metadata={
+            "help": "Positions the distillation term covers. `completion`: the positions the CE loss trains on "
+            "(answer tokens for prompt-completion data). `all`: every non-padding position, prompt included."
+        },
+    )
+    teacher_mode: Literal["auto", "adapter_disabled", "adapter_copy", "model_copy"] = field(
+        default="auto",
+        metadata={
+            "help": "Where the teacher comes from. `auto` picks by the model given: base model + `peft_config` → "
+            "`adapter_disabled` (the same model with its adapter off, no second copy); an already-adapted PeftModel "
+            "→ `adapter_copy` (its adapter copied once into a frozen `teacher` adapter: the snapshot recipe); full "
+            "fine-tuning → `model_copy` (a frozen copy of the initial weights), or the model at "
+            "`teacher_model_name_or_path` when that is set."
+        },
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local path of a teacher to load instead of copying the initial model (e.g. a stage-1 "
+            "snapshot checkpoint). Its vocabulary must match the student's. Implies `teacher_mode='model_copy'`."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distill_coef < 0:
+            raise ValueError(f"`distill_coef` (λ) must be ≥ 0, got {self.distill_coef}. Use 0 for plain SFT.")
+        if self.distill_temperature <= 0:
+            raise ValueError(
+                f"`distill_temperature` (τ) must be > 0, got {self.distill_temperature}. The paper uses 0.5."
+            )
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"Unknown `divergence={self.divergence!r}`: choose one of {', '.join(DIVERGENCES)}.")
+        if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(
+                f"`jsd_beta` must lie strictly between 0 and 1, got {self.jsd_beta}. At β=0 and β=1 the generalized "
+                "JSD is identically 0: for the KL limits set `divergence='forward_kl'` or `divergence='reverse_kl'`."
+            )
+        if self.distill_scope not in DISTILL_SCOPES:
+            raise ValueError(
+                f"Unknown `distill_scope={self.distill_scope!r}`: choose one of {', '.join(DISTILL_SCOPES)}."
+            )
+        if self.teacher_mode not in TEACHER_MODES:
+            raise ValueError(f"Unknown `teacher_mode={self.teacher_mode!r}`: choose one of {', '.join(TEACHER_MODES)}.")
+        if self.teacher_model_name_or_path is not None and self.teacher_mode in ("adapter_disabled", "adapter_copy"):
+            raise ValueError(
+                f"`teacher_model_name_or_path` loads a separate teacher model, which contradicts "
+                f"`teacher_mode={self.teacher_mode!r}`. Drop one: set `teacher_mode='auto'` (or 'model_copy') to use "
+                "the loaded teacher, or unset `teacher_model_name_or_path`."
+            )
+
+    @property
+    def divergence_beta(self) -> float:
+        """β in TRL's chunked-divergence convention: 0 = forward KL, 1 = reverse KL, in between the JSD."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.divergence, self.jsd_beta)

@@ -1,0 +1,167 @@
+"""Teacher strategies: where the frozen reference distribution comes from.
+
+| model given                              | strategy                | second copy of the base? |
+|------------------------------------------|-------------------------|--------------------------|
+| base model + `peft_config` (LoRA, QLoRA)  | `AdapterDisabledTeacher` | no                       |
+| an already-adapted `PeftModel` (snapshot) | `AdapterCopyTeacher`     | no (adapter-size copy)   |
+| full fine-tuning                          | `ModelTeacher` (copy)    | yes, unavoidable         |
+| `teacher_model_name_or_path`              | `ModelTeacher` (loaded)  | yes                      |
+
+The adapter-disabled model equals the initial model only while every trainable parameter is an adapter parameter:
+`check_adapter_teacher` refuses the set-ups where that fails. Every teacher forward runs under `no_grad` with dropout
+and gradient checkpointing off (eval mode), and returns last hidden states only: logits are never built here.
+"""
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from trl.trainer.utils import use_adapter
+
+from .losses import LMHead
+
+TEACHER_ADAPTER = "teacher"
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a (possibly PEFT-wrapped) model."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode (dropout and gradient checkpointing off), restoring each one's mode after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _last_hidden_state(model: nn.Module, inputs: dict) -> torch.Tensor:
+    # `base_model` is the backbone of a transformers causal LM (what TRL's fused LM head calls too)
+    with torch.no_grad(), eval_mode(model):
+        return causal_lm(model).base_model(**inputs, use_cache=False).last_hidden_state
+
+
+class AdapterDisabledTeacher:
+    """The student's own base weights, with every adapter switched off for the teacher forward."""
+
+    kind = "adapter_disabled"
+
+    def __init__(self, model: PeftModel):
+        check_adapter_teacher(model)
+        self.model = model
+        self.source = "initial model (adapter disabled)"
+
+    def last_hidden_state(self, inputs: dict) -> torch.Tensor:
+        with use_adapter(self.model, None):
+            return _last_hidden_state(self.model, inputs)
+
+    @property
+    def head(self) -> LMHead:
+        return LMHead.of(causal_lm(self.model))
+
+
+class AdapterCopyTeacher:
+    """The active adapter of an already-adapted `PeftModel`, copied once into a frozen `teacher` adapter."""
+
+    kind = "adapter_copy"
+
+    def __init__(self, model: PeftModel):
+        check_adapter_teacher(model)
+        student = model.active_adapter
+        if TEACHER_ADAPTER in model.peft_config:
+            raise ValueError(
+                f"The model already has an adapter named {TEACHER_ADAPTER!r}; it is reserved for the frozen teacher. "
+                "Rename or delete that adapter first."
+            )
+        model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(model.peft_config[student]))
+        state = get_peft_model_state_dict(model, adapter_name=student)
+        set_peft_model_state_dict(model, state, adapter_name=TEACHER_ADAPTER)
+        for name, param in model.named_parameters():
+            if f".{TEACHER_ADAPTER}." in name:
+                param.requires_grad_(False)
+        model.set_adapter(student)
+        self.model = model
+        self.source = f"snapshot of adapter {student!r} at the start of training"
+
+    def last_hidden_state(self, inputs: dict) -> torch.Tensor:
+        with use_adapter(self.model, TEACHER_ADAPTER):
+            return _last_hidden_state(self.model, inputs)
+
+    @property
+    def head(self) -> LMHead:
+        return LMHead.of(causal_lm(self.model))
+
+
+class ModelTeacher:
+    """A separate frozen model: a copy of the initial weights (full fine-tuning) or one loaded from a path."""
+
+    kind = "model_copy"
+
+    def __init__(self, model: nn.Module, source: str):
+        self.model = model.eval().requires_grad_(False)
+        self.source = source
+
+    @classmethod
+    def copy_of(cls, model: nn.Module) -> "ModelTeacher":
+        teacher = copy.deepcopy(causal_lm(model))
+        # TRL patches `forward` on the instance with a closure over the original model; the copy must not keep it
+        teacher.__dict__.pop("forward", None)
+        return cls(teacher, "frozen copy of the initial model")
+
+    def last_hidden_state(self, inputs: dict) -> torch.Tensor:
+        return _last_hidden_state(self.model, inputs)
+
+    @property
+    def head(self) -> LMHead:
+        return LMHead.of(causal_lm(self.model))
+
+
+def adapter_parameters(model: PeftModel) -> set[int]:
+    """`id`s of every parameter that belongs to an adapter layer of a PEFT model."""
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                ids.update(id(p) for p in getattr(module, layer_name).parameters())
+    return ids
+
+
+def check_adapter_teacher(model: PeftModel) -> None:
+    """Refuse set-ups where the adapter-disabled model would not be the initial model, or the kernel would miss a delta."""
+    config = model.peft_config[model.active_adapter]
+    if config.is_prompt_learning:
+        raise ValueError(
+            f"{config.peft_type} is a prompt-learning method: its virtual tokens shift the positions the teacher and "
+            "the student see. Use LoRA (or another adapter method), or full fine-tuning."
+        )
+    if getattr(config, "bias", "none") != "none":
+        raise ValueError(
+            f"LoRA `bias={config.bias!r}` trains the base model's biases, which stay on when the adapter is disabled, "
+            "so the teacher would drift with the student. Set `bias='none'`."
+        )
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(
+            f"`modules_to_save={config.modules_to_save}` trains full copies of base modules, which the adapter-disabled "
+            "teacher would not see consistently. Drop `modules_to_save`, or train fully with a copied teacher."
+        )
+    if isinstance(causal_lm(model).get_output_embeddings(), BaseTunerLayer):
+        raise ValueError(
+            "LoRA targets the output embedding (`lm_head`), which the chunked loss reads as a plain weight. Remove "
+            "`lm_head` from `target_modules`."
+        )
+    adapters = adapter_parameters(model)
+    trainable_base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
+    if trainable_base:
+        raise ValueError(
+            f"Base weights are trainable ({', '.join(trainable_base[:3])}{', ...' if len(trainable_base) > 3 else ''}) "
+            "while the teacher is the adapter-disabled model: the teacher would drift with the student. Freeze them "
+            "(`requires_grad_(False)`), or train fully with `teacher_mode='model_copy'`."
+        )

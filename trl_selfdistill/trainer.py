@@ -1,0 +1,173 @@
+"""`SelfDistillSFTTrainer`: SFT plus λ·τ²·D(teacher ‖ student) per token, the teacher being the frozen initial model."""
+
+from contextlib import contextmanager
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from trl import SFTTrainer
+from trl.models.utils import prepare_deepspeed
+
+from .config import SelfDistillConfig
+from .losses import LMHead, token_divergence
+from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, causal_lm
+
+_NOT_MODEL_INPUTS = ("labels", "shift_labels", "use_cache", "num_items_in_batch")
+
+
+@contextmanager
+def capture_outputs(module: torch.nn.Module):
+    """Collect the outputs of every forward call of `module` while the context is open."""
+    outputs = []
+    handle = module.register_forward_hook(lambda _module, _args, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+class SelfDistillSFTTrainer(SFTTrainer):
+    """
+    [`~trl.SFTTrainer`] whose loss adds a distillation term toward a frozen teacher (arXiv 2604.15574):
+
+        loss = CE(gold) + λ·τ²·D(p_teacher^τ, p_student^τ)   averaged per token
+
+    The CE part is SFTTrainer's own (same normalisation, same metrics). The divergence is computed from the last hidden
+    states through TRL's chunked kernel, on the selected positions only, so neither model's full logits are built.
+    The teacher is picked by `args.teacher_mode` (see `trl_selfdistill.teacher`). With `distill_coef=0` this is
+    exactly SFTTrainer.
+    """
+
+    _tag_names = ["trl", "sft", "self-distillation", "trl-selfdistill"]
+    _name = "Self-Distillation SFT"
+    _paper = {
+        "title": "Why Fine-Tuning Encourages Hallucinations and How to Fix It",
+        "id": "2604.15574",
+    }
+
+    def __init__(self, model, args: SelfDistillConfig | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = SelfDistillConfig(f"{name.split('/')[-1]}-SelfDistill")
+        elif not isinstance(args, SelfDistillConfig):
+            raise TypeError(
+                f"`args` is a {type(args).__name__}; SelfDistillSFTTrainer needs a SelfDistillConfig. Build one with "
+                "`SelfDistillConfig(**your_config.to_dict())` plus the distillation fields."
+            )
+        given_peft_model = isinstance(model, PeftModel)
+        super().__init__(model, args, **kwargs)
+        self.teacher = self._make_teacher(given_peft_model) if args.distill_coef > 0 else None
+
+    def _make_teacher(self, given_peft_model: bool):
+        args, model = self.args, self.model
+        is_peft = isinstance(model, PeftModel)
+        if is_peft and self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError(
+                "PEFT with DeepSpeed ZeRO-3 is not supported by the self-distillation teacher (the adapter-disabled "
+                "forward on sharded base weights is untested). Use ZeRO-2, FSDP, or DDP."
+            )
+        mode = args.teacher_mode
+        if args.teacher_model_name_or_path is not None:
+            mode = "model_copy"
+        elif mode == "auto":
+            mode = "adapter_copy" if given_peft_model else "adapter_disabled" if is_peft else "model_copy"
+        if mode in ("adapter_disabled", "adapter_copy") and not is_peft:
+            raise ValueError(
+                f"`teacher_mode={mode!r}` needs a PEFT model, but the model is trained fully. Pass a `peft_config` "
+                "(or a PeftModel), or use `teacher_mode='model_copy'`."
+            )
+        if mode == "adapter_disabled":
+            return AdapterDisabledTeacher(model)
+        if mode == "adapter_copy":
+            if not given_peft_model:
+                raise ValueError(
+                    "`teacher_mode='adapter_copy'` copies the adapter of an already-adapted PeftModel, but the adapter "
+                    "was just created from `peft_config`, so it equals the base model: use `teacher_mode="
+                    "'adapter_disabled'` (or 'auto'), which needs no copy."
+                )
+            return AdapterCopyTeacher(model)
+        if args.teacher_model_name_or_path is None:
+            if is_peft:
+                raise ValueError(
+                    "`teacher_mode='model_copy'` would copy the whole base model although the model is a PeftModel. "
+                    "Use `teacher_mode='auto'`: the teacher is then the same model with its adapter disabled (or a "
+                    "frozen copy of the adapter), with no second copy of the base."
+                )
+            teacher = ModelTeacher.copy_of(self.accelerator.unwrap_model(model))
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                args.teacher_model_name_or_path, **(args.model_init_kwargs or {})
+            )
+            teacher = ModelTeacher(loaded, f"`{args.teacher_model_name_or_path}`")
+        student_vocab = causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings().weight.shape[0]
+        teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        if teacher_vocab != student_vocab:
+            raise ValueError(
+                f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}). Distillation "
+                "compares distributions over the same tokens: use a teacher with the student's tokenizer."
+            )
+        if self.is_deepspeed_enabled:
+            teacher.model = prepare_deepspeed(teacher.model, self.accelerator)
+        else:
+            teacher.model = self.accelerator.prepare_model(teacher.model, evaluation_mode=True)
+        return teacher
+
+    def _distill_positions(self, inputs: dict) -> tuple[torch.Tensor, bool]:
+        """Boolean `[B, T']` mask of the positions the term covers, and whether hidden states need shifting."""
+        shifted = "shift_labels" not in inputs
+        if self.args.distill_scope == "completion":
+            labels = inputs["labels"][:, 1:] if shifted else inputs["shift_labels"]
+            return labels != -100, shifted
+        if "attention_mask" in inputs:
+            real = inputs["attention_mask"].bool()
+            return (real[:, 1:] & real[:, :-1]) if shifted else real, shifted
+        # Padding-free batches: every position is real, but a position must not predict the next document's start
+        return inputs["position_ids"][:, 1:] != 0, shifted
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        teacher_hidden = self.teacher.last_hidden_state(teacher_inputs)
+
+        student = causal_lm(self.accelerator.unwrap_model(model))
+        with capture_outputs(student.base_model) as backbone_outputs, capture_outputs(student) as lm_outputs:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+
+        positions, shifted = self._distill_positions(inputs)
+        student_hidden = backbone_outputs[0].last_hidden_state
+        if shifted:
+            student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
+        student_head = LMHead.of(student)
+        per_token = token_divergence(
+            student_hidden[positions].to(student_head.weight.device),
+            student_head,
+            teacher_hidden[positions].to(student_head.weight.device),
+            self.teacher.head,
+            beta=self.args.divergence_beta,
+            temperature=self.args.distill_temperature,
+        )
+        scale = self.args.distill_coef * self.args.distill_temperature**2
+        kl_sum, num_positions = per_token.sum(), positions.sum()
+        if self.args.distill_scope == "completion" and num_items_in_batch is not None:
+            # The same denominator as the CE term: tokens of the whole global batch, DDP averaging undone
+            distill = scale * kl_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                distill = distill * (self.accelerator.num_processes // self.get_tp_size())
+        else:
+            # A per-micro-batch mean; with `num_items_in_batch`, Trainer leaves accumulation averaging to the loss
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            distill = scale * kl_sum / num_positions.clamp(min=1) / steps
+        loss = loss + distill
+
+        fused = next(out for out in lm_outputs if getattr(out, "log_probs", None) is not None)
+        gather = self.accelerator.gather_for_metrics
+        ce_sum = gather(-fused.log_probs.detach().sum()).sum()
+        ce_count = gather(fused.label_mask.sum()).sum()
+        kl = (gather(kl_sum.detach()).sum() / gather(num_positions).sum().clamp(min=1)).item()
+        self._metrics[mode]["sft_loss"].append((ce_sum / ce_count.clamp(min=1)).item())
+        self._metrics[mode]["kl"].append(kl)
+        self._metrics[mode]["distill_loss"].append(scale * kl)
+        return (loss, result[1]) if return_outputs else loss
