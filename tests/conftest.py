@@ -86,8 +86,8 @@ def text_dataset(n: int = 16) -> Dataset:
     return Dataset.from_dict({"text": [f"Q: {q}\nA: {a}" for q, a in rows]})
 
 
-def config(tmp_path, **overrides) -> SelfDistillConfig:
-    """A CPU config for a few deterministic steps."""
+def config(tmp_path, cls=SelfDistillConfig, **overrides):
+    """A CPU config (`SelfDistillConfig`, or `cls`) for a few deterministic steps."""
     kwargs = dict(
         output_dir=str(tmp_path / "out"),
         use_cpu=True,
@@ -105,7 +105,7 @@ def config(tmp_path, **overrides) -> SelfDistillConfig:
         disable_tqdm=True,
     )
     kwargs.update(overrides)
-    return SelfDistillConfig(**kwargs)
+    return cls(**kwargs)
 
 
 def params(model) -> dict[str, torch.Tensor]:

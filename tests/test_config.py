@@ -1,0 +1,66 @@
+"""SelfDistillConfig: defaults, validation messages, parser round-trip."""
+
+import dataclasses
+
+import pytest
+from trl import SFTConfig, TrlParser
+
+from trl_selfdistill import SelfDistillConfig
+
+NEW_FIELDS = {f.name for f in dataclasses.fields(SelfDistillConfig)} - {f.name for f in dataclasses.fields(SFTConfig)}
+
+
+def make(**kwargs):
+    return SelfDistillConfig(output_dir="out", use_cpu=True, bf16=False, report_to="none", **kwargs)
+
+
+def test_paper_defaults():
+    args = make()
+    assert (args.distill_coef, args.distill_temperature, args.divergence) == (1.0, 0.5, "forward_kl")
+    assert (args.distill_scope, args.teacher_mode) == ("completion", "auto")
+    assert args.divergence_beta == 0.0
+
+
+def test_every_new_field_has_help():
+    assert NEW_FIELDS == {
+        "distill_coef", "distill_temperature", "divergence", "jsd_beta", "distill_scope", "teacher_mode",
+        "teacher_model_name_or_path",
+    }
+    for f in dataclasses.fields(SelfDistillConfig):
+        if f.name in NEW_FIELDS:
+            assert len(f.metadata.get("help", "")) > 20, f.name
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"distill_coef": -0.1}, "distill_coef.*≥ 0"),
+        ({"distill_temperature": 0.0}, "distill_temperature.*> 0"),
+        ({"distill_temperature": -1.0}, "distill_temperature"),
+        ({"divergence": "kl"}, "forward_kl, reverse_kl, jsd"),
+        ({"divergence": "jsd", "jsd_beta": 1.5}, "strictly between 0 and 1"),
+        ({"divergence": "jsd", "jsd_beta": 0.0}, "forward_kl"),
+        ({"distill_scope": "prompt"}, "completion, all"),
+        ({"teacher_mode": "ema"}, "auto, adapter_disabled"),
+        ({"teacher_mode": "adapter_disabled", "teacher_model_name_or_path": "x"}, "contradicts"),
+    ],
+)
+def test_bad_values_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_divergence_maps_to_trl_beta():
+    assert make(divergence="reverse_kl").divergence_beta == 1.0
+    assert make(divergence="jsd", jsd_beta=0.3).divergence_beta == 0.3
+
+
+def test_parser_reads_cli_and_yaml(tmp_path):
+    yaml = tmp_path / "cfg.yaml"
+    yaml.write_text("output_dir: out\ndistill_coef: 2.0\ndivergence: jsd\njsd_beta: 0.25\nuse_cpu: true\nbf16: false\n")
+    (args,) = TrlParser((SelfDistillConfig,)).parse_args_and_config(
+        ["--config", str(yaml), "--distill_temperature", "0.7", "--report_to", "none"]
+    )
+    assert (args.distill_coef, args.divergence, args.jsd_beta, args.distill_temperature) == (2.0, "jsd", 0.25, 0.7)
+    with pytest.raises(SystemExit):
+        TrlParser((SelfDistillConfig,)).parse_args(["--output_dir", "o", "--divergence", "kl"])

