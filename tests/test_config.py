@@ -24,7 +24,7 @@ def test_paper_defaults():
 def test_every_new_field_has_help():
     assert NEW_FIELDS == {
         "distill_coef", "distill_temperature", "divergence", "jsd_beta", "distill_scope", "teacher_mode",
-        "teacher_model_name_or_path",
+        "teacher_model_name_or_path", "teacher_cache_dir", "teacher_cache_topk",
     }
     for f in dataclasses.fields(SelfDistillConfig):
         if f.name in NEW_FIELDS:
@@ -43,6 +43,8 @@ def test_every_new_field_has_help():
         ({"distill_scope": "prompt"}, "completion, all"),
         ({"teacher_mode": "ema"}, "auto, adapter_disabled"),
         ({"teacher_mode": "adapter_disabled", "teacher_model_name_or_path": "x"}, "contradicts"),
+        ({"teacher_cache_topk": 0}, "teacher_cache_topk"),
+        ({"teacher_cache_dir": "c", "distill_coef": 0.0}, "runs no teacher"),
     ],
 )
 def test_bad_values_fail_at_construction(kwargs, match):

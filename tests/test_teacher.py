@@ -18,7 +18,10 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from trl_selfdistill import SelfDistillSFTTrainer
 from trl_selfdistill.teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, causal_lm
 
-LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+def lora():
+    """A fresh config each time: PEFT rewrites `target_modules` of the config it is given."""
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 PROBE = torch.tensor([[5, 40, 77, 120, 9, 200, 33]])
 
 
@@ -39,7 +42,7 @@ def logits(model):
 
 def test_adapter_disabled_teacher_is_the_initial_model_bit_for_bit(tmp_path):
     initial = logits(tiny_model())
-    trainer = make(tmp_path, peft_config=LORA, max_steps=4, learning_rate=5e-2)
+    trainer = make(tmp_path, peft_config=lora(), max_steps=4, learning_rate=5e-2)
     assert isinstance(trainer.teacher, AdapterDisabledTeacher)
     trainer.train()
     model = trainer.model.eval()
@@ -64,7 +67,7 @@ def live_parameters() -> dict[int, torch.nn.Parameter]:
 def test_adapter_disabled_teacher_keeps_no_second_copy(tmp_path):
     model = tiny_model()
     before = live_parameters()
-    trainer = make(tmp_path, model=model, peft_config=LORA)
+    trainer = make(tmp_path, model=model, peft_config=lora())
     new = {ptr: p for ptr, p in live_parameters().items() if ptr not in before}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     assert new and all("lora_" in names.get(id(p), "?") for p in new.values())
@@ -109,7 +112,7 @@ def test_adapter_copy_teacher_freezes_the_snapshot_adapter(tmp_path):
 
 def test_teacher_loaded_from_a_path(tmp_path):
     tiny_model(seed=3).save_pretrained(tmp_path / "snap")
-    trainer = make(tmp_path, peft_config=LORA, teacher_model_name_or_path=str(tmp_path / "snap"))
+    trainer = make(tmp_path, peft_config=lora(), teacher_model_name_or_path=str(tmp_path / "snap"))
     assert isinstance(trainer.teacher, ModelTeacher)
     torch.testing.assert_close(trainer.teacher.model.lm_head.weight, tiny_model(seed=3).lm_head.weight)
 
@@ -152,11 +155,11 @@ def test_vocabulary_mismatch_is_refused(tmp_path):
 )
 def test_teacher_mode_must_fit_the_model(tmp_path, peft, mode, match):
     with pytest.raises(ValueError, match=match):
-        make(tmp_path, peft_config=LORA if peft else None, teacher_mode=mode)
+        make(tmp_path, peft_config=lora() if peft else None, teacher_mode=mode)
 
 
 def test_peft_with_zero3_is_refused(tmp_path, monkeypatch):
-    trainer = make(tmp_path, peft_config=LORA)
+    trainer = make(tmp_path, peft_config=lora())
     monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
     zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
     monkeypatch.setattr(trainer, "accelerator", zero3)
@@ -172,7 +175,7 @@ def test_qlora_four_bit_steps_on_cpu(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     initial = logits(model)
-    trainer = make(tmp_path, model=model, peft_config=LORA, max_steps=3, learning_rate=5e-2)
+    trainer = make(tmp_path, model=model, peft_config=lora(), max_steps=3, learning_rate=5e-2)
     assert isinstance(trainer.teacher, AdapterDisabledTeacher)
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()

@@ -16,7 +16,10 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer
 
-LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+def lora():
+    """A fresh config each time: PEFT rewrites `target_modules` of the config it is given."""
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 
 
 def step_losses(trainer):
@@ -61,7 +64,7 @@ def loss_and_grads(trainer, inputs):
 def test_first_lora_step_has_zero_kl_and_sft_gradients(tmp_path):
     trainer = SelfDistillSFTTrainer(
         model=tiny_model(), args=config(tmp_path), train_dataset=prompt_completion_dataset(),
-        processing_class=make_tokenizer(), peft_config=LORA,
+        processing_class=make_tokenizer(), peft_config=lora(),
     )
     trainer.model.train()
     inputs = one_batch(trainer)
@@ -130,7 +133,7 @@ def test_dataset_types_train_and_log_metrics(tmp_path, dataset):
         train_dataset=dataset(),
         eval_dataset=dataset(8),
         processing_class=make_tokenizer(),
-        peft_config=LORA,
+        peft_config=lora(),
     )
     trainer.train()
     train_log = next(log for log in trainer.state.log_history if "loss" in log)
@@ -146,11 +149,11 @@ def test_scope_selects_completion_or_all_real_positions(tmp_path):
     ds = prompt_completion_dataset()
     completion = SelfDistillSFTTrainer(
         model=tiny_model(), args=config(tmp_path / "c"), train_dataset=ds, processing_class=make_tokenizer(),
-        peft_config=LORA,
+        peft_config=lora(),
     )
     everything = SelfDistillSFTTrainer(
         model=tiny_model(), args=config(tmp_path / "a", distill_scope="all"), train_dataset=ds,
-        processing_class=make_tokenizer(), peft_config=LORA,
+        processing_class=make_tokenizer(), peft_config=lora(),
     )
     inputs = one_batch(completion)
     mask_c, shifted = completion._distill_positions(inputs)
@@ -169,3 +172,31 @@ def test_args_must_be_a_selfdistill_config(tmp_path):
             train_dataset=prompt_completion_dataset(),
             processing_class=make_tokenizer(),
         )
+
+
+def test_freeze_config_full_fine_tuning_trains_attention_only(tmp_path):
+    from trl_selfdistill import FreezeConfig
+
+    trainer = SelfDistillSFTTrainer(
+        model=tiny_model(), args=config(tmp_path, max_steps=2), train_dataset=prompt_completion_dataset(),
+        processing_class=make_tokenizer(), freeze_config=FreezeConfig.attention_only(),
+    )
+    before = params(trainer.model)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed == {n for n in before if ".self_attn." in n}
+    assert trainer.freeze_report.trainable == sum(p.numel() for n, p in after.items() if ".self_attn." in n)
+
+
+def test_freeze_config_with_lora_places_adapters_on_attention_only(tmp_path):
+    from trl_selfdistill import FreezeConfig
+
+    trainer = SelfDistillSFTTrainer(
+        model=tiny_model(), args=config(tmp_path, max_steps=1), train_dataset=prompt_completion_dataset(),
+        processing_class=make_tokenizer(), peft_config=lora(), freeze_config=FreezeConfig.attention_only(),
+    )
+    adapters = [n for n, _ in trainer.model.named_parameters() if "lora_" in n]
+    assert adapters and all(".self_attn." in n for n in adapters)
+    trainer.train()
+    assert trainer._metrics is not None and trainer.freeze_report.trainable > 0

@@ -1,7 +1,8 @@
 """Self-distillation SFT for TRL: learn new facts without forgetting the old ones (arXiv 2604.15574)."""
 
 from .config import SelfDistillConfig
+from .freezing import FreezeConfig, FreezeReport, apply_freeze
 from .trainer import SelfDistillSFTTrainer
 
-__all__ = ["SelfDistillConfig", "SelfDistillSFTTrainer"]
+__all__ = ["FreezeConfig", "FreezeReport", "SelfDistillConfig", "SelfDistillSFTTrainer", "apply_freeze"]
 __version__ = "0.1.0"

@@ -72,6 +72,22 @@ class SelfDistillConfig(SFTConfig):
         },
     )
 
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of an on-disk teacher cache: the teacher's top-k log-probs (plus the tail mass) per "
+            "position, stored during the first epoch and reused in later ones instead of the teacher forward. A cache "
+            "built for other data, tokenizer, teacher or settings is refused. None: always run the teacher."
+        },
+    )
+    teacher_cache_topk: int = field(
+        default=64,
+        metadata={
+            "help": "k of the teacher cache. The cached divergence is computed on k+1 bins (top-k and the tail), a "
+            "lower bound of the exact one whose gap shrinks with the teacher's tail mass."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.distill_coef < 0:
@@ -93,6 +109,13 @@ class SelfDistillConfig(SFTConfig):
             )
         if self.teacher_mode not in TEACHER_MODES:
             raise ValueError(f"Unknown `teacher_mode={self.teacher_mode!r}`: choose one of {', '.join(TEACHER_MODES)}.")
+        if self.teacher_cache_topk < 1:
+            raise ValueError(f"`teacher_cache_topk` must be ≥ 1, got {self.teacher_cache_topk}; 64 is a good start.")
+        if self.teacher_cache_dir is not None and self.distill_coef == 0:
+            raise ValueError(
+                "`teacher_cache_dir` is set but `distill_coef=0` runs no teacher. Unset `teacher_cache_dir`, or set "
+                "`distill_coef > 0`."
+            )
         if self.teacher_model_name_or_path is not None and self.teacher_mode in ("adapter_disabled", "adapter_copy"):
             raise ValueError(
                 f"`teacher_model_name_or_path` loads a separate teacher model, which contradicts "

@@ -1,16 +1,20 @@
 """`SelfDistillSFTTrainer`: SFT plus λ·τ²·D(teacher ‖ student) per token, the teacher being the frozen initial model."""
 
+import hashlib
 from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
 from .config import SelfDistillConfig
-from .losses import LMHead, token_divergence
-from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, causal_lm
+from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
+from .losses import LMHead, teacher_topk, token_divergence, topk_token_divergence
+from .model_card import push_to_hub, write_model_card
+from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
+from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
 
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "use_cache", "num_items_in_batch")
 
@@ -35,17 +39,14 @@ class SelfDistillSFTTrainer(SFTTrainer):
     The CE part is SFTTrainer's own (same normalisation, same metrics). The divergence is computed from the last hidden
     states through TRL's chunked kernel, on the selected positions only, so neither model's full logits are built.
     The teacher is picked by `args.teacher_mode` (see `trl_selfdistill.teacher`). With `distill_coef=0` this is
-    exactly SFTTrainer.
+    exactly SFTTrainer. `freeze_config` restricts what trains (full fine-tuning) or where adapters go (PEFT).
     """
 
     _tag_names = ["trl", "sft", "self-distillation", "trl-selfdistill"]
     _name = "Self-Distillation SFT"
-    _paper = {
-        "title": "Why Fine-Tuning Encourages Hallucinations and How to Fix It",
-        "id": "2604.15574",
-    }
+    _paper = {"title": "Why Fine-Tuning Encourages Hallucinations and How to Fix It", "id": "2604.15574"}
 
-    def __init__(self, model, args: SelfDistillConfig | None = None, **kwargs):
+    def __init__(self, model, args: SelfDistillConfig | None = None, freeze_config: FreezeConfig | None = None, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = SelfDistillConfig(f"{name.split('/')[-1]}-SelfDistill")
@@ -55,8 +56,20 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 "`SelfDistillConfig(**your_config.to_dict())` plus the distillation fields."
             )
         given_peft_model = isinstance(model, PeftModel)
+        if freeze_config is not None and kwargs.get("peft_config") is not None and isinstance(model, PreTrainedModel):
+            kwargs["peft_config"] = restrict_peft_config(kwargs["peft_config"], model, freeze_config)
         super().__init__(model, args, **kwargs)
+        self.freeze_report = None
+        if freeze_config is not None:
+            freeze = freeze_for_peft if isinstance(self.model, PeftModel) else apply_freeze
+            self.freeze_report = freeze(self.model, freeze_config)
+            if self.is_world_process_zero():
+                print(f"[trl_selfdistill] {self.freeze_report.summary()}")
         self.teacher = self._make_teacher(given_peft_model) if args.distill_coef > 0 else None
+        self.teacher_cache = self._make_teacher_cache() if args.teacher_cache_dir and self.teacher else None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Teacher
 
     def _make_teacher(self, given_peft_model: bool):
         args, model = self.args, self.model
@@ -112,6 +125,30 @@ class SelfDistillSFTTrainer(SFTTrainer):
             teacher.model = self.accelerator.prepare_model(teacher.model, evaluation_mode=True)
         return teacher
 
+    def _make_teacher_cache(self) -> TeacherCache:
+        """The cache, fingerprinted by teacher weights, tokenizer, training data and the settings that shape it."""
+        student_adapters = adapter_parameters(self.model) if isinstance(self.model, PeftModel) else set()
+        teacher_tensors = [
+            (n, p) for n, p in self.teacher.model.named_parameters() if id(p) not in student_adapters or ".teacher." in n
+        ]
+        data = hashlib.sha256()
+        if hasattr(self.train_dataset, "__len__"):
+            for ids in self.train_dataset["input_ids"]:
+                data.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        fingerprint = {
+            "teacher": f"{self.teacher.kind}:{tensor_digest(teacher_tensors)}",
+            "tokenizer": vocab_digest(self.processing_class),
+            "data": data.hexdigest()[:16],
+            "temperature": self.args.distill_temperature,
+            "scope": self.args.distill_scope,
+        }
+        return TeacherCache(
+            self.args.teacher_cache_dir, fingerprint, self.args.teacher_cache_topk, self.accelerator.process_index
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+
     def _distill_positions(self, inputs: dict) -> tuple[torch.Tensor, bool]:
         """Boolean `[B, T']` mask of the positions the term covers, and whether hidden states need shifting."""
         shifted = "shift_labels" not in inputs
@@ -124,37 +161,65 @@ class SelfDistillSFTTrainer(SFTTrainer):
         # Padding-free batches: every position is real, but a position must not predict the next document's start
         return inputs["position_ids"][:, 1:] != 0, shifted
 
+    def _row_keys(self, inputs: dict, positions: torch.Tensor) -> list[str]:
+        """Cache keys of the batch rows: real tokens and covered positions, independent of the batch's padding."""
+        keys = []
+        for row, ids in enumerate(inputs["input_ids"]):
+            if "attention_mask" in inputs:
+                real = inputs["attention_mask"][row].bool()
+                keys.append(row_key(ids[real], positions[row][real[1:] & real[:-1]]))
+            else:
+                keys.append(row_key(ids, positions[row]))
+        return keys
+
+    def _cached_teacher(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        found = [self.teacher_cache.get(k) for k in keys]
+        if any(f is None for f in found):
+            self.teacher_cache.refresh()  # other processes may have written them since
+            found = [self.teacher_cache.get(k) for k in keys]
+        if any(f is None for f in found):
+            return None
+        return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        teacher_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-        teacher_hidden = self.teacher.last_hidden_state(teacher_inputs)
+        args = self.args
+        positions, shifted = self._distill_positions(inputs)
+        use_cache = self.teacher_cache is not None and mode == "train"
+        keys = self._row_keys(inputs, positions) if use_cache else None
+        cached = self._cached_teacher(keys) if use_cache else None
+        if cached is None:
+            teacher_hidden = self.teacher.last_hidden_state(
+                {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+            )
 
         student = causal_lm(self.accelerator.unwrap_model(model))
         with capture_outputs(student.base_model) as backbone_outputs, capture_outputs(student) as lm_outputs:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
 
-        positions, shifted = self._distill_positions(inputs)
-        student_hidden = backbone_outputs[0].last_hidden_state
-        if shifted:
-            student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
         student_head = LMHead.of(student)
-        per_token = token_divergence(
-            student_hidden[positions].to(student_head.weight.device),
-            student_head,
-            teacher_hidden[positions].to(student_head.weight.device),
-            self.teacher.head,
-            beta=self.args.divergence_beta,
-            temperature=self.args.distill_temperature,
-        )
-        scale = self.args.distill_coef * self.args.distill_temperature**2
+        device = student_head.weight.device
+        student_hidden = backbone_outputs[0].last_hidden_state
+        student_hidden = (student_hidden[:, :-1] if shifted else student_hidden)[positions].to(device)
+        beta, tau = args.divergence_beta, args.distill_temperature
+        if cached is not None:
+            ids, logps = (t.to(device) for t in cached)
+            per_token = topk_token_divergence(student_hidden, student_head, ids, logps, beta, tau)
+        else:
+            teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[positions].to(device)
+            per_token = token_divergence(student_hidden, student_head, teacher_hidden, self.teacher.head, beta, tau)
+            if self.teacher_cache is not None:
+                self._fill_cache(keys, positions, student_hidden, student_head, teacher_hidden, per_token, mode)
+
+        scale = args.distill_coef * tau**2
         kl_sum, num_positions = per_token.sum(), positions.sum()
-        if self.args.distill_scope == "completion" and num_items_in_batch is not None:
+        if args.distill_scope == "completion" and num_items_in_batch is not None:
             # The same denominator as the CE term: tokens of the whole global batch, DDP averaging undone
             distill = scale * kl_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices:
+            if args.average_tokens_across_devices:
                 distill = distill * (self.accelerator.num_processes // self.get_tp_size())
         else:
             # A per-micro-batch mean; with `num_items_in_batch`, Trainer leaves accumulation averaging to the loss
@@ -164,10 +229,38 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
         fused = next(out for out in lm_outputs if getattr(out, "log_probs", None) is not None)
         gather = self.accelerator.gather_for_metrics
-        ce_sum = gather(-fused.log_probs.detach().sum()).sum()
-        ce_count = gather(fused.label_mask.sum()).sum()
-        kl = (gather(kl_sum.detach()).sum() / gather(num_positions).sum().clamp(min=1)).item()
-        self._metrics[mode]["sft_loss"].append((ce_sum / ce_count.clamp(min=1)).item())
+        ce = gather(-fused.log_probs.detach().sum()).sum() / gather(fused.label_mask.sum()).sum().clamp(min=1)
+        count = gather(num_positions).sum().clamp(min=1)
+        kl = (gather(kl_sum.detach()).sum() / count).item()
+        self._metrics[mode]["sft_loss"].append(ce.item())
         self._metrics[mode]["kl"].append(kl)
         self._metrics[mode]["distill_loss"].append(scale * kl)
+        if use_cache:
+            self._metrics[mode]["teacher_cache_hit"].append(float(cached is not None))
         return (loss, result[1]) if return_outputs else loss
+
+    def _fill_cache(self, keys, positions, student_hidden, student_head, teacher_hidden, exact, mode):
+        """Store the teacher's top-k per row (training only) and log the top-k divergence next to the exact one."""
+        ids, logps = teacher_topk(teacher_hidden, self.teacher.head, self.args.teacher_cache_topk,
+                                  self.args.distill_temperature)
+        if mode == "train":
+            for key, row_ids, row_logps in zip(keys, ids.split(positions.sum(1).tolist()),
+                                               logps.split(positions.sum(1).tolist())):
+                self.teacher_cache.put(key, row_ids, row_logps)
+        with torch.no_grad():
+            approx = topk_token_divergence(student_hidden, student_head, ids, logps, self.args.divergence_beta,
+                                           self.args.distill_temperature)
+        gather = self.accelerator.gather_for_metrics
+        count = gather(positions.sum()).sum().clamp(min=1)
+        self._metrics[mode]["kl_topk"].append((gather(approx.sum()).sum() / count).item())
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Model card and Hub
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **_hub_kwargs):
+        """The package's own card (method, freeze report, forgetting results), written to `output_dir`."""
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """Save the model, card and results in `output_dir` first, then upload; a failed upload loses nothing."""
+        return push_to_hub(self, commit_message=commit_message, blocking=blocking, **kwargs)

