@@ -1,0 +1,105 @@
+import json
+
+import pytest
+from conftest import FACTS, config, tiny_model
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from trl_selfdistill import SelfDistillSFTTrainer
+from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, Generator, KnowledgeSplits, evaluate_knowledge
+
+HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "drift_kl"}
+FINAL_KEYS = {
+    "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "heldout_known_peak", "heldout_known_initial",
+    "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "per_category", "step",
+}
+
+
+def fact_set(rows, category):
+    return Dataset.from_list([{"id": f"{category}-{q}", "question": q, "answers": [a], "relation": "", "subject": q,
+                               "template": "", "category": category} for q, a in rows])
+
+
+def make_splits() -> KnowledgeSplits:
+    return KnowledgeSplits(
+        train_known=fact_set(FACTS[:3], "HighlyKnown"),
+        train_unknown=fact_set(FACTS[5:7], "Unknown"),
+        heldout=fact_set([FACTS[3], FACTS[4], FACTS[7]], "HighlyKnown"),
+    )
+
+
+class LogRecorder(TrainerCallback):
+    """Stands in for a `report_to` integration: it sees exactly what `on_log` receives."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
+    splits, fmt = make_splits(), AnswerFormat()
+    trainer = SelfDistillSFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path, max_steps=4),
+        train_dataset=fmt.training_dataset(splits.train()),
+        processing_class=tokenizer,
+    )
+    recorder = LogRecorder()
+    trainer.add_callback(recorder)
+    callback = ForgettingCallback(splits, fmt=fmt, eval_steps=2, teacher=trainer.teacher, max_new_tokens=4)
+    callback.attach(trainer)
+    trainer.train()
+
+    results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
+    assert set(results) == {"final", "history", "baseline", "sizes", "format"}
+    assert set(results["final"]) == FINAL_KEYS
+    assert results["sizes"] == {"train_known": 3, "train_unknown": 2, "heldout_known": 3}
+    assert results["format"] == {"prompt": "Q: {question}\nA:"} and results["baseline"] is None
+    assert [entry["step"] for entry in results["history"]] == [0, 2, 4]
+    assert all(set(entry) == HISTORY_KEYS for entry in results["history"])
+    # The teacher is the initial model: no drift at step 0, some after training at a high learning rate
+    assert results["history"][0]["drift_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert results["history"][-1]["drift_kl"] > 1e-3
+    assert results["final"] == callback.final
+    assert results["final"]["heldout_known_peak"] == callback.peak["heldout_known_accuracy"]
+    assert results["final"]["heldout_known_initial"] == results["history"][0]["heldout_known_accuracy"]
+    # The final evaluation is the trained model's, zero-shot in the training format
+    fresh = evaluate_knowledge(Generator(trainer.model, tokenizer, fmt, max_new_tokens=4, progress=False), splits, fmt)
+    assert fresh["heldout_known_accuracy"] == results["final"]["heldout_known_accuracy"]
+    assert fresh["per_category"] == results["final"]["per_category"]
+
+    # Every evaluation reached the log watchers (report_to), without swallowing the training metrics
+    knowledge_logs = [logs for logs in recorder.logs if "knowledge/task_accuracy" in logs]
+    assert len(knowledge_logs) == 3
+    assert {"knowledge/heldout_known_accuracy", "knowledge/drift_kl", "knowledge/accuracy_HighlyKnown",
+            "knowledge/accuracy_Unknown"} <= set(knowledge_logs[-1])
+    assert not any("sft_loss" in logs or "loss" in logs for logs in knowledge_logs)
+    train_logs = [logs for logs in recorder.logs if "loss" in logs]
+    assert len(train_logs) == 4 and all("sft_loss" in logs for logs in train_logs)
+
+
+def test_callback_passed_to_any_trainer_keeps_history(tmp_path, tokenizer):
+    splits, fmt = make_splits(), AnswerFormat()
+    callback = ForgettingCallback(splits, fmt=fmt, drift_size=0, max_new_tokens=4)
+    trainer = SFTTrainer(
+        model=tiny_model(),
+        args=config(tmp_path, max_steps=3),
+        train_dataset=fmt.training_dataset(splits.train()),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    # No eval_steps anywhere: start and end only
+    assert [entry["step"] for entry in callback.history] == [0, 3]
+    assert all(entry["drift_kl"] is None for entry in callback.history)
+    logged = [entry for entry in trainer.state.log_history if "knowledge/heldout_known_accuracy" in entry]
+    assert [entry["step"] for entry in logged] == [0, 3]
+    assert (tmp_path / "out" / "forgetting_results.json").is_file()
+
+
+def test_callback_rejects_bad_eval_steps():
+    with pytest.raises(ValueError, match="positive number of steps"):
+        ForgettingCallback(make_splits(), eval_steps=0)

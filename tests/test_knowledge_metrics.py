@@ -1,0 +1,91 @@
+import evaluate
+import pytest
+from datasets import Dataset
+
+from trl_selfdistill.knowledge import (
+    EXACT_MATCH_METRIC_PATH,
+    AnswerFormat,
+    KnowledgeSplits,
+    evaluate_knowledge,
+    forgetting_summary,
+    score,
+)
+from trl_selfdistill.knowledge.metrics import accuracy, accuracy_by, relative_drop
+
+
+def facts(rows, category):
+    return Dataset.from_list(
+        [{"id": f"{category}-{i}", "question": q, "answers": a, "relation": "r", "subject": q.split()[-1].strip("?"),
+          "template": "", "category": category} for i, (q, a) in enumerate(rows)]
+    )
+
+
+def test_score_and_accuracy_on_hand_made_predictions():
+    gold = facts([("Capital of France?", ["Paris"]), ("Capital of USA?", ["Washington, D.C.", "Washington"]),
+                  ("Author of Hamlet?", ["William Shakespeare", "Shakespeare"])], "HighlyKnown")
+    correct = score(["paris", "Washington DC", "Marlowe"], gold)
+    assert correct == [True, True, False]
+    assert accuracy(correct) == pytest.approx(2 / 3)
+    assert accuracy([]) is None
+    assert accuracy_by(["a", "b", "a"], correct) == {"a": 0.5, "b": 1.0}
+    with pytest.raises(ValueError, match="one prediction per fact"):
+        score(["paris"], gold)
+
+
+@pytest.mark.parametrize(
+    "reference, value, expected",
+    [(0.9, 0.85, 0.05 / 0.9), (0.5, 0.5, 0.0), (0.1, 0.85, -7.5), (0.0, 0.5, None), (None, 0.5, None),
+     (0.5, None, None)],
+)
+def test_relative_drop(reference, value, expected):
+    assert relative_drop(reference, value) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_forgetting_summary_from_a_history():
+    history = [
+        {"step": 0, "task_accuracy": 0.2, "new_fact_accuracy": 0.0, "heldout_known_accuracy": 0.1},
+        {"step": 40, "task_accuracy": 0.8, "new_fact_accuracy": 0.3, "heldout_known_accuracy": 0.9},
+        {"step": 80, "task_accuracy": 0.9, "new_fact_accuracy": 0.5, "heldout_known_accuracy": 0.85},
+    ]
+    final = forgetting_summary(history, {"HighlyKnown": 0.9, "Unknown": 0.5})
+    assert final == {
+        "task_accuracy": 0.9,
+        "new_fact_accuracy": 0.5,
+        "heldout_known_accuracy": 0.85,
+        "heldout_known_peak": 0.9,
+        "heldout_known_initial": 0.1,
+        "forgetting_from_peak": pytest.approx(0.05 / 0.9),
+        "forgetting_from_peak_abs": pytest.approx(0.05),
+        "forgetting_from_start": pytest.approx(-7.5),
+        "per_category": {"HighlyKnown": 0.9, "Unknown": 0.5},
+        "step": 80,
+    }
+
+
+def test_evaluate_knowledge_in_one_zero_shot_call():
+    splits = KnowledgeSplits(
+        train_known=facts([("Capital of France?", ["Paris"]), ("Capital of Peru?", ["Lima"])], "HighlyKnown"),
+        train_unknown=facts([("Capital of Bergadena?", ["Vostrel"])], "Unknown"),
+        heldout=facts([("Capital of Japan?", ["Tokyo"]), ("Capital of Chile?", ["Santiago"]),
+                       ("Capital of Cuba?", ["Havana"]), ("Capital of Kenya?", ["Nairobi"])], "HighlyKnown"),
+    )
+    replies = {"Capital of France?": "Paris", "Capital of Peru?": "Cusco", "Capital of Bergadena?": "Vostrel",
+               "Capital of Japan?": "Tokyo", "Capital of Chile?": "Santiago", "Capital of Cuba?": "Havana"}
+    calls = []
+
+    def generate(prompts, greedy, num_samples):
+        calls.append((list(prompts), greedy))
+        return [[replies.get(p.removeprefix("Q: ").removesuffix("\nA:"), "?")] for p in prompts]
+
+    metrics = evaluate_knowledge(generate, splits, AnswerFormat())
+    assert metrics == {"task_accuracy": 0.5, "new_fact_accuracy": 1.0, "heldout_known_accuracy": 0.75,
+                       "per_category": {"HighlyKnown": 0.5, "Unknown": 1.0}}
+    (prompts, greedy), = calls  # one batched greedy call, zero-shot prompts in the training format
+    assert greedy and len(prompts) == 7 and prompts[0] == "Q: Capital of France?\nA:"
+
+
+def test_exact_match_metric_loads_from_the_package():
+    metric = evaluate.load(EXACT_MATCH_METRIC_PATH)
+    result = metric.compute(predictions=["The Paris", "Lima", "usa"],
+                            references=[["Paris"], ["Cusco"], ["United States", "USA"]])
+    assert result == {"exact_match": pytest.approx(2 / 3)}

@@ -1,0 +1,149 @@
+"""`ForgettingCallback`: task / new-fact / held-out Known accuracy, forgetting and drift, during any Trainer's run."""
+
+import json
+import logging
+import os
+
+from transformers import TrainerCallback
+
+from ..teacher import eval_mode
+from .drift import DriftMeter
+from .formats import AnswerFormat
+from .generation import Generator
+from .metrics import evaluate_knowledge, forgetting_summary
+from .splits import KnowledgeSplits
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "forgetting_results.json"
+LOG_PREFIX = "knowledge/"
+
+
+class ForgettingCallback(TrainerCallback):
+    """
+    Evaluates the model on `splits` (greedy, zero-shot, in the training format `fmt`) at the start of training, every
+    `eval_steps` optimizer steps, and at the end; keeps `.history`, `.peak` and `.final`; and writes
+    `<output_dir>/forgetting_results.json` when training ends. Works with any Trainer, with or without an
+    `eval_dataset`. Metrics reach `report_to` through `trainer.log` once the callback is attached:
+
+        trainer = SelfDistillSFTTrainer(model=model, args=args, train_dataset=fmt.training_dataset(splits.train()))
+        ForgettingCallback(splits, fmt=fmt, eval_steps=20, teacher=trainer.teacher).attach(trainer)
+
+    Passed through `callbacks=[...]` instead, it still evaluates and writes the results, but its metrics only go to
+    `trainer.state.log_history`.
+
+    `drift_kl` is the mean KL(reference ‖ model) of the first-answer-token distribution on up to `drift_size`
+    held-out prompts; the reference is `teacher` when given, else the model as it was when training began
+    (`drift_size=0` disables it).
+    """
+
+    def __init__(
+        self,
+        splits: KnowledgeSplits,
+        *,
+        fmt: AnswerFormat | None = None,
+        eval_steps: int | None = None,
+        tokenizer=None,
+        teacher=None,
+        drift_size: int = 64,
+        batch_size: int = 32,
+        max_new_tokens: int = 16,
+        baseline: dict | None = None,
+        progress: bool = False,
+    ):
+        if eval_steps is not None and eval_steps < 1:
+            raise ValueError(f"eval_steps={eval_steps} must be a positive number of steps (or None: start and end).")
+        self.splits, self.fmt = splits, fmt or AnswerFormat()
+        self.tokenizer, self.teacher, self.drift_size = tokenizer, teacher, drift_size
+        self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
+        self.baseline = baseline
+        self.trainer = None
+        self.history: list[dict] = []
+        self.per_category: dict[str, float] = {}
+        self._generator = self._drift = None
+        self._every = eval_steps  # resolved against the trainer's `eval_steps` when training begins
+
+    def attach(self, trainer) -> "ForgettingCallback":
+        """Register with `trainer` and log through `trainer.log`, so every `report_to` integration sees the metrics."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    @property
+    def peak(self) -> dict | None:
+        """The history entry with the best held-out Known accuracy."""
+        scored = [entry for entry in self.history if entry["heldout_known_accuracy"] is not None]
+        return max(scored, key=lambda entry: entry["heldout_known_accuracy"]) if scored else None
+
+    @property
+    def final(self) -> dict | None:
+        """The `final` block of the results (last evaluation, peak, start, forgetting)."""
+        return forgetting_summary(self.history, self.per_category) if self.history else None
+
+    def results(self) -> dict:
+        """Everything `forgetting_results.json` holds."""
+        return {
+            "final": self.final,
+            "history": self.history,
+            "baseline": self.baseline,
+            "sizes": self.splits.sizes,
+            "format": {"prompt": self.fmt.prompt},
+        }
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        tokenizer = self.tokenizer or processing_class
+        if tokenizer is None:
+            raise ValueError("ForgettingCallback needs a tokenizer: pass `tokenizer=` or give the trainer one.")
+        if self._every is None and args.eval_steps and args.eval_strategy == "steps":
+            self._every = state.eval_steps
+        self._generator = Generator(
+            model,
+            tokenizer,
+            self.fmt,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
+        if self.drift_size:
+            questions = self.splits.heldout["question"][: self.drift_size]
+            self._drift = DriftMeter([self.fmt.prompt_for(q) for q in questions], tokenizer, self.batch_size)
+            self._drift.snapshot(model, self.teacher)
+        if self.trainer is None:
+            logger.warning(
+                "ForgettingCallback is not attached to the trainer: its metrics go to `trainer.state.log_history` "
+                "only. Use `ForgettingCallback(...).attach(trainer)` to send them to `report_to` as well."
+            )
+        self._evaluate(state, control, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._every and state.global_step % self._every == 0:
+            self._evaluate(state, control, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self.history or self.history[-1]["step"] != state.global_step:
+            self._evaluate(state, control, model)
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
+                json.dump(self.results(), f, indent=2)
+
+    def _evaluate(self, state, control, model) -> None:
+        metrics = evaluate_knowledge(self._generator, self.splits, self.fmt)
+        self.per_category = metrics.pop("per_category")
+        entry = {"step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None}
+        self.history.append(entry)
+        logs = {**metrics, "drift_kl": entry["drift_kl"]}
+        final = self.final
+        logs.update({key: final[key] for key in ("forgetting_from_peak", "forgetting_from_start")})
+        logs.update({f"accuracy_{category}": value for category, value in self.per_category.items()})
+        logs = {LOG_PREFIX + key: value for key, value in logs.items() if value is not None}
+        if self.trainer is None:
+            state.log_history.append({**logs, "step": state.global_step})
+            return
+        # TRL's `log` folds in (and clears) the metrics of the mode the model is in: in eval mode those are empty
+        # here, so the training metrics stay with the regular training log. `on_log` clears `should_log`, which would
+        # skip the step's regular training log: keep it.
+        should_log = control.should_log
+        with eval_mode(model):
+            self.trainer.log(logs)
+        control.should_log = should_log

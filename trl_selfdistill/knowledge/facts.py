@@ -1,0 +1,163 @@
+"""Closed-book QA facts: loading, validation, answer normalisation and alias matching.
+
+A fact is a row with `id`, `question`, `answers` (every accepted alias), `relation` (e.g. Wikidata `P36`, "" when
+unknown), `template` (the relation's question with `[X]` for the subject, "" when unknown) and `subject` (the entity
+the question is about, read back through the template, "" when it cannot be). Other columns are kept.
+"""
+
+import hashlib
+import json
+import re
+import string
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+BUILTIN = {
+    "curated": DATA_DIR / "curated",
+    "curated-smollm2": DATA_DIR / "curated_smollm2_categories.jsonl",
+    "entityquestions-train": DATA_DIR / "entityquestions" / "train",
+    "entityquestions-dev": DATA_DIR / "entityquestions" / "dev",
+}
+TEMPLATE_FILES = ("templates.json", "relation_query_templates.json")
+FACT_COLUMNS = ("id", "question", "answers", "relation", "subject", "template")
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+# Hyphens and dashes separate words ("Berners-Lee" = "Berners Lee"); other punctuation goes ("D.C." = "DC")
+_PUNCTUATION = str.maketrans({**{c: None for c in string.punctuation}, "-": " ", "–": " ", "—": " "})
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation (hyphens become spaces) and articles, collapse whitespace (SQuAD-style)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def is_correct(prediction: str, answers: Iterable[str]) -> bool:
+    """Exact match after normalisation against any gold alias."""
+    normalized = normalize_answer(prediction)
+    return bool(normalized) and any(normalized == normalize_answer(answer) for answer in answers)
+
+
+def subject_of(question: str, template: str) -> str:
+    """The `[X]` part of `question` under `template`, or "" when the question does not follow the template."""
+    if "[X]" not in template:
+        return ""
+    pattern = re.escape(template).replace(re.escape("[X]"), "(.+)")
+    match = re.fullmatch(pattern, question.strip())
+    return match.group(1).strip() if match else ""
+
+
+def load_templates(source: str | Path | Mapping[str, str] | None) -> dict[str, str]:
+    """Relation → question template (`[X]` marks the subject), from a mapping or a JSON file."""
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        return dict(source)
+    return json.loads(Path(source).read_text())
+
+
+def builtin_facts(name: str) -> Dataset:
+    """A fact set shipped with the package: `curated`, `curated-smollm2`, `entityquestions-train/-dev`."""
+    if name not in BUILTIN:
+        raise ValueError(f"Unknown built-in fact set {name!r}. Choose one of {sorted(BUILTIN)}.")
+    return load_facts(BUILTIN[name])
+
+
+def load_facts(
+    source,
+    *,
+    templates: str | Path | Mapping[str, str] | None = None,
+    relation: str | None = None,
+    split: str = "train",
+    question_column: str = "question",
+    answers_column: str = "answers",
+) -> Dataset:
+    """
+    Load and validate facts from a `Dataset`, a list of dicts, a JSON/JSONL file, a folder of JSONL files (one per
+    relation, named `<relation>.<anything>.jsonl` as in EntityQuestions), a built-in name, or a Hub dataset id.
+
+    Relations come from a `relation` column, else `relation`, else the file name. Templates come from `templates`,
+    else a `templates.json` / `relation_query_templates.json` beside the files (for a folder, also one up). Rows
+    with the same question are merged, their aliases pooled.
+    """
+    if isinstance(source, str) and source in BUILTIN:
+        return builtin_facts(source)
+    if isinstance(source, (Dataset, list, tuple)):
+        rows, found_templates = [dict(row, _file_relation=relation) for row in source], {}
+    elif Path(source).exists():
+        rows, found_templates = _read_path(Path(source), relation)
+    else:
+        dataset = load_dataset(source, split=split)
+        rows, found_templates = [dict(row, _file_relation=relation) for row in dataset], {}
+    templates = {**found_templates, **load_templates(templates)}
+    facts = [_clean(row, i, templates, question_column, answers_column) for i, row in enumerate(rows)]
+    return Dataset.from_list(_merge(facts))
+
+
+def _read_path(path: Path, relation: str | None) -> tuple[list[dict], dict[str, str]]:
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"No *.jsonl files in {path}. Point to a JSONL file or a folder of them.")
+    rows = []
+    for file in files:
+        file_relation = relation if relation is not None else (file.name.split(".")[0] if path.is_dir() else None)
+        if file.suffix == ".json":
+            records = json.loads(file.read_text())
+        else:
+            records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        rows += [dict(record, _file_relation=file_relation) for record in records]
+    # Beside the files, or one folder up for a folder of files (EntityQuestions: <root>/train/*.jsonl)
+    folders = [path, path.parent] if path.is_dir() else [path.parent]
+    for candidate in [folder / name for folder in folders for name in TEMPLATE_FILES]:
+        if candidate.is_file():
+            return rows, load_templates(candidate)
+    return rows, {}
+
+
+def _clean(row: dict, index: int, templates: dict, question_column: str, answers_column: str) -> dict:
+    where = f"Fact {index}"
+    question = row.pop(question_column, None)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(
+            f"{where} has no question string in column {question_column!r} (got {question!r}). Every fact needs a "
+            "non-empty question; pass `question_column=` if yours is named differently."
+        )
+    answers = row.pop(answers_column, None)
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, (list, tuple)):
+        raise ValueError(
+            f"{where} ({question!r}) has no answer list in column {answers_column!r} (got {answers!r}). Give a list "
+            "of gold aliases; pass `answers_column=` if yours is named differently."
+        )
+    bad = [answer for answer in answers if not isinstance(answer, str)]
+    if bad:
+        raise ValueError(
+            f"{where} ({question!r}) has non-string answers {bad!r}. Answers are matched as text: convert them with "
+            "`str` (e.g. years) before loading."
+        )
+    answers = list(dict.fromkeys(answer.strip() for answer in answers if answer.strip()))
+    if not answers:
+        raise ValueError(f"{where} ({question!r}) has an empty answer list. Give at least one gold alias or drop it.")
+    file_relation = row.pop("_file_relation", None)
+    relation = str(row.pop("relation", None) or file_relation or "")
+    template = row.pop("template", None) or templates.get(relation, "")
+    subject = row.pop("subject", None) or subject_of(question, template)
+    fact_id = row.pop("id", None)
+    if fact_id is None:
+        fact_id = f"{relation or 'fact'}-{hashlib.sha1(question.strip().encode()).hexdigest()[:10]}"
+    return {"id": str(fact_id), "question": question.strip(), "answers": answers, "relation": relation,
+            "subject": subject, "template": template, **row}
+
+
+def _merge(rows: list[dict]) -> list[dict]:
+    """One row per question, pooling the aliases of repeated questions (EntityQuestions repeats some)."""
+    merged: dict[str, dict] = {}
+    for row in rows:
+        first = merged.setdefault(row["question"], row)
+        if first is not row:
+            first["answers"] = list(dict.fromkeys(first["answers"] + row["answers"]))
+    return list(merged.values())

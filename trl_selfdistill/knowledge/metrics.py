@@ -1,0 +1,98 @@
+"""Knowledge and forgetting metrics (the paper's three-way split), from one batched greedy evaluation.
+
+- task accuracy: Known training facts (the task/format is learned);
+- new-fact accuracy (plasticity): Unknown training facts;
+- held-out Known accuracy (stability): Known facts about entities never trained on;
+- forgetting: the relative drop of held-out Known accuracy from its peak, (peak − final) / peak, and from the start.
+"""
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from datasets import Dataset
+
+from .facts import is_correct
+from .formats import AnswerFormat
+from .generation import GenerateFn
+from .splits import KnowledgeSplits
+
+SET_METRICS = {
+    "task_accuracy": "train_known",
+    "new_fact_accuracy": "train_unknown",
+    "heldout_known_accuracy": "heldout",
+}
+
+
+def score(predictions: Sequence[str], facts: Dataset) -> list[bool]:
+    """Exact match (normalised, any alias) of each prediction against its fact's answers."""
+    if len(predictions) != len(facts):
+        raise ValueError(f"{len(predictions)} predictions for {len(facts)} facts: give one prediction per fact.")
+    return [is_correct(prediction, answers) for prediction, answers in zip(predictions, facts["answers"])]
+
+
+def accuracy(correct: Sequence[bool]) -> float | None:
+    """Share of correct answers; None for an empty set."""
+    return sum(correct) / len(correct) if len(correct) else None
+
+
+def accuracy_by(groups: Sequence[str], correct: Sequence[bool]) -> dict[str, float]:
+    """Accuracy per group label (e.g. SliCK category or relation)."""
+    by_group = defaultdict(list)
+    for group, ok in zip(groups, correct):
+        by_group[group].append(ok)
+    return {group: accuracy(oks) for group, oks in sorted(by_group.items())}
+
+
+def relative_drop(reference: float | None, value: float | None) -> float | None:
+    """(reference − value) / reference; None when either is missing or the reference is 0."""
+    if reference is None or value is None or reference == 0:
+        return None
+    return (reference - value) / reference
+
+
+def answer_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: AnswerFormat) -> list[list[str]]:
+    """Greedy zero-shot answers, in the training format, for several fact sets in one batched call."""
+    prompts = [fmt.prompt_for(question) for dataset in facts for question in dataset["question"]]
+    outputs = generate_fn(prompts, True, 1)
+    answers, start = [], 0
+    for dataset in facts:
+        answers.append([output[0] for output in outputs[start : start + len(dataset)]])
+        start += len(dataset)
+    return answers
+
+
+def evaluate_knowledge(generate_fn: GenerateFn, splits: KnowledgeSplits, fmt: AnswerFormat) -> dict:
+    """
+    `task_accuracy`, `new_fact_accuracy`, `heldout_known_accuracy` (None for an empty set) and `per_category`
+    (accuracy on the training facts by SliCK category), from one greedy zero-shot pass in the training format.
+    """
+    sets = [getattr(splits, name) for name in SET_METRICS.values()]
+    correct = [score(answers, facts) for answers, facts in zip(answer_zero_shot(generate_fn, sets, fmt), sets)]
+    metrics = {name: accuracy(ok) for name, ok in zip(SET_METRICS, correct)}
+    train_sets, train_correct = sets[:2], correct[0] + correct[1]
+    if all("category" in facts.column_names for facts in train_sets):
+        metrics["per_category"] = accuracy_by([c for facts in train_sets for c in facts["category"]], train_correct)
+    else:
+        metrics["per_category"] = {}
+    return metrics
+
+
+def forgetting_summary(history: Sequence[dict], per_category: dict[str, float]) -> dict:
+    """The `final` block of the results: last evaluation, held-out peak and start, and forgetting from both."""
+    last = history[-1]
+    heldout = [entry["heldout_known_accuracy"] for entry in history if entry["heldout_known_accuracy"] is not None]
+    peak = max(heldout) if heldout else None
+    initial = history[0]["heldout_known_accuracy"]
+    final = last["heldout_known_accuracy"]
+    return {
+        "task_accuracy": last["task_accuracy"],
+        "new_fact_accuracy": last["new_fact_accuracy"],
+        "heldout_known_accuracy": final,
+        "heldout_known_peak": peak,
+        "heldout_known_initial": initial,
+        "forgetting_from_peak": relative_drop(peak, final),
+        "forgetting_from_peak_abs": None if peak is None or final is None else peak - final,
+        "forgetting_from_start": relative_drop(initial, final),
+        "per_category": per_category,
+        "step": last["step"],
+    }

@@ -1,0 +1,161 @@
+"""SliCK knowledge categories (Gekhman et al., 2024): what a model knows, measured with few-shot prompts.
+
+For each fact, `num_prompts` different `num_shots`-shot prompts (same-relation exemplars from a separate pool, never
+the fact itself) are answered once greedily and `num_samples` times at temperature T. With P0 the share of correct
+greedy answers and Ps the share of correct samples: HighlyKnown P0 = 1, MaybeKnown 0 < P0 < 1, WeaklyKnown P0 = 0 and
+Ps > 0, Unknown P0 = Ps = 0. Without samples (the cheap setting) WeaklyKnown cannot be told from Unknown.
+"""
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import torch
+from datasets import Dataset
+
+from .facts import is_correct
+from .formats import AnswerFormat, Prompt
+from .generation import GenerateFn, Generator
+
+SLICK_CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+PROBE_COLUMNS = ("p_greedy", "p_sample", "category", "greedy_answers")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """SliCK probing settings. Defaults are the paper's; `ProbeConfig.cheap()` fits a CPU."""
+
+    num_prompts: int = field(default=10, metadata={"help": "Different few-shot prompts per fact (N_ex)."})
+    num_shots: int = field(default=4, metadata={"help": "Same-relation exemplars in each prompt."})
+    num_samples: int = field(default=16, metadata={"help": "Sampled answers per prompt (0: greedy only)."})
+    temperature: float = field(default=0.5, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=40, metadata={"help": "Top-k of sampling."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per answer (stops at end of line)."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences generated per batch (prompts × samples)."})
+    seed: int = field(default=0, metadata={"help": "Seeds exemplar choice and sampling."})
+
+    def __post_init__(self):
+        if self.num_prompts < 1 or self.num_shots < 0 or self.num_samples < 0:
+            raise ValueError(
+                f"num_prompts={self.num_prompts}, num_shots={self.num_shots}, num_samples={self.num_samples}: need "
+                "at least one prompt and non-negative shots and samples."
+            )
+
+    @classmethod
+    def paper(cls, **overrides) -> "ProbeConfig":
+        """10 four-shot prompts, 1 greedy + 16 samples at T=0.5, top-k 40 (170 generations per fact)."""
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def cheap(cls, **overrides) -> "ProbeConfig":
+        """3 four-shot prompts, greedy only (3 generations per fact): HighlyKnown = all three correct."""
+        return replace(cls(num_prompts=3, num_samples=0), **overrides)
+
+
+def slick_category(p_greedy: float, p_sample: float | None) -> str:
+    """SliCK category from P0 (greedy) and Ps (sampled; None when no samples were drawn)."""
+    if p_greedy == 1:
+        return "HighlyKnown"
+    if p_greedy > 0:
+        return "MaybeKnown"
+    return "WeaklyKnown" if p_sample else "Unknown"
+
+
+def few_shot_prompts(
+    facts: Dataset, exemplars: Dataset, fmt: AnswerFormat, num_prompts: int, num_shots: int, seed: int
+) -> list[list[Prompt]]:
+    """`num_prompts` prompts per fact, each with `num_shots` same-relation exemplars drawn from `exemplars`."""
+    pool = defaultdict(list)
+    for shot in exemplars.select_columns(["id", "question", "answers", "relation"]):
+        pool[shot["relation"]].append(shot)
+    everything = [shot for shots in pool.values() for shot in shots]
+    prompts = []
+    for fact in facts.select_columns(["id", "question", "relation"]):
+        # Facts of unknown relation ("") draw exemplars from the whole pool
+        candidates = pool[fact["relation"]] if fact["relation"] else everything
+        candidates = [s for s in candidates if s["id"] != fact["id"] and s["question"] != fact["question"]]
+        if len(candidates) < num_shots:
+            raise ValueError(
+                f"Only {len(candidates)} exemplars of relation {fact['relation']!r} besides {fact['question']!r}, "
+                f"but each prompt needs num_shots={num_shots}. Add same-relation facts to the exemplar pool "
+                "(`exemplars=`) or lower `num_shots`."
+            )
+        per_fact = []
+        for j in range(num_prompts):
+            shots = random.Random(f"{seed}:{fact['id']}:{j}").sample(candidates, num_shots)
+            per_fact.append(fmt.prompt_for(fact["question"], [(s["question"], s["answers"][0]) for s in shots]))
+        prompts.append(per_fact)
+    return prompts
+
+
+def probe(
+    facts: Dataset,
+    model=None,
+    tokenizer=None,
+    *,
+    generate_fn: GenerateFn | None = None,
+    exemplars: Dataset | None = None,
+    fmt: AnswerFormat | None = None,
+    config: ProbeConfig | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """
+    Categorise `facts` with SliCK. Generation runs with `model` + `tokenizer`, or an injected `generate_fn`.
+    `exemplars` defaults to `facts` itself (a fact is never its own exemplar). Returns `facts` with the columns
+    `p_greedy`, `p_sample` (None without samples), `category` and `greedy_answers`.
+    """
+    config = config or ProbeConfig.cheap()
+    fmt = fmt or AnswerFormat()
+    if (model is None) == (generate_fn is None):
+        raise ValueError("Pass either `model` (with `tokenizer`) or `generate_fn` to `probe`, not both or neither.")
+    if generate_fn is None:
+        generate_fn = Generator(
+            model,
+            tokenizer,
+            fmt,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            batch_size=config.batch_size,
+            progress=progress,
+        )
+    facts = facts.remove_columns([c for c in PROBE_COLUMNS if c in facts.column_names])
+    per_fact = few_shot_prompts(
+        facts, facts if exemplars is None else exemplars, fmt, config.num_prompts, config.num_shots, config.seed
+    )
+    prompts = [prompt for prompts in per_fact for prompt in prompts]
+    torch.manual_seed(config.seed)
+    greedy = _checked(generate_fn(prompts, True, 1), len(prompts), 1)
+    sampled = None
+    if config.num_samples:
+        sampled = _checked(generate_fn(prompts, False, config.num_samples), len(prompts), config.num_samples)
+
+    p_greedy, p_sample, categories, greedy_answers = [], [], [], []
+    n = config.num_prompts
+    for i, answers in enumerate(facts["answers"]):
+        block = slice(i * n, (i + 1) * n)
+        firsts = [outputs[0] for outputs in greedy[block]]
+        p0 = sum(is_correct(a, answers) for a in firsts) / n
+        ps = None
+        if sampled is not None:
+            samples = [a for outputs in sampled[block] for a in outputs]
+            ps = sum(is_correct(a, answers) for a in samples) / len(samples)
+        p_greedy.append(p0)
+        p_sample.append(ps)
+        categories.append(slick_category(p0, ps))
+        greedy_answers.append(firsts)
+    return (
+        facts.add_column("p_greedy", p_greedy)
+        .add_column("p_sample", p_sample)
+        .add_column("category", categories)
+        .add_column("greedy_answers", greedy_answers)
+    )
+
+
+def _checked(outputs: list[list[str]], num_prompts: int, per_prompt: int) -> list[list[str]]:
+    if len(outputs) != num_prompts or any(len(answers) != per_prompt for answers in outputs):
+        raise ValueError(
+            f"generate_fn returned {len(outputs)} answer lists for {num_prompts} prompts; it must return one list of "
+            f"{per_prompt} answer(s) per prompt, in order."
+        )
+    return outputs

@@ -1,0 +1,149 @@
+"""Training and held-out sets: a Known + Unknown training mix, a Known-only control, held-out Known facts.
+
+Held-out facts share no entity (subject) with any training fact, so held-out accuracy measures knowledge the
+fine-tuning never touched directly: its drop is forgetting.
+"""
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from datasets import Dataset, concatenate_datasets
+
+from .facts import FACT_COLUMNS, normalize_answer
+
+KNOWN_CATEGORIES = ("HighlyKnown", "MaybeKnown")
+
+
+def entity_of(fact: dict) -> str:
+    """The entity a fact is about: its normalised subject, or its question when the subject is unknown."""
+    return normalize_answer(fact["subject"] or fact["question"])
+
+
+def check_disjoint(train_sets: Iterable[Dataset], heldout: Dataset) -> None:
+    """Raise if a held-out fact is about an entity that a training fact is about."""
+    trained = {entity_of(fact) for facts in train_sets for fact in facts}
+    shared = [fact["question"] for fact in heldout if entity_of(fact) in trained]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} held-out facts are about entities the training facts cover (e.g. {shared[:3]}). Held-out "
+            "facts must be about entities never trained on: build the sets with `build_splits`, or drop those facts "
+            "from the held-out set."
+        )
+
+
+@dataclass
+class KnowledgeSplits:
+    """The fact sets a forgetting experiment trains and evaluates on; validated on construction."""
+
+    train_known: Dataset
+    train_unknown: Dataset
+    heldout: Dataset
+    control: Dataset | None = None
+
+    def __post_init__(self):
+        if len(self.heldout) == 0:
+            raise ValueError("The held-out set is empty: forgetting is measured on it. Give it Known facts.")
+        if "category" in self.heldout.column_names and not set(self.heldout["category"]) & set(KNOWN_CATEGORIES):
+            raise ValueError(
+                f"The held-out set has no Known facts (categories: {sorted(set(self.heldout['category']))}), so "
+                "there is nothing to forget. Use HighlyKnown (or MaybeKnown) facts of the initial model."
+            )
+        trained = [self.train_known, self.train_unknown] + ([self.control] if self.control is not None else [])
+        check_disjoint(trained, self.heldout)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {
+            "train_known": len(self.train_known),
+            "train_unknown": len(self.train_unknown),
+            "heldout_known": len(self.heldout),
+        }
+
+    def train(self, seed: int = 0) -> Dataset:
+        """The training facts (Known and Unknown), shuffled."""
+        return _concatenate([self.train_known, self.train_unknown]).shuffle(seed=seed)
+
+    def known_only(self) -> "KnowledgeSplits":
+        """The splits of the Known-only control run: the control set in place of the mix, the same held-out set."""
+        if self.control is None:
+            raise ValueError("These splits have no control set: build them with `build_splits(..., control=True)`.")
+        return KnowledgeSplits(self.control, self.train_unknown.select([]), self.heldout)
+
+
+def build_splits(
+    facts: Dataset,
+    *,
+    train_size: int,
+    heldout_size: int,
+    unknown_share: float = 0.5,
+    new_facts: Dataset | None = None,
+    known_categories: Sequence[str] = ("HighlyKnown",),
+    unknown_categories: Sequence[str] = ("Unknown",),
+    control: bool = True,
+    seed: int = 0,
+) -> KnowledgeSplits:
+    """
+    Split categorised `facts` (the output of `probe`) into `train_size` training facts, a `unknown_share` of them
+    Unknown, and `heldout_size` held-out Known facts about other entities. The Unknown facts come from `new_facts`
+    when given (e.g. `synthetic_facts`), else from `facts`. With `control`, also a Known-only set of `train_size`
+    facts (a superset of the training Known facts), disjoint from the held-out entities too.
+    """
+    if "category" not in facts.column_names:
+        raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
+    if not 0 <= unknown_share <= 1:
+        raise ValueError(f"unknown_share={unknown_share} must be a share between 0 and 1.")
+    num_unknown = round(train_size * unknown_share)
+    num_known = train_size - num_unknown
+    known = facts.filter(lambda c: c in known_categories, input_columns="category")
+    if new_facts is None:
+        unknown = facts.filter(lambda c: c in unknown_categories, input_columns="category")
+    else:
+        unknown = new_facts.remove_columns([c for c in ("category",) if c in new_facts.column_names])
+        unknown = unknown.add_column("category", ["Unknown"] * len(unknown))
+
+    rng = random.Random(seed)
+    groups = defaultdict(list)
+    for i, fact in enumerate(known.select_columns(["subject", "question"])):
+        groups[entity_of(fact)].append(i)
+    entities = sorted(groups)
+    rng.shuffle(entities)
+    heldout_indices, train_indices, heldout_entities = [], [], set()
+    for entity in entities:
+        if len(heldout_indices) < heldout_size:
+            heldout_indices += groups[entity]
+            heldout_entities.add(entity)
+        else:
+            train_indices += groups[entity]
+    # The last held-out entity may overshoot: its surplus facts are dropped, never trained on
+    heldout_indices = heldout_indices[:heldout_size]
+    rng.shuffle(train_indices)
+    needed = train_size if control else num_known
+    if len(heldout_indices) < heldout_size or len(train_indices) < needed:
+        raise ValueError(
+            f"{len(known)} Known facts ({', '.join(known_categories)}) cannot fill {heldout_size} held-out facts plus "
+            f"{needed} training Known facts{' (the control set)' if control else ''} with disjoint entities. Lower "
+            "`heldout_size` or `train_size`, probe more facts, widen `known_categories`, or pass `control=False`."
+        )
+
+    unknown_indices = [i for i, fact in enumerate(unknown) if entity_of(fact) not in heldout_entities]
+    rng.shuffle(unknown_indices)
+    if len(unknown_indices) < num_unknown:
+        raise ValueError(
+            f"Only {len(unknown_indices)} Unknown facts about non-held-out entities, but {num_unknown} are needed "
+            f"({unknown_share:.0%} of {train_size}). Lower `unknown_share` or `train_size`, or pass more `new_facts`."
+        )
+    return KnowledgeSplits(
+        train_known=known.select(train_indices[:num_known]),
+        train_unknown=unknown.select(unknown_indices[:num_unknown]),
+        heldout=known.select(heldout_indices),
+        control=known.select(train_indices[:train_size]) if control else None,
+    )
+
+
+def _concatenate(sets: list[Dataset]) -> Dataset:
+    """Concatenate fact sets on the columns they share (the fact columns and `category`)."""
+    wanted = [*FACT_COLUMNS, "category"]
+    columns = [c for c in wanted if all(c in facts.column_names for facts in sets)]
+    return concatenate_datasets([facts.select_columns(columns) for facts in sets])
