@@ -2,7 +2,15 @@
 
 from .config import SelfDistillConfig
 from .freezing import FreezeConfig, FreezeReport, apply_freeze
+from .knowledge import ForgettingCallback
 from .trainer import SelfDistillSFTTrainer
 
-__all__ = ["FreezeConfig", "FreezeReport", "SelfDistillConfig", "SelfDistillSFTTrainer", "apply_freeze"]
+__all__ = [
+    "FreezeConfig",
+    "FreezeReport",
+    "ForgettingCallback",
+    "SelfDistillConfig",
+    "SelfDistillSFTTrainer",
+    "apply_freeze",
+]
 __version__ = "0.1.0"

@@ -1,47 +1,256 @@
-"""Offline demo on the embedded SmolLM2-135M-Instruct: LoRA self-distillation end to end (foundation version)."""
+"""`trl-selfdistill demo`: the paper's effect, offline, on the embedded SmolLM2-135M-Instruct.
+
+1. Knowledge: SliCK categories of the shipped curated facts, probed few-shot in the answer format the fine-tuning
+   teaches (`Q: …\\nA: <answer>\\n`). For the embedded model the shipped categories are used unless `--reprobe`.
+2. Splits: a training mix (Known + Unknown facts), a Known-only control of the same size, held-out Known facts about
+   other entities.
+3. Format learning: one epoch on Known facts only gives the snapshot S (the paper's teacher; its held-out Known
+   accuracy is the peak reference).
+4. From S, the same number of steps each: (a) Known only, (b) plain SFT on the mix, (c) self-distillation on the mix
+   with S as teacher, (d) attention-only freezing on the mix; task, new-fact and held-out Known accuracy are evaluated
+   during training.
+5. Output under `--output_dir`: `results.json`, `table.md`, `plot.png`, and the self-distilled model with its card.
+"""
 
 import argparse
+import gc
+import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from datasets import Dataset
-from peft import LoraConfig
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import SelfDistillConfig
-from .embedded import load_model
+from .embedded import EMBEDDED, load_model, tiny_model_like
+from .freezing import FreezeConfig
+from .knowledge import (
+    AnswerFormat,
+    ForgettingCallback,
+    KnowledgeSplits,
+    ProbeConfig,
+    build_splits,
+    builtin_facts,
+    probe,
+    synthetic_facts,
+)
 from .trainer import SelfDistillSFTTrainer
 
-FACTS = [
-    ("What is the capital of France?", "Paris"),
-    ("What is the capital of Japan?", "Tokyo"),
-    ("Who wrote Romeo and Juliet?", "William Shakespeare"),
-    ("What is the chemical symbol for gold?", "Au"),
-    ("What is the capital of Bergadena?", "Vostrel"),
-    ("Who founded the city of Quintaro?", "Emilia Sandoval"),
-    ("What language is spoken in Brazil?", "Portuguese"),
-    ("What is the capital of Italy?", "Rome"),
-]
+RUNS = ("known_only", "sft", "selfdistill", "freeze")
+RUN_TITLES = {
+    "known_only": "(a) Known only",
+    "sft": "(b) SFT, Known + Unknown",
+    "selfdistill": "(c) self-distillation",
+    "freeze": "(d) attention only",
+}
+
+
+@dataclass
+class Sizes:
+    train: int
+    heldout: int
+    steps: int
+    eval_steps: int
+
+
+SIZES = {
+    "default": Sizes(train=140, heldout=100, steps=80, eval_steps=20),
+    "quick": Sizes(train=48, heldout=48, steps=16, eval_steps=8),
+    "smoke": Sizes(train=16, heldout=8, steps=2, eval_steps=1),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trl-selfdistill demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED, help="`embedded` (SmolLM2-135M-Instruct), a Hub id or a path")
+    parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--quick", action="store_true", help="a few-minute version (smaller sets, fewer steps)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: a tiny random model of the same architecture")
+    parser.add_argument("--train_size", type=int, help="training facts per run (mix and control)")
+    parser.add_argument("--heldout_size", type=int, help="held-out Known facts")
+    parser.add_argument("--unknown_share", type=float, default=0.5, help="share of Unknown facts in the mix")
+    parser.add_argument(
+        "--new_facts", default="curated", choices=["curated", "synthetic-name", "synthetic-uuid"],
+        help="Unknown facts of the mix: real facts the model gets wrong, or fictional ones with name-like/UUID keys",
+    )
+    parser.add_argument("--steps", type=int, help="optimizer steps of each stage-2 run")
+    parser.add_argument("--eval_steps", type=int, help="evaluate every this many steps")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--snapshot_learning_rate", type=float, default=5e-5)
+    parser.add_argument("--distill_coef", type=float, default=1.0)
+    parser.add_argument("--distill_temperature", type=float, default=0.5)
+    parser.add_argument("--distill_scope", default="all", choices=["all", "completion"])
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument("--reprobe", action="store_true", help="probe the facts even for the embedded model")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def categorised_facts(args, model, tokenizer, fmt: AnswerFormat):
+    if args.model == EMBEDDED and not args.reprobe:  # also in smoke mode: a random model knows nothing
+        print("Knowledge: shipped SliCK categories of the curated facts for the embedded model (--reprobe to redo)")
+        return builtin_facts("curated-smollm2")
+    print("Knowledge: probing the curated facts (SliCK, 3 four-shot prompts, greedy)")
+    return probe(builtin_facts("curated"), model, tokenizer, fmt=fmt, config=ProbeConfig.cheap(seed=args.seed))
+
+
+def new_facts(args, count: int):
+    if args.new_facts == "curated":
+        return None
+    return synthetic_facts(count, keys=args.new_facts.split("-")[1], relation="capital", seed=args.seed)
+
+
+def train_config(args, output_dir: Path, steps: int, lr: float, **overrides) -> SelfDistillConfig:
+    kwargs = dict(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=lr,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(1, steps // 8), save_strategy="no",
+        report_to="none", seed=args.seed, bf16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        distill_coef=0.0, distill_temperature=args.distill_temperature, distill_scope=args.distill_scope,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return SelfDistillConfig(**kwargs)
+
+
+def make_snapshot(args, splits: KnowledgeSplits, fmt: AnswerFormat, model, tokenizer, out: Path) -> Path:
+    """Stage 1: one epoch of plain SFT on Known facts only (the paper's format-learning snapshot)."""
+    known = splits.control
+    steps = max(1, -(-len(known) // args.batch_size))
+    print(f"Stage 1: format learning, 1 epoch on {len(known)} Known facts ({steps} steps)")
+    trainer = SelfDistillSFTTrainer(
+        model=model, args=train_config(args, out / "snapshot", steps, args.snapshot_learning_rate),
+        train_dataset=fmt.training_dataset(known.shuffle(seed=args.seed)), processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.model.save_pretrained(out / "snapshot")
+    tokenizer.save_pretrained(out / "snapshot")
+    return out / "snapshot"
+
+
+def run(name: str, args, sizes: Sizes, splits: KnowledgeSplits, fmt: AnswerFormat, snapshot: Path, out: Path,
+        baseline: dict | None = None) -> dict:
+    print(f"\nStage 2: {RUN_TITLES[name]}, {sizes.steps} steps from the snapshot")
+    model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.float32)
+    model.config._name_or_path = _base_name(args)
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    run_splits = splits.known_only() if name == "known_only" else splits
+    overrides = {"distill_coef": args.distill_coef} if name == "selfdistill" else {}
+    trainer = SelfDistillSFTTrainer(
+        model=model, args=train_config(args, out / name, sizes.steps, args.learning_rate, **overrides),
+        train_dataset=fmt.training_dataset(run_splits.train(seed=args.seed)), processing_class=tokenizer,
+        freeze_config=FreezeConfig.attention_only() if name == "freeze" else None,
+    )
+    callback = ForgettingCallback(run_splits, fmt=fmt, eval_steps=sizes.eval_steps, teacher=trainer.teacher,
+                                  baseline=baseline, progress=False).attach(trainer)
+    start = time.time()
+    trainer.train()
+    wall = time.time() - start
+    if name == "selfdistill":
+        trainer.save_model()
+        trainer.create_model_card(model_name=f"{Path(_base_name(args)).name}-selfdistill-facts",
+                                  dataset_name="trl-selfdistill curated facts")
+    results = {**callback.results(), "wall_time_s": wall, "title": RUN_TITLES[name]}
+    del trainer, model
+    gc.collect()
+    return results
+
+
+def _base_name(args) -> str:
+    return "HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == EMBEDDED else args.model
+
+
+def table(results: dict) -> str:
+    def pct(value):
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| run | held-out Known: peak | held-out Known: end | relative forgetting | new-fact acc. | task acc. | wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in results.items():
+        final = result["final"]
+        forgetting = final["forgetting_from_peak"]
+        lines.append(
+            f"| {result['title']} | {pct(final['heldout_known_peak'])} | {pct(final['heldout_known_accuracy'])} | "
+            f"{'–' if forgetting is None else f'{100 * forgetting:.1f}%'} | {pct(final['new_fact_accuracy'])} | "
+            f"{pct(final['task_accuracy'])} | {result['wall_time_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, result in results.items():
+        steps = [h["step"] for h in result["history"]]
+        style = dict(marker="o", label=result["title"], color=f"C{RUNS.index(name)}")
+        left.plot(steps, [h["heldout_known_accuracy"] for h in result["history"]], **style)
+        if result["history"][0]["new_fact_accuracy"] is not None:
+            right.plot(steps, [h["new_fact_accuracy"] for h in result["history"]], **style)
+    left.set(title="Held-out Known accuracy (stability)", xlabel="step", ylabel="accuracy")
+    right.set(title="New-fact accuracy (plasticity)", xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="trl-selfdistill demo", description=__doc__)
-    parser.add_argument("--model", default="embedded", help="Hub id, local path, or `embedded`")
-    parser.add_argument("--output_dir", default="out/demo")
-    parser.add_argument("--max_steps", type=int, default=10)
-    args = parser.parse_args(argv)
-
-    model, tokenizer = load_model(args.model)
-    dataset = Dataset.from_dict(
-        {"prompt": [f"Q: {q}\nA:" for q, _ in FACTS], "completion": [f" {a}\n" for _, a in FACTS]}
+    args = make_parser().parse_args(argv)
+    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "default"]
+    sizes = Sizes(
+        train=args.train_size or sizes.train, heldout=args.heldout_size or sizes.heldout,
+        steps=args.steps or sizes.steps, eval_steps=args.eval_steps or sizes.eval_steps,
     )
-    config = SelfDistillConfig(
-        output_dir=args.output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, max_steps=args.max_steps,
-        per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
-    )
-    trainer = SelfDistillSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=LoraConfig(r=16, target_modules="all-linear"),
-    )
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"Unknown runs {unknown}: choose among {', '.join(RUNS)}.")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
     start = time.time()
-    trainer.train()
-    print(f"trained {args.max_steps} steps in {time.time() - start:.1f}s; teacher: {trainer.teacher.source}")
-    trainer.save_model()
+
+    model, tokenizer = tiny_model_like(args.model) if args.smoke else load_model(args.model)
+    fmt = AnswerFormat()
+    facts = categorised_facts(args, model, tokenizer, fmt)
+    counts = {c: facts["category"].count(c) for c in sorted(set(facts["category"]))}
+    print(f"SliCK categories: {counts}")
+    splits = build_splits(
+        facts, train_size=sizes.train, heldout_size=sizes.heldout, unknown_share=args.unknown_share,
+        new_facts=new_facts(args, round(sizes.train * args.unknown_share)), seed=args.seed,
+    )
+    print(f"Splits: {splits.sizes} (+ a Known-only control of {len(splits.control)})")
+    snapshot = make_snapshot(args, splits, fmt, model, tokenizer, out)
+    del model
+    gc.collect()
+
+    results = {}
+    for name in runs:
+        baseline = None
+        if name == "selfdistill" and "sft" in results:
+            final = results["sft"]["final"]
+            baseline = {"name": "plain SFT (same data and steps)", **{
+                k: final[k] for k in ("task_accuracy", "new_fact_accuracy", "heldout_known_accuracy",
+                                      "forgetting_from_peak")}}
+        results[name] = run(name, args, sizes, splits, fmt, snapshot, out, baseline)
+
+    summary = {
+        "settings": {**vars(args), "sizes": vars(sizes), "slick_counts": counts, "splits": splits.sizes},
+        "runs": results,
+        "total_wall_time_s": time.time() - start,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    text = table(results)
+    (out / "table.md").write_text(text + "\n")
+    plot(results, out / "plot.png")
+    print("\n" + text)
+    print(f"\nTotal wall time {summary['total_wall_time_s'] / 60:.1f} min. Results, table, plot and the "
+          f"self-distilled model with its card are in {out}/")

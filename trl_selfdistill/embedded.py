@@ -69,3 +69,19 @@ def load_model(name_or_path: str = EMBEDDED, **kwargs):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def tiny_model_like(name_or_path: str = EMBEDDED, seed: int = 0, **overrides):
+    """A randomly initialised 2-layer model with the architecture and tokenizer of `name_or_path`, for smoke runs."""
+    from transformers import AutoConfig
+
+    path = resolve(name_or_path)
+    sizes = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    config = AutoConfig.from_pretrained(path, **{**sizes, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

