@@ -37,12 +37,14 @@ from .knowledge import (
 )
 from .trainer import SelfDistillSFTTrainer
 
-RUNS = ("known_only", "sft", "selfdistill", "freeze")
+RUNS = ("known_only", "sft", "selfdistill", "freeze", "selfdistill_cache")
+DEFAULT_RUNS = RUNS[:4]
 RUN_TITLES = {
     "known_only": "(a) Known only",
     "sft": "(b) SFT, Known + Unknown",
     "selfdistill": "(c) self-distillation",
     "freeze": "(d) attention only",
+    "selfdistill_cache": "(c') self-distillation, teacher cache",
 }
 
 
@@ -83,7 +85,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill_coef", type=float, default=1.0)
     parser.add_argument("--distill_temperature", type=float, default=0.5)
     parser.add_argument("--distill_scope", default="all", choices=["all", "completion"])
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--reprobe", action="store_true", help="probe the facts even for the embedded model")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -137,7 +139,11 @@ def run(name: str, args, sizes: Sizes, splits: KnowledgeSplits, fmt: AnswerForma
     model.config._name_or_path = _base_name(args)
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
     run_splits = splits.known_only() if name == "known_only" else splits
-    overrides = {"distill_coef": args.distill_coef} if name == "selfdistill" else {}
+    overrides = {}
+    if name.startswith("selfdistill"):
+        overrides["distill_coef"] = args.distill_coef
+    if name == "selfdistill_cache":
+        overrides["teacher_cache_dir"] = str(out / name / "teacher_cache")
     trainer = SelfDistillSFTTrainer(
         model=model, args=train_config(args, out / name, sizes.steps, args.learning_rate, **overrides),
         train_dataset=fmt.training_dataset(run_splits.train(seed=args.seed)), processing_class=tokenizer,
