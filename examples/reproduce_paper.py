@@ -65,7 +65,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -74,70 +73,32 @@ from typing import Literal
 
 import torch
 from datasets import Dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.hf_argparser import string_to_bool
 from trl import ModelConfig, TrlParser
 
-from trl_selfdistill import FreezeConfig, SelfDistillConfig, SelfDistillSFTTrainer
+from trl_selfdistill import FreezeConfig, SelfDistillConfig, SelfDistillSFTTrainer, recipes
 from trl_selfdistill.demo import RUN_TITLES, plot, table  # the demo's run titles, results table and plot
-from trl_selfdistill.embedded import EMBEDDED, EMBEDDED_HUB_ID, load_model, resolve
-from trl_selfdistill.knowledge import (
-    SLICK_CATEGORIES,
-    AnswerFormat,
-    ForgettingCallback,
-    KnowledgeSplits,
-    ProbeConfig,
-    build_splits,
-    load_facts,
-    probe,
-)
-
+from trl_selfdistill.embedded import EMBEDDED, resolve
+from trl_selfdistill.knowledge import SLICK_CATEGORIES, AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze")  # the paper's four stage-2 runs, (a)-(d)
 
 
 @dataclass
-class ReproduceArguments:
+class ReproduceArguments(recipes.FactsArguments):
+    """`FactsArguments` with the paper's defaults (EntityQuestions, paper probe), plus the protocol's own flags."""
+
     dataset_name: str = field(
         default="entityquestions-train",
         metadata={"help": "Facts: a built-in set (entityquestions-train, curated), a JSONL file or folder (the "
                   "EntityQuestions layout works), or a Hub dataset with `question`/`answers` columns."},
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
-    question_column: str = field(default="question", metadata={"help": "Column holding the question."})
-    answers_column: str = field(default="answers", metadata={"help": "Column holding the list of accepted answers."})
-    max_facts_per_relation: int | None = field(
-        default=None, metadata={"help": "Keep at most this many facts per relation (caps the probe's cost)."}
-    )
-    exemplars: str | None = field(
-        default=None,
-        metadata={"help": "Few-shot exemplar pool of the probe (default: entityquestions-dev for "
-                  "entityquestions-train, else the facts themselves)."},
     )
     probe: Literal["cheap", "paper"] = field(
         default="paper",
         metadata={"help": "SliCK probe. paper: 10 four-shot prompts, greedy + 16 samples at T=0.5 (170 generations "
                   "per fact). cheap: 3 prompts, greedy only (WeaklyKnown folds into Unknown)."},
     )
-    cheap: bool = field(default=False, metadata={"help": "Shorthand for `--probe cheap`."})
     probe_batch_size: int = field(default=64, metadata={"help": "Sequences per generation batch of the probe."})
-    known_categories: list[str] = field(
-        default_factory=lambda: ["HighlyKnown"],
-        metadata={"help": "SliCK categories that count as Known (training Known facts, held-out facts, and the "
-                  "relation filter)."},
-    )
-    min_known_share: float = field(
-        default=0.3, metadata={"help": "Keep only relations with at least this share of Known facts."}
-    )
     train_size: int = field(default=200, metadata={"help": "Training facts per run (the mix and the control)."})
-    heldout_size: int = field(default=100, metadata={"help": "Held-out Known facts, about entities never trained on."})
-    unknown_share: float = field(default=0.5, metadata={"help": "Share of Unknown facts in the training mix."})
-    snapshot_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of stage 1 (default: --learning_rate)."}
-    )
-    runs: str = field(
-        default=",".join(RUNS), metadata={"help": f"Comma-separated subset of the stage-2 runs: {', '.join(RUNS)}."}
-    )
     forgetting_eval_steps: int = field(
         default=20, metadata={"help": "Evaluate every N steps (and at the start and end of each run). 0: at the start "
                               "and end only."}
@@ -147,15 +108,30 @@ class ReproduceArguments:
         metadata={"help": "Offline CPU smoke run of the whole protocol: tiny random model, 72 facts, FAKE "
                   "categories."},
     )
+    cheap: bool = field(default=False, metadata={"help": "Shorthand for `--probe cheap`."})
+    known_categories: list[str] = field(
+        default_factory=lambda: ["HighlyKnown"],
+        metadata={"help": "SliCK categories that count as Known (training Known facts, held-out facts, and the "
+                  "relation filter)."},
+    )
+    min_known_share: float = field(
+        default=0.3, metadata={"help": "Keep only relations with at least this share of Known facts."}
+    )
+    snapshot_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of stage 1 (default: --learning_rate)."}
+    )
+    runs: str = field(
+        default=",".join(RUNS), metadata={"help": f"Comma-separated subset of the stage-2 runs: {', '.join(RUNS)}."}
+    )
+
+    def __post_init__(self):
+        if self.cheap:
+            self.probe = "cheap"
 
 
-# Smoke mode changes only defaults: explicit flags and YAML values still win.
-SMOKE_DEFAULTS = dict(
-    dataset_name="curated", max_facts_per_relation=6, probe="cheap", train_size=8, heldout_size=6,
-    forgetting_eval_steps=0,
-    max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
-    use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", disable_tqdm=True,
-)
+# The smoke run probes (1 prompt, FAKE categories) 6 facts of each of the 12 curated relations
+SMOKE = {**recipes.SMOKE_DEFAULTS, "dataset_name": "curated", "max_facts_per_relation": 6, "probe": "cheap",
+         "heldout_size": 6, "forgetting_eval_steps": 0}
 
 
 def make_parser() -> TrlParser:
@@ -167,25 +143,7 @@ def make_parser() -> TrlParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ReproduceArguments, SelfDistillConfig, ModelConfig]:
     """The command line (or `argv`) and an optional `--config` YAML file; `--smoke` first sets the smoke defaults."""
-    parser = make_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--smoke", type=string_to_bool, nargs="?", const=True, default=False)
-    if pre.parse_known_args(argv)[0].smoke:
-        output_dir = tempfile.mkdtemp(prefix="reproduce_paper-smoke-")
-        parser.set_defaults_with_config(output_dir=output_dir, **SMOKE_DEFAULTS)
-    return parser.parse_args_and_config(argv)
-
-
-def smoke_checkpoint(seed: int = 0) -> str:
-    """A tiny random model (2 layers, hidden size 64) with the embedded SmolLM2's config and tokenizer, saved."""
-    source = resolve(EMBEDDED)
-    config = AutoConfig.from_pretrained(source, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    torch.manual_seed(seed)
-    folder = tempfile.mkdtemp(prefix="tiny-smollm2-")
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
-    return folder
+    return recipes.parse_script_args(make_parser(), argv, SMOKE, prefix="reproduce_paper")
 
 
 def fake_categories(facts: Dataset) -> Dataset:
@@ -204,47 +162,6 @@ def fake_categories(facts: Dataset) -> Dataset:
         return {"category": "HighlyKnown" if known else "Unknown"}
 
     return facts.map(rule)
-
-
-def categorised_facts(args: ReproduceArguments, training_args, fmt: AnswerFormat, model_name: str) -> Dataset:
-    """Every fact with its SliCK category on the initial model, cached in `<output_dir>/facts_categorised.jsonl`."""
-    facts = load_facts(args.dataset_name, split=args.dataset_split, question_column=args.question_column,
-                       answers_column=args.answers_column)
-    if args.max_facts_per_relation:
-        taken, keep = Counter(), []
-        for i, relation in enumerate(facts["relation"]):
-            taken[relation] += 1
-            if taken[relation] <= args.max_facts_per_relation:
-                keep.append(i)
-        facts = facts.select(keep)
-    preset = ProbeConfig.cheap if args.cheap or args.probe == "cheap" else ProbeConfig.paper
-    config = preset(seed=training_args.seed, batch_size=args.probe_batch_size)
-    if args.smoke:
-        config = dataclasses.replace(config, num_prompts=1, max_new_tokens=4)
-    exemplars = args.exemplars or ("entityquestions-dev" if args.dataset_name == "entityquestions-train" else None)
-    cache = Path(training_args.output_dir) / "facts_categorised.jsonl"
-    meta_file = cache.with_suffix(".meta.json")
-    meta = {"model": model_name, "facts": args.dataset_name, "num_facts": len(facts), "exemplars": exemplars,
-            "probe": asdict(config), "format": fmt.to_dict(), "smoke": args.smoke}
-    # The main process probes and caches; the others wait, then read the cache (same categories on every process)
-    with training_args.main_process_first(desc="SliCK probe"):
-        if cache.is_file() and meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
-            training_args.distributed_state.print(f"Knowledge: reusing the SliCK categories in {cache}")
-            return Dataset.from_json(str(cache))
-        if not training_args.distributed_state.is_main_process:
-            raise RuntimeError(f"{cache} was not written by the main process.")
-        print(f"Knowledge: probing {len(facts)} facts with the initial model ({config})")
-        model, tokenizer = load_model(model_name, **{"trust_remote_code": training_args.trust_remote_code,
-                                                     **training_args.model_init_kwargs})
-        facts = probe(facts, model.to(training_args.device), tokenizer, fmt=fmt, config=config,
-                      exemplars=load_facts(exemplars) if exemplars else None)
-        del model
-        if args.smoke:
-            facts = fake_categories(facts)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        facts.to_json(str(cache), lines=True, force_ascii=False)
-        meta_file.write_text(json.dumps(meta, indent=2))
-    return facts
 
 
 def keep_known_relations(facts: Dataset, known_categories: list[str], min_share: float, log) -> Dataset:
@@ -312,13 +229,9 @@ def stage2(run: str, args, training_args, snapshot: str, splits: KnowledgeSplits
     trainer.train()
     wall = time.time() - start
     if distilled:
-        trainer.save_model()
-        trainer.create_model_card(dataset_name=args.dataset_name)
-        if training_args.push_to_hub:
-            trainer.push_to_hub(dataset_name=args.dataset_name)
-            log(f"pushed run (c) to https://huggingface.co/{trainer.hub_model_id}")
+        recipes.save_and_push(trainer, args.dataset_name, log)  # run (c): model, results and card; uploaded if asked
     result = {**callback.results(), "wall_time_s": wall, "title": RUN_TITLES[run],
-              "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+              "trainable_parameters": recipes.count_parameters(trainer.model)[0]}
     del trainer, callback
     free_memory()
     return result
@@ -337,27 +250,22 @@ def main(args: ReproduceArguments, training_args: SelfDistillConfig, model_args:
         raise ValueError(f"Unknown runs {unknown}: choose among {', '.join(RUNS)}.")
     start = time.time()
     out = Path(training_args.output_dir)
-    name = smoke_checkpoint() if args.smoke else resolve(model_args.model_name_or_path)
-    base_name = None if args.smoke else (
-        EMBEDDED_HUB_ID if model_args.model_name_or_path == EMBEDDED else model_args.model_name_or_path)
-    training_args.model_init_kwargs = {
-        "dtype": model_args.dtype, "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation, **(training_args.model_init_kwargs or {}),
-    }
+    name = recipes.tiny_checkpoint() if args.smoke else resolve(model_args.model_name_or_path)
+    base_name = None if args.smoke else name  # what the card of run (c) names as its base (not the snapshot)
+    training_args.model_init_kwargs = recipes.model_init_kwargs(model_args, training_args)
     fmt = AnswerFormat()
 
-    facts = categorised_facts(args, training_args, fmt, name)
+    # Step 1 of the protocol always probes the initial model, even facts that carry categories
+    facts = recipes.categorised_facts(args, training_args, fmt, name, keep_categories=False,
+                              after_probe=fake_categories if args.smoke else None)
     counts = Counter(facts["category"])
     log(f"SliCK categories of {len(facts)} facts: " + ", ".join(f"{c} {counts[c]}" for c in SLICK_CATEGORIES))
     facts = keep_known_relations(facts, args.known_categories, args.min_known_share, log)
     splits = build_splits(facts, train_size=args.train_size, heldout_size=args.heldout_size,
                           unknown_share=args.unknown_share, known_categories=args.known_categories, control=True,
                           seed=training_args.seed)
-    effective_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                       * training_args.world_size)
     log(f"Splits: {splits.sizes}, Known-only control {len(splits.control)}; effective batch "
-        f"{training_args.per_device_train_batch_size} per device × {training_args.gradient_accumulation_steps} "
-        f"accumulation × {training_args.world_size} processes = {effective_batch}")
+        f"{recipes.describe_batch(training_args)}")
 
     snapshot = make_snapshot(args, training_args, name, splits, fmt, out, log)
     results = {}
@@ -377,7 +285,7 @@ def main(args: ReproduceArguments, training_args: SelfDistillConfig, model_args:
                          "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                          "gradient_accumulation_steps", "lr_scheduler_type", "distill_coef", "distill_temperature",
                          "divergence", "distill_scope", "seed")},
-                     "effective_batch": effective_batch, "slick_counts": dict(counts),
+                     "effective_batch": recipes.effective_batch(training_args), "slick_counts": dict(counts),
                      "relations_kept": sorted(set(facts["relation"])), "splits": splits.sizes},
         "runs": results,
         "total_wall_time_s": time.time() - start,

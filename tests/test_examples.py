@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from trl_selfdistill.recipes import tiny_checkpoint
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ["sft_selfdistill", "qlora_selfdistill", "full_ft_selfdistill", "freeze_attention_only", "reproduce_paper"]
 
@@ -123,7 +125,7 @@ def test_full_ft_copies_the_initial_model(tmp_path):
 
 def test_full_ft_loads_a_snapshot_teacher(tmp_path):
     module = load("full_ft_selfdistill")
-    snapshot = module.smoke_checkpoint(seed=1)  # other weights than the student's (seed 0), same vocabulary
+    snapshot = tiny_checkpoint(seed=1)  # other weights than the student's (seed 0), same vocabulary
     out = tmp_path / "out"
     trainer = module.main(*module.parse_args(["--smoke", "--output_dir", str(out),
                                               "--teacher_model_name_or_path", snapshot]))

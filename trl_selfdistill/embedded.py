@@ -45,7 +45,6 @@ def _materialize_embedded() -> Path:
     # The GGUF loader marks the model as quantized, which blocks `save_pretrained`; the weights are plain fp32 now
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    model.config._name_or_path = EMBEDDED_HUB_ID
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

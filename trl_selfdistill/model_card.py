@@ -22,6 +22,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 from transformers import Trainer
 
+from .embedded import EMBEDDED_HUB_ID, cache_dir
 from .teacher import causal_lm
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -89,11 +90,16 @@ def display_name(name_or_path: str) -> str:
 
 
 def base_model_name(model) -> str:
-    """The base model's name for a card: its Hub id, a local folder's name, or else the architecture; never empty."""
+    """The base model's name for a card: its Hub id, a local folder's name, or else the architecture; never empty.
+
+    A model loaded from the embedded model's fp32 cache folder is named by its Hub id: `from_pretrained` sets
+    `_name_or_path` to the folder it loads from (`config.json` does not store it).
+    """
     base = causal_lm(model)
     name_or_path = getattr(base.config, "_name_or_path", "") or ""
     if name_or_path:
-        return display_name(name_or_path)
+        embedded = Path(name_or_path).expanduser().resolve() == cache_dir().resolve()
+        return EMBEDDED_HUB_ID if embedded else display_name(name_or_path)
     return (getattr(base.config, "architectures", None) or [type(base).__name__])[0]
 
 

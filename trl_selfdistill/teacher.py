@@ -114,7 +114,7 @@ class ModelTeacher:
         teacher = copy.deepcopy(causal_lm(model))
         # TRL patches `forward` on the instance with a closure over the original model; the copy must not keep it
         teacher.__dict__.pop("forward", None)
-        return cls(teacher, "frozen copy of the initial model")
+        return cls(teacher, "frozen copy of the model at the start of training")
 
     def last_hidden_state(self, inputs: dict) -> torch.Tensor:
         return _last_hidden_state(self.model, inputs)
