@@ -12,6 +12,7 @@ def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
     for name, result in summary["runs"].items():
         assert [h["step"] for h in result["history"]] == [0, 1, 2], name
         assert result["final"]["heldout_known_peak"] is not None
+        assert result["heldout_by_relation"].keys() == summary["snapshot_heldout_by_relation"].keys() != set()
     assert summary["runs"]["known_only"]["final"]["new_fact_accuracy"] is None
     assert summary["runs"]["selfdistill"]["baseline"]["name"].startswith("plain SFT")
     table = (tmp_path / "table.md").read_text()

@@ -28,6 +28,7 @@ from .freezing import FreezeConfig
 from .knowledge import (
     AnswerFormat,
     ForgettingCallback,
+    Generator,
     KnowledgeSplits,
     ProbeConfig,
     build_splits,
@@ -35,6 +36,7 @@ from .knowledge import (
     probe,
     synthetic_facts,
 )
+from .knowledge.metrics import accuracy_by, answer_zero_shot, score
 from .trainer import SelfDistillSFTTrainer
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze", "selfdistill_cache")
@@ -117,7 +119,7 @@ def train_config(args, output_dir: Path, steps: int, lr: float, **overrides) -> 
     return SelfDistillConfig(**kwargs)
 
 
-def make_snapshot(args, splits: KnowledgeSplits, fmt: AnswerFormat, model, tokenizer, out: Path) -> Path:
+def make_snapshot(args, splits: KnowledgeSplits, fmt: AnswerFormat, model, tokenizer, out: Path):
     """Stage 1: one epoch of plain SFT on Known facts only (the paper's format-learning snapshot)."""
     known = splits.control
     steps = max(1, -(-len(known) // args.batch_size))
@@ -129,7 +131,7 @@ def make_snapshot(args, splits: KnowledgeSplits, fmt: AnswerFormat, model, token
     trainer.train()
     trainer.model.save_pretrained(out / "snapshot")
     tokenizer.save_pretrained(out / "snapshot")
-    return out / "snapshot"
+    return out / "snapshot", heldout_by_relation(trainer.model, tokenizer, splits, fmt)
 
 
 def run(name: str, args, sizes: Sizes, splits: KnowledgeSplits, fmt: AnswerFormat, snapshot: Path, out: Path,
@@ -158,10 +160,19 @@ def run(name: str, args, sizes: Sizes, splits: KnowledgeSplits, fmt: AnswerForma
         trainer.save_model()
         trainer.create_model_card(model_name=f"{Path(_base_name(args)).name}-selfdistill-facts",
                                   dataset_name="trl-selfdistill curated facts")
-    results = {**callback.results(), "wall_time_s": wall, "title": RUN_TITLES[name]}
+    results = {
+        **callback.results(), "wall_time_s": wall, "title": RUN_TITLES[name],
+        "heldout_by_relation": heldout_by_relation(trainer.model, tokenizer, splits, fmt),
+    }
     del trainer, model
     gc.collect()
     return results
+
+
+def heldout_by_relation(model, tokenizer, splits: KnowledgeSplits, fmt: AnswerFormat) -> dict[str, float]:
+    """Held-out Known accuracy per relation: where forgetting concentrates (e.g. relations the new facts share)."""
+    (answers,) = answer_zero_shot(Generator(model, tokenizer, fmt, progress=False), [splits.heldout], fmt)
+    return accuracy_by(splits.heldout["relation"], score(answers, splits.heldout))
 
 
 def _base_name(args) -> str:
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         new_facts=new_facts(args, round(sizes.train * args.unknown_share)), seed=args.seed,
     )
     print(f"Splits: {splits.sizes} (+ a Known-only control of {len(splits.control)})")
-    snapshot = make_snapshot(args, splits, fmt, model, tokenizer, out)
+    snapshot, snapshot_by_relation = make_snapshot(args, splits, fmt, model, tokenizer, out)
     del model
     gc.collect()
 
@@ -250,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = {
         "settings": {**vars(args), "sizes": vars(sizes), "slick_counts": counts, "splits": splits.sizes},
+        "snapshot_heldout_by_relation": snapshot_by_relation,
         "runs": results,
         "total_wall_time_s": time.time() - start,
     }
