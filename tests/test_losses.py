@@ -94,3 +94,16 @@ def test_vocabulary_mismatch_is_refused():
     hs, ht, s_head, _ = make_case(2, 8, 30)
     with pytest.raises(ValueError, match="vocabulary"):
         token_divergence(hs, s_head, ht, LMHead(torch.randn(31, 8)), beta=0.0)
+
+
+def test_row_chunks_give_the_same_values_and_gradients():
+    hs, ht, s_head, t_head = make_case(37, 8, 90, seed=5)
+    whole = token_divergence(hs, s_head, ht, t_head, beta=0.0, temperature=0.5, rows=1024)
+    whole.sum().backward()
+    grads = hs.grad.clone(), s_head.weight.grad.clone()
+    hs.grad = s_head.weight.grad = None
+    chunked = token_divergence(hs, s_head, ht, t_head, beta=0.0, temperature=0.5, rows=5)
+    chunked.sum().backward()
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(hs.grad, grads[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s_head.weight.grad, grads[1], rtol=1e-6, atol=1e-7)

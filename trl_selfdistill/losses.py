@@ -50,6 +50,7 @@ def token_divergence(
     teacher_head: LMHead,
     beta: float,
     temperature: float = 1.0,
+    rows: int = 1024,
 ) -> torch.Tensor:
     """
     Divergence between teacher and student next-token distributions at each row of `[N, H]` hidden states.
@@ -57,6 +58,7 @@ def token_divergence(
     `beta` follows TRL: 0 is the forward KL(teacher ‖ student), 1 the reverse KL(student ‖ teacher), anything in between
     the generalized JSD with mixture β·teacher + (1-β)·student. Both distributions are softened by `temperature`.
     The gradient flows to the student's hidden states and head only. Returns `[N]` fp32 values (no τ² factor).
+    Rows go through the kernel `rows` at a time, which bounds its vocabulary-tile buffers (`rows × 32768` floats each).
     """
     if student_head.weight.shape[0] != teacher_head.weight.shape[0]:
         raise ValueError(
@@ -64,21 +66,25 @@ def token_divergence(
             f"({student_head.weight.shape[0]}): distillation compares distributions over the same tokens. Use a "
             "teacher with the student's tokenizer."
         )
-    divergence, _entropy = ChunkedDivergenceFunction.apply(
-        student_hidden,
-        student_head.weight,
-        student_head.bias,
-        teacher_hidden.detach(),
-        teacher_head.weight.detach(),
-        None if teacher_head.bias is None else teacher_head.bias.detach(),
-        beta,
-        temperature,
-        student_head.logit_scale,
-        student_head.softcap,
-        teacher_head.logit_scale,
-        teacher_head.softcap,
-    )
-    return divergence
+    teacher_bias = None if teacher_head.bias is None else teacher_head.bias.detach()
+    parts = []
+    for start in range(0, max(student_hidden.shape[0], 1), rows):
+        divergence, _entropy = ChunkedDivergenceFunction.apply(
+            student_hidden[start : start + rows],
+            student_head.weight,
+            student_head.bias,
+            teacher_hidden[start : start + rows].detach(),
+            teacher_head.weight.detach(),
+            teacher_bias,
+            beta,
+            temperature,
+            student_head.logit_scale,
+            student_head.softcap,
+            teacher_head.logit_scale,
+            teacher_head.softcap,
+        )
+        parts.append(divergence)
+    return torch.cat(parts)
 
 
 def _transform(z: torch.Tensor, head: LMHead, temperature: float) -> torch.Tensor:

@@ -212,7 +212,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
             teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[positions].to(device)
             per_token = token_divergence(student_hidden, student_head, teacher_hidden, self.teacher.head, beta, tau)
             if self.teacher_cache is not None:
-                self._fill_cache(keys, positions, student_hidden, student_head, teacher_hidden, per_token, mode)
+                with torch.no_grad():
+                    self._fill_cache(keys, positions, student_hidden, student_head, teacher_hidden, mode)
 
         scale = args.distill_coef * tau**2
         kl_sum, num_positions = per_token.sum(), positions.sum()
@@ -239,17 +240,17 @@ class SelfDistillSFTTrainer(SFTTrainer):
             self._metrics[mode]["teacher_cache_hit"].append(float(cached is not None))
         return (loss, result[1]) if return_outputs else loss
 
-    def _fill_cache(self, keys, positions, student_hidden, student_head, teacher_hidden, exact, mode):
-        """Store the teacher's top-k per row (training only) and log the top-k divergence next to the exact one."""
-        ids, logps = teacher_topk(teacher_hidden, self.teacher.head, self.args.teacher_cache_topk,
-                                  self.args.distill_temperature)
+    def _fill_cache(self, keys, positions, student_hidden, student_head, teacher_hidden, mode):
+        """Training: store the teacher's top-k per row. Eval (held-out batches): log the top-k KL beside the exact one."""
+        args = self.args
+        ids, logps = teacher_topk(teacher_hidden, self.teacher.head, args.teacher_cache_topk, args.distill_temperature)
         if mode == "train":
-            for key, row_ids, row_logps in zip(keys, ids.split(positions.sum(1).tolist()),
-                                               logps.split(positions.sum(1).tolist())):
+            counts = positions.sum(1).tolist()
+            for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
                 self.teacher_cache.put(key, row_ids, row_logps)
-        with torch.no_grad():
-            approx = topk_token_divergence(student_hidden, student_head, ids, logps, self.args.divergence_beta,
-                                           self.args.distill_temperature)
+            return
+        approx = topk_token_divergence(student_hidden, student_head, ids, logps, args.divergence_beta,
+                                       args.distill_temperature)
         gather = self.accelerator.gather_for_metrics
         count = gather(positions.sum()).sum().clamp(min=1)
         self._metrics[mode]["kl_topk"].append((gather(approx.sum()).sum() / count).item())
