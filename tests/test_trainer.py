@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import (
+    assert_params_changed,
     config,
     conversational_dataset,
     make_tokenizer,
@@ -198,5 +199,7 @@ def test_freeze_config_with_lora_places_adapters_on_attention_only(tmp_path):
     )
     adapters = [n for n, _ in trainer.model.named_parameters() if "lora_" in n]
     assert adapters and all(".self_attn." in n for n in adapters)
+    before = params(trainer.model)
     trainer.train()
-    assert trainer._metrics is not None and trainer.freeze_report.trainable > 0
+    assert trainer.freeze_report.trainable == sum(before[n].numel() for n in adapters)
+    assert_params_changed(before, trainer.model, [n for n in adapters if "lora_B" in n])

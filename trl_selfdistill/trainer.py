@@ -43,8 +43,6 @@ class SelfDistillSFTTrainer(SFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "self-distillation", "trl-selfdistill"]
-    _name = "Self-Distillation SFT"
-    _paper = {"title": "Why Fine-Tuning Encourages Hallucinations and How to Fix It", "id": "2604.15574"}
 
     def __init__(self, model, args: SelfDistillConfig | None = None, freeze_config: FreezeConfig | None = None, **kwargs):
         if args is None:
