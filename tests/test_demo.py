@@ -2,7 +2,11 @@
 
 import json
 
+from argparse import Namespace
+
 from trl_selfdistill.cli import main
+from trl_selfdistill.demo import new_facts
+from trl_selfdistill.knowledge import builtin_facts
 
 
 def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
@@ -24,3 +28,14 @@ def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
     assert "heldout_known_accuracy" in card and "plain SFT" in card
     assert (tmp_path / "selfdistill" / "model.safetensors").exists()
     assert "(d) attention only" in capsys.readouterr().out
+
+
+def test_mixed_new_facts_are_half_real_unknown_half_fictional():
+    facts = builtin_facts("curated-smollm2")
+    mixed = new_facts(Namespace(new_facts="mixed", seed=0), facts, 100)
+    real = [r for r in mixed["relation"] if not r.startswith("synthetic-")]
+    unknown_ids = {i for i, c in zip(facts["id"], facts["category"]) if c == "Unknown"}
+    assert set(mixed.filter(lambda r: not r.startswith("synthetic-"), input_columns="relation")["id"]) <= unknown_ids
+    assert len(real) == 58 and len(mixed) == 116  # half each, with spares for Unknown facts about held-out entities
+    assert {r for r in mixed["relation"] if r.startswith("synthetic-")} == {"synthetic-capital", "synthetic-author"}
+    assert new_facts(Namespace(new_facts="curated", seed=0), facts, 100) is None

@@ -52,10 +52,21 @@ def test_new_facts_supply_the_unknowns():
     assert set(splits.train()["category"]) == {"HighlyKnown", "Unknown"}
 
 
+def test_control_size_available_takes_the_known_facts_left():
+    facts = categorised(num_entities=30)  # 30 Known facts
+    splits = build_splits(facts, train_size=24, heldout_size=10, control_size="available")
+    assert len(splits.control) == 20  # 30 Known minus the 10 held out, fewer than train_size
+    assert set(splits.train_known["id"]) <= set(splits.control["id"])
+    assert not entities(splits.control) & entities(splits.heldout)
+    assert len(build_splits(facts, train_size=8, heldout_size=10, control_size="available").control) == 8
+    assert len(build_splits(facts, train_size=8, heldout_size=10, control_size=16).control) == 16
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(train_size=30, heldout_size=10), "cannot fill"),  # the control needs 30 Known facts besides the 10
+        (dict(train_size=8, heldout_size=10, control_size=2), "smaller than the 4 Known facts"),
         (dict(train_size=20, heldout_size=30, control=False), "cannot fill"),
         (dict(train_size=40, heldout_size=4, unknown_share=1.0, control=False), "Unknown facts"),
         (dict(train_size=4, heldout_size=4, unknown_share=1.5), "between 0 and 1"),

@@ -2,8 +2,9 @@
 
 1. Knowledge: SliCK categories of the shipped curated facts, probed few-shot in the answer format the fine-tuning
    teaches (`Q: …\\nA: <answer>\\n`). For the embedded model the shipped categories are used unless `--reprobe`.
-2. Splits: a training mix (Known + Unknown facts), a Known-only control of the same size, held-out Known facts about
-   other entities.
+2. Splits: a training mix (Known facts + new facts: by default half real facts the model gets wrong, half fictional
+   ones with name-like keys), a Known-only control (the mix's size when enough Known facts are left), held-out Known
+   facts about other entities.
 3. Format learning: one epoch on Known facts only gives the snapshot S (the paper's teacher; its held-out Known
    accuracy is the peak reference).
 4. From S, the same number of steps each: (a) Known only, (b) plain SFT on the mix, (c) self-distillation on the mix
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import SelfDistillConfig
@@ -59,7 +61,7 @@ class Sizes:
 
 
 SIZES = {
-    "default": Sizes(train=140, heldout=100, steps=80, eval_steps=20),
+    "default": Sizes(train=200, heldout=150, steps=80, eval_steps=20),
     "quick": Sizes(train=48, heldout=48, steps=16, eval_steps=8),
     "smoke": Sizes(train=16, heldout=8, steps=2, eval_steps=1),
 }
@@ -76,8 +78,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout_size", type=int, help="held-out Known facts")
     parser.add_argument("--unknown_share", type=float, default=0.5, help="share of Unknown facts in the mix")
     parser.add_argument(
-        "--new_facts", default="curated", choices=["curated", "synthetic-name", "synthetic-uuid"],
-        help="Unknown facts of the mix: real facts the model gets wrong, or fictional ones with name-like/UUID keys",
+        "--new_facts", default="mixed", choices=["curated", "mixed", "synthetic-name", "synthetic-uuid"],
+        help="Unknown facts of the mix: real facts the model gets wrong, fictional ones with name-like/UUID keys, or "
+        "`mixed`: half real, half fictional name-like (capitals and authors)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps of each stage-2 run")
     parser.add_argument("--eval_steps", type=int, help="evaluate every this many steps")
@@ -101,10 +104,18 @@ def categorised_facts(args, model, tokenizer, fmt: AnswerFormat):
     return probe(builtin_facts("curated"), model, tokenizer, fmt=fmt, config=ProbeConfig.cheap(seed=args.seed))
 
 
-def new_facts(args, count: int):
+def new_facts(args, facts, count: int):
+    """The Unknown facts of the mix (None: the probed Unknown facts)."""
     if args.new_facts == "curated":
         return None
-    return synthetic_facts(count, keys=args.new_facts.split("-")[1], relation="capital", seed=args.seed)
+    if args.new_facts != "mixed":
+        return synthetic_facts(count, keys=args.new_facts.split("-")[1], relation="capital", seed=args.seed)
+    # About half each; a few spare, since build_splits drops Unknown facts about held-out entities
+    real = facts.filter(lambda c: c == "Unknown", input_columns="category").shuffle(seed=args.seed)
+    num_real = min(count // 2 + 8, len(real))
+    fictional = [synthetic_facts(n, keys="name", relation=relation, seed=args.seed)
+                 for relation, n in (("capital", count // 4 + 4), ("author", count // 4 + 4))]
+    return concatenate_datasets([real.select(range(num_real)).remove_columns("category"), *fictional])
 
 
 def train_config(args, output_dir: Path, steps: int, lr: float, **overrides) -> SelfDistillConfig:
@@ -120,8 +131,8 @@ def train_config(args, output_dir: Path, steps: int, lr: float, **overrides) -> 
 
 
 def make_snapshot(args, splits: KnowledgeSplits, fmt: AnswerFormat, model, tokenizer, out: Path):
-    """Stage 1: one epoch of plain SFT on Known facts only (the paper's format-learning snapshot)."""
-    known = splits.control
+    """Stage 1: one epoch of plain SFT on the mix's Known facts only (the paper's format-learning snapshot)."""
+    known = splits.train_known
     steps = max(1, -(-len(known) // args.batch_size))
     print(f"Stage 1: format learning, 1 epoch on {len(known)} Known facts ({steps} steps)")
     trainer = SelfDistillSFTTrainer(
@@ -158,10 +169,11 @@ def run(name: str, args, sizes: Sizes, splits: KnowledgeSplits, fmt: AnswerForma
     wall = time.time() - start
     if name == "selfdistill":
         trainer.save_model()
-        trainer.create_model_card(model_name=f"{Path(_base_name(args)).name}-selfdistill-facts",
-                                  dataset_name="trl-selfdistill curated facts")
+        dataset = "trl-selfdistill curated facts" + ("" if args.new_facts == "curated" else " + fictional new facts")
+        trainer.create_model_card(model_name=f"{Path(_base_name(args)).name}-selfdistill-facts", dataset_name=dataset)
+    title = RUN_TITLES[name] + (f" ({len(splits.control)} facts)" if name == "known_only" else "")
     results = {
-        **callback.results(), "wall_time_s": wall, "title": RUN_TITLES[name],
+        **callback.results(), "wall_time_s": wall, "title": title,
         "heldout_by_relation": heldout_by_relation(trainer.model, tokenizer, splits, fmt),
     }
     del trainer, model
@@ -242,9 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"SliCK categories: {counts}")
     splits = build_splits(
         facts, train_size=sizes.train, heldout_size=sizes.heldout, unknown_share=args.unknown_share,
-        new_facts=new_facts(args, round(sizes.train * args.unknown_share)), seed=args.seed,
+        new_facts=new_facts(args, facts, round(sizes.train * args.unknown_share)), control="known_only" in runs,
+        control_size="available", seed=args.seed,
     )
-    print(f"Splits: {splits.sizes} (+ a Known-only control of {len(splits.control)})")
+    print(f"Splits: {splits.sizes}")
+    if splits.control is not None:
+        print(f"Known-only control: {len(splits.control)} facts" + (
+            f" (fewer than the mix's {sizes.train}: no more Known facts besides the held-out set)"
+            if len(splits.control) < sizes.train else ""))
     snapshot, snapshot_by_relation = make_snapshot(args, splits, fmt, model, tokenizer, out)
     del model
     gc.collect()

@@ -7,6 +7,7 @@ fine-tuning never touched directly: its drop is forgetting.
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Literal
 from dataclasses import dataclass
 
 from datasets import Dataset, concatenate_datasets
@@ -82,13 +83,15 @@ def build_splits(
     known_categories: Sequence[str] = ("HighlyKnown",),
     unknown_categories: Sequence[str] = ("Unknown",),
     control: bool = True,
+    control_size: int | Literal["available"] | None = None,
     seed: int = 0,
 ) -> KnowledgeSplits:
     """
     Split categorised `facts` (the output of `probe`) into `train_size` training facts, a `unknown_share` of them
     Unknown, and `heldout_size` held-out Known facts about other entities. The Unknown facts come from `new_facts`
-    when given (e.g. `synthetic_facts`), else from `facts`. With `control`, also a Known-only set of `train_size`
-    facts (a superset of the training Known facts), disjoint from the held-out entities too.
+    when given (e.g. `synthetic_facts`), else from `facts`. With `control`, also a Known-only set of `control_size`
+    facts (default `train_size`; `"available"`: every Known fact left, up to `train_size`), a superset of the training
+    Known facts, disjoint from the held-out entities too.
     """
     if "category" not in facts.column_names:
         raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
@@ -119,7 +122,13 @@ def build_splits(
     # The last held-out entity may overshoot: its surplus facts are dropped, never trained on
     heldout_indices = heldout_indices[:heldout_size]
     rng.shuffle(train_indices)
-    needed = train_size if control else num_known
+    if control_size == "available":
+        control_size = max(num_known, min(train_size, len(train_indices)))
+    control_size = train_size if control_size is None else control_size
+    if control and control_size < num_known:
+        raise ValueError(f"control_size={control_size} is smaller than the {num_known} Known facts of the mix, which "
+                         "the control contains: raise it or lower `train_size`.")
+    needed = control_size if control else num_known
     if len(heldout_indices) < heldout_size or len(train_indices) < needed:
         raise ValueError(
             f"{len(known)} Known facts ({', '.join(known_categories)}) cannot fill {heldout_size} held-out facts plus "
@@ -138,7 +147,7 @@ def build_splits(
         train_known=known.select(train_indices[:num_known]),
         train_unknown=unknown.select(unknown_indices[:num_unknown]),
         heldout=known.select(heldout_indices),
-        control=known.select(train_indices[:train_size]) if control else None,
+        control=known.select(train_indices[:control_size]) if control else None,
     )
 
 
