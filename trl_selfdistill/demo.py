@@ -38,6 +38,7 @@ from .knowledge import (
     probe,
     synthetic_facts,
 )
+from .knowledge.facts import FACT_COLUMNS
 from .knowledge.metrics import accuracy_by, answer_zero_shot, score
 from .trainer import SelfDistillSFTTrainer
 
@@ -115,7 +116,7 @@ def new_facts(args, facts, count: int):
     num_real = min(count // 2 + 8, len(real))
     fictional = [synthetic_facts(n, keys="name", relation=relation, seed=args.seed)
                  for relation, n in (("capital", count // 4 + 4), ("author", count // 4 + 4))]
-    return concatenate_datasets([real.select(range(num_real)).remove_columns("category"), *fictional])
+    return concatenate_datasets([real.select(range(num_real)).select_columns(list(FACT_COLUMNS)), *fictional])
 
 
 def train_config(args, output_dir: Path, steps: int, lr: float, **overrides) -> SelfDistillConfig:
