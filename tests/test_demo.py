@@ -1,7 +1,6 @@
 """The demo end to end in smoke mode: every stage runs and every output is written."""
 
 import json
-
 from argparse import Namespace
 
 from trl_selfdistill.cli import main

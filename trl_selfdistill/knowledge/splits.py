@@ -7,8 +7,8 @@ fine-tuning never touched directly: its drop is forgetting.
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Literal
 from dataclasses import dataclass
+from typing import Literal
 
 from datasets import Dataset, concatenate_datasets
 
