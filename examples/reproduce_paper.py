@@ -17,7 +17,7 @@ The EntityQuestions protocol of Kaplan et al. (arXiv 2604.15574) on a Hub model,
 2. Relations: keep those with at least `--min_known_share` (30%) Known facts (`--known_categories`).
 3. Splits: a training mix of `--train_size` facts (`--unknown_share` of them Unknown), a Known-only control of the
    same size, and `--heldout_size` held-out Known facts about entities no training fact mentions.
-4. Stage 1 (format learning): one epoch of plain SFT on the Known-only set → the snapshot S
+4. Stage 1 (format learning): one epoch of plain SFT on the mix's Known facts → the snapshot S
    (`<output_dir>/snapshot`).
 5. Stage 2, from S, the same number of steps each (full fine-tuning): (a) Known only, (b) SFT on the mix,
    (c) self-distillation on the mix with S as the frozen teacher, (d) attention-only freezing on the mix. Task,
@@ -190,13 +190,13 @@ def run_args(training_args: SelfDistillConfig, output_dir: Path, **overrides) ->
 
 
 def make_snapshot(args, training_args, name: str, splits: KnowledgeSplits, fmt: AnswerFormat, out: Path, log) -> str:
-    """Stage 1: one epoch of plain SFT on the Known-only set (format learning), saved as the snapshot S."""
+    """Stage 1: one epoch of plain SFT on the mix's Known facts (format learning), saved as the snapshot S."""
     lr = args.snapshot_learning_rate or training_args.learning_rate
-    log(f"\nStage 1: format learning, 1 epoch of plain SFT on {len(splits.control)} Known facts (lr {lr})")
+    log(f"\nStage 1: format learning, 1 epoch of plain SFT on {len(splits.train_known)} Known facts (lr {lr})")
     trainer = SelfDistillSFTTrainer(
         model=name, args=run_args(training_args, out / "snapshot", distill_coef=0.0, num_train_epochs=1,
                                   max_steps=-1, learning_rate=lr),
-        train_dataset=fmt.training_dataset(splits.control.shuffle(seed=training_args.seed)),
+        train_dataset=fmt.training_dataset(splits.train_known.shuffle(seed=training_args.seed)),
     )
     trainer.train()
     trainer.save_model()  # model and tokenizer
@@ -270,12 +270,7 @@ def main(args: ReproduceArguments, training_args: SelfDistillConfig, model_args:
     snapshot = make_snapshot(args, training_args, name, splits, fmt, out, log)
     results = {}
     for run in runs:
-        baseline = None
-        if run == "selfdistill" and "sft" in results:
-            final = results["sft"]["final"]
-            baseline = {"name": "plain SFT (same data and steps)", **{
-                k: final[k] for k in ("task_accuracy", "new_fact_accuracy", "heldout_known_accuracy",
-                                      "forgetting_from_peak")}}
+        baseline = recipes.sft_baseline(results) if run == "selfdistill" else None
         results[run] = stage2(run, args, training_args, snapshot, splits, fmt, out, log, baseline, base_name)
 
     summary = {

@@ -204,3 +204,12 @@ def test_a_model_loaded_from_the_embedded_cache_folder_is_named_by_its_hub_id(tm
     assert base_model_name(model) == "SmolLM2-135M-Instruct-fp32"
     model.config._name_or_path = "Qwen/Qwen2.5-1.5B"
     assert base_model_name(model) == "Qwen/Qwen2.5-1.5B"
+
+
+def test_sft_baseline_takes_plain_sft_final_numbers():
+    final = {"task_accuracy": 1.0, "new_fact_accuracy": 0.9, "heldout_known_accuracy": 0.8,
+             "forgetting_from_peak": 0.1, "heldout_known_peak": 0.89}
+    assert recipes.sft_baseline({"known_only": {"final": final}}) is None
+    baseline = recipes.sft_baseline({"sft": {"final": final}})
+    assert baseline == {"name": "plain SFT (same data and steps)", "task_accuracy": 1.0, "new_fact_accuracy": 0.9,
+                        "heldout_known_accuracy": 0.8, "forgetting_from_peak": 0.1}

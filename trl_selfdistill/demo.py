@@ -40,6 +40,7 @@ from .knowledge import (
 )
 from .knowledge.facts import FACT_COLUMNS
 from .knowledge.metrics import accuracy_by, answer_zero_shot, score
+from .recipes import sft_baseline
 from .trainer import SelfDistillSFTTrainer
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze", "selfdistill_cache")
@@ -269,12 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     for name in runs:
-        baseline = None
-        if name == "selfdistill" and "sft" in results:
-            final = results["sft"]["final"]
-            baseline = {"name": "plain SFT (same data and steps)", **{
-                k: final[k] for k in ("task_accuracy", "new_fact_accuracy", "heldout_known_accuracy",
-                                      "forgetting_from_peak")}}
+        baseline = sft_baseline(results) if name == "selfdistill" else None
         results[name] = run(name, args, sizes, splits, fmt, snapshot, out, baseline)
 
     summary = {

@@ -3,7 +3,7 @@
 `FactsArguments` (facts, probe, splits, forgetting evaluation, `--smoke`), `parse_script_args` (`--smoke` sets
 defaults, YAML and flags still win), `categorised_facts` (load, cap per relation, SliCK probe of the initial model
 cached in `<output_dir>/facts_categorised.jsonl`), `tiny_checkpoint` (the smoke model), and the lines a script prints
-before and after training (`run_summary`, `final_summary`, `save_and_push`).
+before and after training (`run_summary`, `final_summary`, `save_and_push`); `sft_baseline` for the demo protocol.
 """
 
 import argparse
@@ -221,6 +221,15 @@ def final_summary(final: dict) -> str:
     return (f"held-out Known accuracy {final['heldout_known_initial']} → {final['heldout_known_accuracy']} "
             f"(forgetting from peak {final['forgetting_from_peak']}), new-fact accuracy {final['new_fact_accuracy']}, "
             f"task accuracy {final['task_accuracy']}")
+
+
+def sft_baseline(results: dict) -> dict | None:
+    """The plain-SFT run's final numbers as the self-distilled card's baseline (None before run (b) has finished)."""
+    if "sft" not in results:
+        return None
+    final = results["sft"]["final"]
+    keys = ("task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "forgetting_from_peak")
+    return {"name": "plain SFT (same data and steps)", **{k: final[k] for k in keys}}
 
 
 def save_and_push(trainer, dataset_name: str, log=print) -> None:
