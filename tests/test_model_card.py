@@ -2,6 +2,7 @@
 
 import copy
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx2
@@ -15,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from trl_selfdistill import SelfDistillSFTTrainer
+from trl_selfdistill import ForgettingCallback, SelfDistillSFTTrainer
 from trl_selfdistill.model_card import (
     RESULTS_FILE,
     CardInfo,
@@ -239,17 +240,24 @@ class FakeHub:
             raise self.error
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, api, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+    def upload_folder(self, api, *, repo_id, folder_path, ignore_patterns=None, run_as_future=False, **kwargs):
         if self.error is not None and self.fail_at == "upload_folder":
             raise self.error
         folder = Path(folder_path)
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         ignore = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]  # what the real client adds
         uploaded = list(filter_repo_objects(files, ignore_patterns=ignore))
-        self.uploads.append(
-            {"repo_id": repo_id, "files": uploaded, "readme": (folder / "README.md").read_text(), **kwargs}
-        )
-        return f"https://huggingface.co/{repo_id}/commit/0"
+        readme = folder / "README.md"
+        self.uploads.append({
+            "repo_id": repo_id, "files": uploaded, "readme": readme.read_text() if readme.exists() else None,
+            "bytes": {name: (folder / name).read_bytes() for name in uploaded}, **kwargs,
+        })
+        url = f"https://huggingface.co/{repo_id}/commit/{len(self.uploads) - 1}"
+        if not run_as_future:
+            return url
+        future = Future()
+        future.set_result(url)
+        return future
 
     def patch(self, monkeypatch):
         monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: self.create_repo(api, repo_id, **kw))
@@ -260,6 +268,25 @@ class FakeHub:
 class FreezeReportStub:
     def to_markdown(self):
         return "| group | trainable |\n|---|---|\n| attention | 4 tensors |"
+
+
+class RecordedResults(ForgettingCallback):
+    """A `ForgettingCallback` of this run whose evaluations are given (the card reads `results()`)."""
+
+    def __init__(self, results: dict):
+        self.recorded = results
+
+    def results(self) -> dict:
+        return self.recorded
+
+    def on_train_begin(self, *args, **kwargs):
+        pass
+
+    def on_step_end(self, *args, **kwargs):
+        pass
+
+    def on_train_end(self, *args, **kwargs):
+        pass
 
 
 @pytest.fixture
@@ -280,9 +307,8 @@ def trained(tmp_path, monkeypatch):
     )
     trainer.train()
     trainer.freeze_report = FreezeReportStub()
-    output_dir = Path(args.output_dir)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(RESULTS))
-    return trainer, output_dir
+    trainer.add_callback(RecordedResults(RESULTS))
+    return trainer, Path(args.output_dir)
 
 
 EXPECTED_UPLOAD = {
@@ -293,7 +319,6 @@ EXPECTED_UPLOAD = {
     "chat_template.jinja",
     "tokenizer.json",
     "tokenizer_config.json",
-    "training_args.bin",
 }
 
 
@@ -322,6 +347,7 @@ def test_push_uploads_model_card_and_results(trained, monkeypatch, tmp_path):
     assert 'model="someone/tiny-facts"' in card.text
     assert str(tmp_path) not in upload["readme"] and TOKEN not in upload["readme"]
     assert upload["readme"] == (output_dir / "README.md").read_text()
+    assert json.loads(upload["bytes"][RESULTS_FILE]) == RESULTS
 
 
 @pytest.mark.parametrize(
@@ -352,9 +378,7 @@ def test_failed_push_says_how_to_fix_and_loses_nothing(trained, monkeypatch, err
     assert "HF_TOKEN" in message and "hub_model_id" in message and "'someone/tiny-facts'" in message
     assert f"upload_folder(folder_path={str(output_dir)!r}, repo_id='someone/tiny-facts')" in message
     assert TOKEN not in message
-    assert {"README.md", "adapter_model.safetensors", "adapter_config.json", RESULTS_FILE} <= {
-        p.name for p in output_dir.iterdir()
-    }
+    assert {"README.md", "adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in output_dir.iterdir()}
     assert metrics_of(ModelCard.load(output_dir / "README.md")) == FINAL_METRICS
 
 
@@ -374,3 +398,63 @@ def test_plain_sft_trainer_card_and_main_process_only(tmp_path, monkeypatch):
     assert card.data.library_name == "transformers" and card.data.datasets == ["someone/facts"]
     assert card.data.tags == ["trl", "sft", "trl-selfdistill", "baseline"] and card.data.eval_results is None
     assert "a fine-tuned version of `LlamaForCausalLM`" in card.text and "8 training examples" in card.text
+
+
+def test_no_secret_home_path_or_stray_file_leaves_the_machine(tmp_path, monkeypatch):
+    """Every byte of every upload (checkpoint pushes and the final push) is free of the token and the home path."""
+    home = tmp_path / "home" / "alice"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = home / "models" / "tiny-base"
+    tiny_model().save_pretrained(base)
+    output_dir = home / "runs" / "facts"
+    output_dir.mkdir(parents=True)
+    (output_dir / ".env").write_text("OPENAI_API_KEY=sk-stray-secret\n")
+    (output_dir / "notes.txt").write_text(f"data lives in {home}\n")
+    (output_dir / RESULTS_FILE).write_text(json.dumps(RESULTS))  # an earlier run's results
+    hub = FakeHub().patch(monkeypatch)
+    args = config(
+        output_dir.parent, output_dir=str(output_dir), max_steps=2, save_strategy="steps", save_steps=1,
+        push_to_hub=True, hub_strategy="checkpoint", hub_model_id="someone/tiny-facts", hub_token=TOKEN,
+        teacher_cache_dir=str(home / "cache" / "teacher"), model_init_kwargs={"token": TOKEN},
+    )
+    trainer = CardSelfDistillTrainer(
+        AutoModelForCausalLM.from_pretrained(base), args=args, train_dataset=prompt_completion_dataset(8),
+        processing_class=make_tokenizer(), peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    trainer.train()
+    trainer.push_to_hub()
+
+    assert len(hub.uploads) == 5  # per checkpoint: model files + resume files; then the final push
+    for upload in hub.uploads:
+        assert not {".env", "notes.txt", "training_args.bin", RESULTS_FILE} & set(upload["files"])
+        for name, data in upload["bytes"].items():
+            assert TOKEN.encode() not in data and str(home).encode() not in data, name
+            assert b"sk-stray-secret" not in data, name
+    resume = [u for u in hub.uploads if u.get("path_in_repo") == "last-checkpoint"]
+    assert len(resume) == 2 and {"optimizer.pt", "trainer_state.json", "adapter_model.safetensors"} <= set(
+        resume[-1]["files"])
+    final = hub.uploads[-1]
+    assert json.loads(final["bytes"]["adapter_config.json"])["base_model_name_or_path"] == "tiny-base"
+    assert ModelCard(final["readme"]).data.eval_results is None  # the stale results file is not this run's
+    # What the library writes locally carries no token either
+    for saved in [output_dir, *output_dir.glob("checkpoint-*")]:
+        assert TOKEN.encode() not in (saved / "training_args.bin").read_bytes()
+    assert trainer.args.hub_token == TOKEN  # the live config keeps it for the upload
+
+
+def test_card_shows_only_this_runs_results(tmp_path):
+    """A results file left in `output_dir` (stale or corrupt) is never read; this run's callback results are."""
+    args = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True)
+    (output_dir / RESULTS_FILE).write_text("{not json")  # corrupt results of an earlier run
+    trainer = SelfDistillSFTTrainer(
+        tiny_model(), args=args, train_dataset=prompt_completion_dataset(8), processing_class=make_tokenizer()
+    )
+    trainer.train()  # checkpoints write the card: the corrupt file does not stop training
+    assert ModelCard.load(output_dir / "README.md").data.eval_results is None
+
+    trainer.add_callback(RecordedResults(RESULTS))
+    card = ModelCard.load(write_model_card(trainer))
+    assert metrics_of(card) == FINAL_METRICS

@@ -1,5 +1,8 @@
 """Configuration of the self-distillation trainer."""
 
+import copy
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -8,6 +11,28 @@ from trl import SFTConfig
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DISTILL_SCOPES = ("completion", "all")
 TEACHER_MODES = ("auto", "adapter_disabled", "adapter_copy", "model_copy")
+# Keys of nested dicts (`model_init_kwargs`, ...) whose values are credentials
+SECRET_KEYS = frozenset({"token", "hub_token", "use_auth_token", "api_key", "password"})
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+def _without_secrets(value):
+    """`value` with credentials dropped: secret dict keys set to None, Hugging Face tokens inside strings redacted."""
+    if isinstance(value, str):
+        return _HF_TOKEN.sub("[REDACTED]", value)
+    if isinstance(value, dict):
+        return {k: None if k in SECRET_KEYS else _without_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_without_secrets(v) for v in value)
+    return value
+
+
+def _check_number(name: str, value, fix: str) -> None:
+    """Refuse a non-number (a string from a hand-written config, a bool) or a non-finite number, naming the fix."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}). {fix}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}. {fix}")
 
 
 @dataclass
@@ -90,6 +115,10 @@ class SelfDistillConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _check_number("distill_coef", self.distill_coef, "Use a float ≥ 0, e.g. 1.0 (paper), or 0 for plain SFT.")
+        _check_number("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")
+        _check_number("jsd_beta", self.jsd_beta, "Use a float strictly between 0 and 1, e.g. 0.5.")
+        _check_number("teacher_cache_topk", self.teacher_cache_topk, "Use an integer ≥ 1, e.g. 64.")
         if self.distill_coef < 0:
             raise ValueError(f"`distill_coef` (λ) must be ≥ 0, got {self.distill_coef}. Use 0 for plain SFT.")
         if self.distill_temperature <= 0:
@@ -109,8 +138,10 @@ class SelfDistillConfig(SFTConfig):
             )
         if self.teacher_mode not in TEACHER_MODES:
             raise ValueError(f"Unknown `teacher_mode={self.teacher_mode!r}`: choose one of {', '.join(TEACHER_MODES)}.")
-        if self.teacher_cache_topk < 1:
-            raise ValueError(f"`teacher_cache_topk` must be ≥ 1, got {self.teacher_cache_topk}; 64 is a good start.")
+        if self.teacher_cache_topk < 1 or self.teacher_cache_topk != int(self.teacher_cache_topk):
+            raise ValueError(
+                f"`teacher_cache_topk` must be an integer ≥ 1, got {self.teacher_cache_topk}; 64 is a good start."
+            )
         if self.teacher_cache_dir is not None and self.distill_coef == 0:
             raise ValueError(
                 "`teacher_cache_dir` is set but `distill_coef=0` runs no teacher. Unset `teacher_cache_dir`, or set "
@@ -122,6 +153,28 @@ class SelfDistillConfig(SFTConfig):
                 f"`teacher_mode={self.teacher_mode!r}`. Drop one: set `teacher_mode='auto'` (or 'model_copy') to use "
                 "the loaded teacher, or unset `teacher_model_name_or_path`."
             )
+
+    def __getstate__(self) -> dict:
+        """What pickling writes (`training_args.bin` in every checkpoint and output folder): no credentials.
+
+        `hub_token` is dropped, `token`-like keys of nested dicts (e.g. `model_init_kwargs`) are set to None, and
+        Hugging Face tokens inside any string are redacted. The live object keeps them for the upload itself.
+        """
+        state = {key: _without_secrets(value) for key, value in self.__dict__.items()}
+        state["hub_token"] = None
+        return state
+
+    def __copy__(self):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        # A copy in memory keeps the credentials (only what is pickled to disk drops them)
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @property
     def divergence_beta(self) -> float:

@@ -12,11 +12,27 @@ from trl.models.utils import prepare_deepspeed
 from .config import SelfDistillConfig
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
 from .losses import LMHead, teacher_topk, token_divergence, topk_token_divergence
-from .model_card import push_to_hub, write_model_card
+from .model_card import push_checkpoint, push_to_hub, write_model_card
 from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
 
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "use_cache", "num_items_in_batch")
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss term, a teacher output or a weight about to be saved is NaN or infinite; training stops."""
+
+
+def nonfinite_parameters(model: torch.nn.Module, trainable_only: bool = False) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity (the local shard of a sharded parameter)."""
+    bad = []
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.numel() and not torch.isfinite(local.detach()).all():
+            bad.append(name)
+    return bad
 
 
 @contextmanager
@@ -28,6 +44,11 @@ def capture_outputs(module: torch.nn.Module):
         yield outputs
     finally:
         handle.remove()
+
+
+_CE_FIX = (
+    "Lower the learning rate, set `max_grad_norm`, use bf16/fp32 instead of fp16, and check the data of this batch."
+)
 
 
 class SelfDistillSFTTrainer(SFTTrainer):
@@ -64,6 +85,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
             if self.is_world_process_zero():
                 print(f"[trl_selfdistill] {self.freeze_report.summary()}")
         self.teacher = self._make_teacher(given_peft_model) if args.distill_coef > 0 else None
+        if self.teacher is not None:
+            self._check_teacher_weights()
         self.teacher_cache = self._make_teacher_cache() if args.teacher_cache_dir and self.teacher else None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -123,6 +146,16 @@ class SelfDistillSFTTrainer(SFTTrainer):
             teacher.model = self.accelerator.prepare_model(teacher.model, evaluation_mode=True)
         return teacher
 
+    def _check_teacher_weights(self) -> None:
+        """Refuse a teacher with NaN/inf weights at the start: every distillation target would be NaN."""
+        bad = nonfinite_parameters(self.teacher.model)
+        if bad:
+            raise NonFiniteError(
+                f"The teacher ({self.teacher.source}) has non-finite weights in {len(bad)} tensors "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), so every distillation target would be NaN. "
+                "Load the model again from a good checkpoint (or point `teacher_model_name_or_path` at one)."
+            )
+
     def _make_teacher_cache(self) -> TeacherCache:
         """The cache, fingerprinted by teacher weights, tokenizer, training data and the settings that shape it."""
         student_adapters = adapter_parameters(self.model) if isinstance(self.model, PeftModel) else set()
@@ -179,9 +212,20 @@ class SelfDistillSFTTrainer(SFTTrainer):
             return None
         return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
+    def _stop_if_nonfinite(self, value: torch.Tensor, term: str, fix: str) -> None:
+        """Raise before the optimizer step when `value` holds a NaN or an infinity (nothing saved is overwritten)."""
+        if not bool(torch.isfinite(value.detach()).all()):
+            step, epoch = self.state.global_step, self.state.epoch or 0.0
+            raise NonFiniteError(
+                f"Non-finite {term} at optimizer step {step + 1} (epoch {epoch:.2f}): training stopped before this "
+                f"step's update, so the weights in memory and every checkpoint saved so far are intact. {fix}"
+            )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._stop_if_nonfinite(result[0] if return_outputs else result, "SFT loss (CE)", _CE_FIX)
+            return result
         mode = "train" if self.model.training else "eval"
         args = self.args
         positions, shifted = self._distill_positions(inputs)
@@ -192,11 +236,17 @@ class SelfDistillSFTTrainer(SFTTrainer):
             teacher_hidden = self.teacher.last_hidden_state(
                 {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
             )
+            self._stop_if_nonfinite(
+                teacher_hidden, "teacher output (last hidden states)",
+                "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use bf16 or "
+                "fp32 for the teacher), or the inputs of this batch.",
+            )
 
         student = causal_lm(self.accelerator.unwrap_model(model))
         with capture_outputs(student.base_model) as backbone_outputs, capture_outputs(student) as lm_outputs:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
+        self._stop_if_nonfinite(loss, "SFT loss (CE)", _CE_FIX)
 
         student_head = LMHead.of(student)
         device = student_head.weight.device
@@ -215,6 +265,12 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
         scale = args.distill_coef * tau**2
         kl_sum, num_positions = per_token.sum(), positions.sum()
+        self._stop_if_nonfinite(
+            kl_sum, "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
+            "Rebuild the teacher cache (delete `teacher_cache_dir`)" if cached else
+            "Lower the learning rate or `distill_temperature`-sharpened logits overflow: try τ ≥ 0.5, bf16/fp32, or "
+            "`max_grad_norm`.",
+        )
         if args.distill_scope == "completion" and num_items_in_batch is not None:
             # The same denominator as the CE term: tokens of the whole global batch, DDP averaging undone
             distill = scale * kl_sum / num_items_in_batch
@@ -254,7 +310,18 @@ class SelfDistillSFTTrainer(SFTTrainer):
         self._metrics[mode]["kl_topk"].append((gather(approx.sum()).sum() / count).item())
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Model card and Hub
+    # Saving, model card and Hub
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """`Trainer.save_model`, refused when a trainable weight is NaN/inf: non-finite weights never overwrite a save."""
+        bad = nonfinite_parameters(self.model, trainable_only=True)
+        if bad:
+            raise NonFiniteError(
+                f"Refusing to save: {len(bad)} trainable tensors hold NaN/inf ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}) at step {self.state.global_step}. What is on disk is kept. Resume "
+                "from the last checkpoint with a lower learning rate, `max_grad_norm`, or bf16/fp32 instead of fp16."
+            )
+        return super().save_model(output_dir, _internal_call)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **_hub_kwargs):
         """The package's own card (method, freeze report, forgetting results), written to `output_dir`."""
@@ -263,3 +330,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
         """Save the model, card and results in `output_dir` first, then upload; a failed upload loses nothing."""
         return push_to_hub(self, commit_message=commit_message, blocking=blocking, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer's checkpoint push uploads the whole output folder: send only the allowlisted files instead
+        push_checkpoint(self, checkpoint_folder)
