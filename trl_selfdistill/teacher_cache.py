@@ -19,8 +19,9 @@ every shard whose header carries their fingerprint's digest, and ignore (with a 
 
 Reads are checked: an entry is served only if its rows lie inside the data file, its checksum matches, every log-prob
 is finite and every id is inside the vocabulary. Anything else (bytes altered on disk, a truncated data file, a data
-write lost in a crash) is a miss, with one warning per shard: the teacher runs for that example and its values are
-stored again, so a damaged entry costs a teacher forward and never serves wrong values. Nothing is fsynced: a power
+write lost in a crash) is not served, with one warning per shard: another copy of the key is tried (several runs may
+have stored it; the one from the earliest epoch is served first), and without one the teacher runs for that example
+and its values are stored again, so a damaged entry costs a teacher forward and never serves wrong values. Nothing is fsynced: a power
 loss can lose the newest entries, which the checks turn into misses. `put` refuses non-finite log-probs and ids
 outside the vocabulary (`ValueError`), so they are never stored.
 
@@ -124,7 +125,8 @@ class TeacherCache:
                 f"The teacher cache folder {self.dir} is read-only for this process: its entries are used, and rows it "
                 "lacks run the teacher every epoch without being stored. Make it writable to complete the cache."
             )
-        self.index: dict[str, _Entry] = {}
+        self.index: dict[str, _Entry] = {}  # key -> the entry served
+        self._spares: dict[str, list[_Entry]] = {}  # key -> other copies (from other runs), tried if it is damaged
         self._shards: list[_Shard] = []
         self._by_path: dict[Path, _Shard] = {}
         self._own: _Shard | None = None
@@ -169,13 +171,15 @@ class TeacherCache:
                 os.link(aside, stored)  # atomic, and fails if another process created it first
             except FileExistsError:
                 pass
+            except OSError:  # a filesystem without hard links: the last writer wins, and a loser's shards are ignored
+                os.replace(aside, stored)
             finally:
-                aside.unlink()
+                aside.unlink(missing_ok=True)
         try:
             found = json.loads(stored.read_text())
             if not isinstance(found, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
+                raise TypeError("not a JSON object")
+        except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"The teacher cache fingerprint {stored} is unreadable ({e}): {_FIX}.") from e
         if found != self.fingerprint:
             diff = sorted(k for k in set(found) | set(self.fingerprint) if found.get(k) != self.fingerprint.get(k))
@@ -225,10 +229,7 @@ class TeacherCache:
                 f"{shard.index}, line {shard.lines}, is not a valid teacher-cache index line ({e}: {line[:100]!r}). "
                 f"The cache folder {self.dir} is damaged: {_FIX}."
             ) from e
-        new = _Entry(shard.number, offset, rows, epoch, crc)
-        old = self.index.get(key)
-        if old is None or new.epoch < old.epoch:  # a duplicate from another run: keep the one usable soonest
-            self.index[key] = new
+        self._add(key, _Entry(shard.number, offset, rows, epoch, crc))
 
     def _add_shard(self, index: Path) -> _Shard:
         shard = self._by_path[index] = _Shard(index, len(self._shards))
@@ -237,27 +238,44 @@ class TeacherCache:
 
     def get(self, key: str, before_epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The top-k ids and log-probs of `key`, if stored in an epoch before `before_epoch` and intact; else None."""
-        entry = self.index.get(key)
-        if entry is None or entry.epoch >= before_epoch:
-            return None
-        shard = self._shards[entry.shard]
-        raw, problem = self._read_rows(shard, entry)
-        if problem is None and _checksum(key, raw) != entry.crc:
-            problem = "checksum mismatch"
-        if problem is None:
-            rows = np.frombuffer(raw, dtype=np.int32).reshape(entry.rows, 2 * self.topk)
-            ids, logps = rows[:, : self.topk], rows[:, self.topk :].view(np.float32)
-            problem = self._invalid(ids, logps)
+        while (entry := self.index.get(key)) is not None and entry.epoch < before_epoch:
+            shard = self._shards[entry.shard]
+            raw, problem = self._read_rows(shard, entry)
+            if problem is None and _checksum(key, raw) != entry.crc:
+                problem = "checksum mismatch"
             if problem is None:
-                return torch.from_numpy(ids.copy()), torch.from_numpy(logps.copy())
-        del self.index[key]  # recomputed by the teacher and stored again
-        if not shard.warned:
-            shard.warned = True
-            logger.warning(
-                f"Teacher cache shard {shard.data} has a damaged entry ({problem}); it is treated as a miss and "
-                "recomputed by the teacher (reported once per shard)."
-            )
+                rows = np.frombuffer(raw, dtype=np.int32).reshape(entry.rows, 2 * self.topk)
+                ids, logps = rows[:, : self.topk], rows[:, self.topk :].view(np.float32)
+                problem = self._invalid(ids, logps)
+                if problem is None:
+                    return torch.from_numpy(ids.copy()), torch.from_numpy(logps.copy())
+            if not shard.warned:
+                shard.warned = True
+                logger.warning(
+                    f"Teacher cache shard {shard.data} has a damaged entry ({problem}); it is not served, and without "
+                    "an intact copy the teacher recomputes it and it is stored again (reported once per shard)."
+                )
+            self._drop(key)
         return None
+
+    def _add(self, key: str, entry: _Entry) -> None:
+        """Index an entry; of several for one key (written by several runs), the earliest-epoch one is served first."""
+        old = self.index.get(key)
+        if old is None or entry.epoch < old.epoch:
+            self.index[key] = entry
+        if old is not None:
+            self._spares.setdefault(key, []).append(entry if self.index[key] is old else old)
+
+    def _drop(self, key: str) -> None:
+        """Forget the served entry of `key` (found damaged): its next copy, if any, takes its place."""
+        spares = self._spares.pop(key, [])
+        if not spares:
+            del self.index[key]
+            return
+        spares.sort(key=lambda e: e.epoch)
+        self.index[key] = spares.pop(0)
+        if spares:
+            self._spares[key] = spares
 
     def _read_rows(self, shard: _Shard, entry: _Entry) -> tuple[bytes, str | None]:
         size = entry.rows * self.row_bytes
@@ -313,7 +331,7 @@ class TeacherCache:
         index.write(json.dumps(line) + "\n")
         index.flush()
         self._written += len(raw)
-        self.index[key] = entry
+        self._add(key, entry)
 
     def _open_shard(self) -> None:
         name = f"shard-{uuid.uuid4().hex}"
