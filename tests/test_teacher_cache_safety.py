@@ -391,3 +391,18 @@ def test_resuming_with_a_cache_trains_like_the_uninterrupted_run(tmp_path):
         assert got[step]["teacher_cache_hit"] == want[step]["teacher_cache_hit"]
         for key in ("loss", "kl", "sft_loss"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_a_trainer_whose_cache_holds_nan_bytes_recomputes_those_rows(tmp_path, caplog):
+    """NaN bytes over every stored value (once `index … out of bounds` in the loss): the damaged rows are not
+    served; the teacher recomputes them in the epoch that finds them, and the next epoch serves the fresh copies."""
+    cached_trainer(tmp_path / "a", tmp_path / "cache", num_train_epochs=1).train()
+    for data in (tmp_path / "cache").glob("shard-*.bin"):
+        data.write_bytes(np.full(data.stat().st_size // 4, np.nan, dtype=np.float32).tobytes())
+    trainer = cached_trainer(tmp_path / "b", tmp_path / "cache", num_train_epochs=3)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    logs = [log for log in trainer.state.log_history if "kl" in log]
+    assert [log["teacher_cache_hit"] for log in logs] == [0, 0, 0, 0, 1, 1]
+    assert all(np.isfinite(log["loss"]) and np.isfinite(log["kl"]) for log in logs)
+    assert "damaged entry (checksum mismatch)" in caplog.text
