@@ -124,7 +124,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
         return teacher
 
     def _make_teacher_cache(self) -> TeacherCache:
-        """The cache, fingerprinted by teacher weights, tokenizer, training data and the settings that shape it."""
+        """The cache, fingerprinted by every byte of the teacher weights, the tokenizer, training data and the settings
+        that shape it; a `teacher_cache_topk` above the vocabulary is refused here, before any step."""
         student_adapters = adapter_parameters(self.model) if isinstance(self.model, PeftModel) else set()
         teacher_tensors = [
             (n, p) for n, p in self.teacher.model.named_parameters() if id(p) not in student_adapters or ".teacher." in n
