@@ -180,7 +180,10 @@ class TeacherCache:
             if not isinstance(found, dict):
                 raise TypeError("not a JSON object")
         except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"The teacher cache fingerprint {stored} is unreadable ({e}): {_FIX}.") from e
+            raise ValueError(
+                f"The teacher cache folder {self.dir} has an unreadable fingerprint.json ({e}), so what its entries were "
+                f"built for is unknown: {_FIX}."
+            ) from e
         if found != self.fingerprint:
             diff = sorted(k for k in set(found) | set(self.fingerprint) if found.get(k) != self.fingerprint.get(k))
             raise ValueError(
