@@ -1,4 +1,4 @@
-"""The teacher cache never serves wrong values: concurrent writers, damaged files, bad folders, read-only reuse, resume."""
+"""The teacher cache never serves wrong values: concurrent writers, damaged files, bad folders, read-only use, resume."""
 
 import hashlib
 import json
@@ -188,7 +188,7 @@ def resign(index: Path, data: Path, change):
     rows = np.frombuffer(data.read_bytes(), dtype=np.int32).reshape(-1, 2 * K).copy()
     change(rows)
     data.write_bytes(rows.tobytes())
-    fields["crc"] = _checksum(fields["key"], rows.tobytes())
+    fields["checksum"] = _checksum(fields["key"], rows.tobytes())
     index.write_text(f"{header}\n{json.dumps(fields)}\n")
 
 

@@ -9,8 +9,8 @@ Folder layout:
 - One shard per writing process, created at its first write: `shard-<uuid>.bin` holds fixed-size rows (k int32 ids,
   then k float32 log-probs, one row per covered position), written in order from byte 0; `shard-<uuid>.jsonl` holds a
   header line `{"fingerprint", "version"}` (a digest of the fingerprint) then one line per entry:
-  `{"key", "offset", "rows", "epoch", "crc"}` (byte offset of its rows in the `.bin`, their count, the training epoch
-  it was written in, and a checksum: the 64-bit xxh3 hash of the key followed by the rows' bytes).
+  `{"key", "offset", "rows", "epoch", "checksum"}`: the byte offset of its rows in the `.bin`, their count, the
+  training epoch it was written in, and the 64-bit xxh3 hash of the key followed by the rows' bytes.
 
 Concurrency needs no lock: a process appends only to its own shard, whose name no other process (another rank, or
 another run sharing the folder, e.g. a λ sweep) can take, so an index line only ever points into data its own writer
@@ -21,9 +21,9 @@ Reads are checked: an entry is served only if its rows lie inside the data file,
 is finite and every id is inside the vocabulary. Anything else (bytes altered on disk, a truncated data file, a data
 write lost in a crash) is not served, with one warning per shard: another copy of the key is tried (several runs may
 have stored it; the one from the earliest epoch is served first), and without one the teacher runs for that example
-and its values are stored again, so a damaged entry costs a teacher forward and never serves wrong values. Nothing is fsynced: a power
-loss can lose the newest entries, which the checks turn into misses. `put` refuses non-finite log-probs and ids
-outside the vocabulary (`ValueError`), so they are never stored.
+and its values are stored again. A damaged entry costs a teacher forward and never serves wrong values. Nothing is
+fsynced: a power loss can lose the newest entries, which the checks turn into misses. `put` refuses non-finite
+log-probs and ids outside the vocabulary (`ValueError`), so they are never stored.
 
 Index lines: a last line without its newline is an interrupted write and is skipped (read again later, in case its
 writer is still running); any other line that is not a valid entry stops with an error naming the file and line.
@@ -88,7 +88,7 @@ class _Entry(NamedTuple):
     offset: int  # byte offset of the first row in the shard's data file
     rows: int
     epoch: int  # training epoch it was written in
-    crc: int
+    checksum: int
 
 
 class _Shard:
@@ -122,8 +122,8 @@ class TeacherCache:
         self._check_fingerprint()
         if not self.writable:
             logger.warning(
-                f"The teacher cache folder {self.dir} is read-only for this process: its entries are used, and rows it "
-                "lacks run the teacher every epoch without being stored. Make it writable to complete the cache."
+                f"The teacher cache folder {self.dir} is read-only for this process: its entries are used, and rows "
+                "it lacks run the teacher every epoch without being stored. Make it writable to complete the cache."
             )
         self.index: dict[str, _Entry] = {}  # key -> the entry served
         self._spares: dict[str, list[_Entry]] = {}  # key -> other copies (from other runs), tried if it is damaged
@@ -160,8 +160,8 @@ class TeacherCache:
         if not stored.exists():
             if any(self.dir.glob("shard-*")):
                 raise ValueError(
-                    f"The teacher cache folder {self.dir} holds shards but no fingerprint.json, so what they were built "
-                    f"for is unknown and they cannot be trusted: {_FIX}."
+                    f"The teacher cache folder {self.dir} holds shards but no fingerprint.json, so what they were "
+                    f"built for is unknown and they cannot be trusted: {_FIX}."
                 )
             if not self.writable:
                 return
@@ -181,8 +181,8 @@ class TeacherCache:
                 raise TypeError("not a JSON object")
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(
-                f"The teacher cache folder {self.dir} has an unreadable fingerprint.json ({e}), so what its entries were "
-                f"built for is unknown: {_FIX}."
+                f"The teacher cache folder {self.dir} has an unreadable fingerprint.json ({e}), so what its entries "
+                f"were built for is unknown: {_FIX}."
             ) from e
         if found != self.fingerprint:
             diff = sorted(k for k in set(found) | set(self.fingerprint) if found.get(k) != self.fingerprint.get(k))
@@ -222,8 +222,8 @@ class TeacherCache:
                         "settings wrote into this folder); its entries are ignored."
                     )
                 return
-            key, offset, rows, epoch, crc = (entry[f] for f in ("key", "offset", "rows", "epoch", "crc"))
-            if not (isinstance(key, str) and all(type(v) is int for v in (offset, rows, epoch, crc))):
+            key, offset, rows, epoch, checksum = (entry[f] for f in ("key", "offset", "rows", "epoch", "checksum"))
+            if not (isinstance(key, str) and all(type(v) is int for v in (offset, rows, epoch, checksum))):
                 raise TypeError("wrong field types")
             if offset < 0 or rows < 1 or epoch < 0:
                 raise ValueError("negative offset or epoch, or no rows")
@@ -232,7 +232,7 @@ class TeacherCache:
                 f"{shard.index}, line {shard.lines}, is not a valid teacher-cache index line ({e}: {line[:100]!r}). "
                 f"The cache folder {self.dir} is damaged: {_FIX}."
             ) from e
-        self._add(key, _Entry(shard.number, offset, rows, epoch, crc))
+        self._add(key, _Entry(shard.number, offset, rows, epoch, checksum))
 
     def _add_shard(self, index: Path) -> _Shard:
         shard = self._by_path[index] = _Shard(index, len(self._shards))
@@ -244,7 +244,7 @@ class TeacherCache:
         while (entry := self.index.get(key)) is not None and entry.epoch < before_epoch:
             shard = self._shards[entry.shard]
             raw, problem = self._read_rows(shard, entry)
-            if problem is None and _checksum(key, raw) != entry.crc:
+            if problem is None and _checksum(key, raw) != entry.checksum:
                 problem = "checksum mismatch"
             if problem is None:
                 rows = np.frombuffer(raw, dtype=np.int32).reshape(entry.rows, 2 * self.topk)
@@ -330,7 +330,7 @@ class TeacherCache:
         data.write(raw)
         data.flush()  # rows reach the file before the index line that points at them
         entry = _Entry(self._own.number, self._written, len(ids), epoch, _checksum(key, raw))
-        line = {"key": key, "offset": entry.offset, "rows": entry.rows, "epoch": epoch, "crc": entry.crc}
+        line = {"key": key, "offset": entry.offset, "rows": entry.rows, "epoch": epoch, "checksum": entry.checksum}
         index.write(json.dumps(line) + "\n")
         index.flush()
         self._written += len(raw)
