@@ -1,4 +1,4 @@
-"""The teacher cache never serves wrong values: concurrent writers, damaged files, bad folders, read-only use, resume."""
+"""The teacher cache never serves wrong values: concurrent writers, damaged files, bad folders, read-only, resume."""
 
 import hashlib
 import json
