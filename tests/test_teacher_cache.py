@@ -23,43 +23,57 @@ def rows(n, k, seed=0):
     return torch.randint(0, 300, (n, k), generator=g, dtype=torch.int32), torch.randn(n, k, generator=g)
 
 
+def open_cache(directory, fingerprint=FP, topk=4):
+    return TeacherCache(directory, fingerprint, topk=topk, vocab_size=320)
+
+
 def test_put_get_round_trip_and_resume(tmp_path):
-    cache = TeacherCache(tmp_path, FP, topk=4)
+    cache = open_cache(tmp_path)
     a, b = rows(3, 4), rows(5, 4, seed=1)
-    cache.put("a", *a)
-    cache.put("b", *b)
-    for got, want in zip(cache.get("b"), b):
+    cache.put("a", *a, epoch=0)
+    cache.put("b", *b, epoch=0)
+    for got, want in zip(cache.get("b", before_epoch=1), b):
         assert torch.equal(got, want)
-    resumed = TeacherCache(tmp_path, FP, topk=4)
-    assert len(resumed) == 2 and resumed.get("missing") is None
-    for got, want in zip(resumed.get("a"), a):
+    resumed = open_cache(tmp_path)
+    assert len(resumed) == 2 and resumed.get("missing", before_epoch=1) is None
+    for got, want in zip(resumed.get("a", before_epoch=1), a):
         assert torch.equal(got, want)
+
+
+def test_entries_are_served_only_in_epochs_after_the_one_they_were_written_in(tmp_path):
+    cache = open_cache(tmp_path)
+    cache.put("a", *rows(2, 4), epoch=1)
+    assert cache.get("a", before_epoch=1) is None and cache.get("a", before_epoch=2) is not None
+    other_run = open_cache(tmp_path)
+    other_run.put("a", *rows(2, 4), epoch=0)  # a duplicate written earlier in its own run: stored, and preferred
+    assert len(other_run) == 1 and open_cache(tmp_path).get("a", before_epoch=1) is not None
 
 
 def test_interrupted_writes_are_dropped_not_misread(tmp_path):
-    cache = TeacherCache(tmp_path, FP, topk=4)
-    cache.put("a", *rows(3, 4))
-    with (tmp_path / "shard-0.bin").open("ab") as f:
+    cache = open_cache(tmp_path)
+    cache.put("a", *rows(3, 4), epoch=0)
+    (data,), (index,) = tmp_path.glob("shard-*.bin"), tmp_path.glob("shard-*.jsonl")
+    with data.open("ab") as f:
         f.write(b"\x00" * 20)  # rows cut short
-    with (tmp_path / "shard-0.jsonl").open("a") as f:
-        f.write('{"key": "half", "row"')  # index line cut short
-    resumed = TeacherCache(tmp_path, FP, topk=4)
+    with index.open("a") as f:
+        f.write('{"key": "half", "offset"')  # index line cut short
+    resumed = open_cache(tmp_path)
     assert len(resumed) == 1
     c = rows(2, 4, seed=2)
-    resumed.put("c", *c)
-    assert torch.equal(TeacherCache(tmp_path, FP, topk=4).get("c")[1], c[1])
+    resumed.put("c", *c, epoch=0)
+    assert torch.equal(open_cache(tmp_path).get("c", before_epoch=1)[1], c[1])
 
 
 @pytest.mark.parametrize("field,value", [("data", "other"), ("teacher", "x"), ("temperature", 1.0), ("topk", 8)])
 def test_a_cache_built_for_something_else_is_refused(tmp_path, field, value):
-    TeacherCache(tmp_path, FP, topk=4).put("a", *rows(1, 4))
+    open_cache(tmp_path).put("a", *rows(1, 4), epoch=0)
     fingerprint, topk = dict(FP), 4
     if field == "topk":
         topk = value
     else:
         fingerprint[field] = value
     with pytest.raises(ValueError, match=f"other {field}.*new folder"):
-        TeacherCache(tmp_path, fingerprint, topk=topk)
+        open_cache(tmp_path, fingerprint, topk=topk)
 
 
 def cached_trainer(tmp_path, cache_dir, dataset=None, eval_dataset=None, **overrides):

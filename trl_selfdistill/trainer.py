@@ -157,7 +157,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
             )
 
     def _make_teacher_cache(self) -> TeacherCache:
-        """The cache, fingerprinted by teacher weights, tokenizer, training data and the settings that shape it."""
+        """The cache, fingerprinted by every byte of the teacher weights, the tokenizer, training data and the settings
+        that shape it; a `teacher_cache_topk` above the vocabulary is refused here, before any step."""
         student_adapters = adapter_parameters(self.model) if isinstance(self.model, PeftModel) else set()
         teacher_tensors = [
             (n, p) for n, p in self.teacher.model.named_parameters() if id(p) not in student_adapters or ".teacher." in n
@@ -173,9 +174,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
             "temperature": self.args.distill_temperature,
             "scope": self.args.distill_scope,
         }
-        return TeacherCache(
-            self.args.teacher_cache_dir, fingerprint, self.args.teacher_cache_topk, self.accelerator.process_index
-        )
+        vocab_size = self.teacher.head.weight.shape[0]
+        return TeacherCache(self.args.teacher_cache_dir, fingerprint, self.args.teacher_cache_topk, vocab_size)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -204,10 +204,13 @@ class SelfDistillSFTTrainer(SFTTrainer):
         return keys
 
     def _cached_teacher(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        found = [self.teacher_cache.get(k) for k in keys]
-        if any(f is None for f in found):
+        """The cached top-k of every row, or None. Only entries stored in an earlier epoch are served, so the first
+        epoch always runs the teacher and a resumed run uses the same values as an uninterrupted one."""
+        epoch = int(self.state.epoch or 0)
+        found = [self.teacher_cache.get(k, before_epoch=epoch) for k in keys]
+        if epoch > 0 and any(f is None for f in found):
             self.teacher_cache.refresh()  # other processes may have written them since
-            found = [self.teacher_cache.get(k) for k in keys]
+            found = [self.teacher_cache.get(k, before_epoch=epoch) for k in keys]
         if any(f is None for f in found):
             return None
         return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
@@ -301,7 +304,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if mode == "train":
             counts = positions.sum(1).tolist()
             for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
-                self.teacher_cache.put(key, row_ids, row_logps)
+                self.teacher_cache.put(key, row_ids, row_logps, epoch=int(self.state.epoch or 0))
             return
         approx = topk_token_divergence(student_hidden, student_head, ids, logps, args.divergence_beta,
                                        args.distill_temperature)
