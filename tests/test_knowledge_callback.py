@@ -9,10 +9,12 @@ from trl import SFTTrainer
 from trl_selfdistill import SelfDistillSFTTrainer
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, Generator, KnowledgeSplits, evaluate_knowledge
 
-HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "drift_kl"}
+HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "answered_known_accuracy",
+                "drift_kl"}
 FINAL_KEYS = {
     "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "heldout_known_peak", "heldout_known_initial",
-    "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "per_category", "step",
+    "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "answered_known_accuracy",
+    "answered_known_forgetting", "per_category", "step",
 }
 
 
@@ -54,10 +56,12 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
     trainer.train()
 
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
-    assert set(results) == {"final", "history", "baseline", "sizes", "format"}
+    assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "format", "run"}
+    assert results["run"] == callback.run_id and len(results["run"]) == 32
+    assert results["answered_known"] == sum(callback.answered) == round(3 * results["history"][0]["heldout_known_accuracy"])
     assert set(results["final"]) == FINAL_KEYS
     assert results["sizes"] == {"train_known": 3, "train_unknown": 2, "heldout_known": 3}
-    assert results["format"] == {"prompt": "Q: {question}\nA:"} and results["baseline"] is None
+    assert results["format"] == {"prompt": "Q: {question}\nA:", "chat": False} and results["baseline"] is None
     assert [entry["step"] for entry in results["history"]] == [0, 2, 4]
     assert all(set(entry) == HISTORY_KEYS for entry in results["history"])
     # The teacher is the initial model: no drift at step 0, some after training at a high learning rate
