@@ -16,11 +16,13 @@ quantization, dtype), `ScriptArguments`/`DatasetMixtureConfig` (the data) and of
 import argparse
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 logger = logging.getLogger(__name__)
 
 FREEZE_PRESETS = ("attention_only", "mlp_only")
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 DEFAULT_PROMPTS = {"plain": "Q: {question}\nA:", "chat": "{question} Reply with the answer only."}
 
 
@@ -121,6 +123,13 @@ class KnowledgeArguments:
         default=64, metadata={"help": "Held-out prompts of the drift KL to the initial model (0: no drift)."}
     )
     knowledge_max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per answer."})
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop when `metric_for_best_model` (e.g. knowledge/heldout_known_accuracy) has not improved for "
+            "this many evaluations (transformers' EarlyStoppingCallback). Needs an eval split and `eval_strategy`."
+        },
+    )
 
     def __post_init__(self):
         for name in ("knowledge_probe_size", "knowledge_heldout_size"):
@@ -133,6 +142,8 @@ class KnowledgeArguments:
                 raise ValueError(f"`{name}={getattr(self, name)}` must be ≥ 1.")
         if self.knowledge_eval_steps is not None and self.knowledge_eval_steps < 1:
             raise ValueError(f"`knowledge_eval_steps={self.knowledge_eval_steps}` must be ≥ 1 (or unset).")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"`early_stopping_patience={self.early_stopping_patience}` must be ≥ 1 (or unset).")
         if self.knowledge_drift_size < 0:
             raise ValueError(f"`knowledge_drift_size={self.knowledge_drift_size}` must be ≥ 0 (0: no drift).")
 
@@ -159,13 +170,20 @@ def load_data(script_args, training_args, dataset_args):
         if script_args.dataset_name:
             logger.warning("Both `datasets` and `dataset_name` are given: `datasets` is used, `dataset_name` ignored.")
         dataset = get_dataset(dataset_args)
+    elif Path(script_args.dataset_name or "").is_file():  # one local file: the training split
+        path = Path(script_args.dataset_name)
+        builder = FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"Cannot read {path}: give a {', '.join(FILE_BUILDERS)} file, or a folder of them.")
+        dataset = load_dataset(builder, data_files={script_args.dataset_train_split: str(path)},
+                               streaming=script_args.dataset_streaming)
     elif script_args.dataset_name:
         dataset = load_dataset(
             script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
         )
     else:
         raise ValueError(
-            "No training data: pass `--dataset_name` (a Hub id, a local file or folder) or `datasets` in a --config."
+            "No training data: pass `--dataset_name` (a Hub id, a local file or a folder) or `datasets` in a --config."
         )
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
     if train_split not in dataset:
@@ -288,6 +306,7 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     """Train with `SelfDistillSFTTrainer` as TRL's `sft` script trains with `SFTTrainer`; returns the trainer."""
     import transformers
     from packaging.version import Version
+    from transformers import EarlyStoppingCallback
     from trl import get_peft_config, get_quantization_config
 
     from trl_selfdistill import SelfDistillSFTTrainer
@@ -298,6 +317,11 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     # Every input is checked before the model loads: the freezing, the fact set, the data, the tokenizer
     freeze_config = freeze_args.freeze_config()
     facts = load_knowledge_facts(knowledge_args, training_args.seed) if knowledge_args.knowledge_facts else None
+    if knowledge_args.early_stopping_patience and not training_args.metric_for_best_model:
+        raise ValueError(
+            "`early_stopping_patience` needs `metric_for_best_model` (e.g. knowledge/heldout_known_accuracy with "
+            "`--greater_is_better true`, or loss) and `load_best_model_at_end`."
+        )
     train_dataset, eval_dataset = load_data(script_args, training_args, dataset_args)
     conversational = check_columns(train_dataset, training_args)
     embedded = model_args.model_name_or_path == EMBEDDED
@@ -328,11 +352,15 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
         trainer.accelerator.unwrap_model(trainer.model).config._name_or_path = EMBEDDED_HUB_ID
     if facts is not None:
         knowledge_callback(trainer, knowledge_args, facts, fmt)
+    if knowledge_args.early_stopping_patience:  # after the knowledge callback, which puts itself first
+        trainer.add_callback(EarlyStoppingCallback(knowledge_args.early_stopping_patience))
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("✅ Training completed.")
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"💾 Model saved to {training_args.output_dir}.")
+    if trainer.is_world_process_zero():  # the card (method, freezing, knowledge results) beside the model
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.accelerator.print(f"💾 Model and model card saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
