@@ -58,10 +58,12 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
     assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "format", "run"}
     assert results["run"] == callback.run_id and len(results["run"]) == 32
-    assert results["answered_known"] == sum(callback.answered) == round(3 * results["history"][0]["heldout_known_accuracy"])
+    initial = results["history"][0]["heldout_known_accuracy"]
+    assert results["answered_known"] == sum(callback.answered) == round(3 * initial)
     assert set(results["final"]) == FINAL_KEYS
     assert results["sizes"] == {"train_known": 3, "train_unknown": 2, "heldout_known": 3}
-    assert results["format"] == {"prompt": "Q: {question}\nA:", "chat": False} and results["baseline"] is None
+    assert results["format"] == {"prompt": "Q: {question}\nA:", "chat": False, "num_shots": 0}
+    assert results["baseline"] is None
     assert [entry["step"] for entry in results["history"]] == [0, 2, 4]
     assert all(set(entry) == HISTORY_KEYS for entry in results["history"])
     # The teacher is the initial model: no drift at step 0, some after training at a high learning rate

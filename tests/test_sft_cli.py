@@ -11,8 +11,7 @@ import torch
 from conftest import make_tokenizer, tiny_model
 from datasets import Dataset
 
-from trl_selfdistill.knowledge import AnswerFormat, Generator, ProbeConfig, load_facts, probe
-from trl_selfdistill.knowledge.metrics import answer_zero_shot
+from trl_selfdistill.knowledge import AnswerFormat, ProbeConfig, load_facts, probe
 from trl_selfdistill.scripts.sft import DEFAULT_PROMPTS, parse_and_run
 
 DATA = Path(__file__).parent / "data"
@@ -44,8 +43,9 @@ def write_facts(path, rows):
 def answered_facts(model_dir, tmp_path_factory):
     """
     Facts the tiny random model "knows": each fact's aliases are extended with the model's own greedy answers to
-    the probe's few-shot prompts and to the zero-shot question in the chat format the script uses, so the script's
-    probe finds them Known and the model answers them at step 0. (A random model knows no real fact.)
+    the probe's few-shot chat prompts, so the script's probe finds them Known (a random model knows no real fact).
+    The evaluation during training asks each fact with the probe's first prompt, so the model also answers them at
+    step 0.
     """
     path = tmp_path_factory.mktemp("facts") / "answered.jsonl"
     facts = load_facts([{"question": q, "answers": ["x"], "relation": "capital"} for q in QUESTIONS])
@@ -53,10 +53,8 @@ def answered_facts(model_dir, tmp_path_factory):
     fmt = AnswerFormat(prompt=DEFAULT_PROMPTS["chat"], chat=True)
     config = ProbeConfig.cheap(seed=42)  # the script probes with the training seed (SFTConfig's default: 42)
     probed = probe(facts, model, tokenizer, fmt=fmt, config=config, progress=False)
-    (zero_shot,) = answer_zero_shot(Generator(model, tokenizer, fmt, progress=False), [facts], fmt)
-    rows = [{"id": fact["id"], "question": fact["question"], "relation": "capital",
-             "answers": ["x", *greedy, answer]}
-            for fact, greedy, answer in zip(facts, probed["greedy_answers"], zero_shot)]
+    rows = [{"id": fact["id"], "question": fact["question"], "relation": "capital", "answers": ["x", *greedy]}
+            for fact, greedy in zip(facts, probed["greedy_answers"])]
     return write_facts(path, rows)
 
 
@@ -97,7 +95,8 @@ def test_knowledge_monitor_and_early_stopping_on_eval_knowledge_metrics(tmp_path
     trainer = parse_and_run(argv)
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
     assert results["sizes"]["heldout_known"] == results["answered_known"] > 0
-    assert results["format"]["chat"] is True  # chat data: the facts are asked through the chat template
+    # Chat data: the facts are asked through the chat template, after 4 exemplars (the default)
+    assert results["format"]["chat"] is True and results["format"]["num_shots"] == 4
     evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]
     # Every evaluation returned the knowledge metrics, and the best-model tracking and early stopping read them:
     # answered accuracy starts at 1 (by construction) and falls at this learning rate, so the run stops when it

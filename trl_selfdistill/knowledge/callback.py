@@ -11,7 +11,8 @@ from ..teacher import eval_mode
 from .drift import DriftMeter
 from .formats import AnswerFormat
 from .generation import Generator
-from .metrics import correct_zero_shot, forgetting_summary, knowledge_metrics
+from .metrics import correct_for_prompts, forgetting_summary, knowledge_metrics
+from .probe import few_shot_prompts
 from .splits import KnowledgeSplits
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ class ForgettingCallback(TrainerCallback):
     held-out prompts; the reference is `teacher` when given, else the model as it was when training began
     (`drift_size=0` disables it).
 
+    With `num_shots`, each fact is asked after `num_shots` same-relation exemplars from `exemplars` (fixed per fact,
+    drawn with `seed`, never the fact itself), as the SliCK probe asks it: a model whose training data does not
+    teach the answer format (a chat model, the user's own data) is then still measured on what it knows rather than
+    on how it phrases it. Default 0: zero-shot, in the format the training teaches.
+
     `answered_known_accuracy` is the held-out accuracy on the facts the model answered correctly at the first
     evaluation (step 0): SliCK's few-shot "Known" does not imply a correct zero-shot answer in the evaluation format,
     and a fact never answered in that format cannot be forgotten in it. `results()["answered_known"]` counts them.
@@ -61,6 +67,9 @@ class ForgettingCallback(TrainerCallback):
         max_new_tokens: int = 16,
         baseline: dict | None = None,
         progress: bool = False,
+        num_shots: int = 0,
+        exemplars=None,
+        seed: int = 0,
     ):
         if eval_steps is not None and eval_steps < 1:
             raise ValueError(f"eval_steps={eval_steps} must be a positive number of steps (or None: start and end).")
@@ -68,6 +77,15 @@ class ForgettingCallback(TrainerCallback):
         self.tokenizer, self.teacher, self.drift_size = tokenizer, teacher, drift_size
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
         self.baseline = baseline
+        self.num_shots = num_shots
+        sets = [splits.train_known, splits.train_unknown, splits.heldout]
+        if num_shots:
+            if exemplars is None:
+                raise ValueError(f"num_shots={num_shots} needs `exemplars`, the pool the shots are drawn from.")
+            self._prompts = [[p[0] for p in few_shot_prompts(facts, exemplars, self.fmt, 1, num_shots, seed)]
+                             if len(facts) else [] for facts in sets]
+        else:
+            self._prompts = [[self.fmt.prompt_for(q) for q in facts["question"]] for facts in sets]
         self.trainer = None
         self.history: list[dict] = []
         self.per_category: dict[str, float] = {}
@@ -107,7 +125,7 @@ class ForgettingCallback(TrainerCallback):
             "baseline": self.baseline,
             "sizes": self.splits.sizes,
             "answered_known": None if self.answered is None else sum(self.answered),
-            "format": {"prompt": self.fmt.prompt, "chat": self.fmt.chat},
+            "format": {"prompt": self.fmt.prompt, "chat": self.fmt.chat, "num_shots": self.num_shots},
             "run": self.run_id,
         }
 
@@ -128,8 +146,7 @@ class ForgettingCallback(TrainerCallback):
             progress=self.progress,
         )
         if self.drift_size:
-            questions = self.splits.heldout["question"][: self.drift_size]
-            self._drift = DriftMeter([self.fmt.prompt_for(q) for q in questions], tokenizer, self.batch_size)
+            self._drift = DriftMeter(self._prompts[2][: self.drift_size], tokenizer, self.batch_size)
             self._drift.snapshot(model, self.teacher)
         if self.trainer is None:
             logger.warning(
@@ -160,15 +177,15 @@ class ForgettingCallback(TrainerCallback):
     def _evaluate(self, state, control, model) -> None:
         splits = self.splits
         sets = [splits.train_known, splits.train_unknown, splits.heldout]
-        correct = correct_zero_shot(self._generator, sets, self.fmt)
+        correct = correct_for_prompts(self._generator, self._prompts, sets)
         if self.answered is None:
             self.answered = list(correct[2])
             if not any(self.answered):
                 logger.warning(
-                    f"The model answers none of the {len(self.answered)} held-out Known facts correctly zero-shot in "
-                    f"the evaluation format ({self.fmt.prompt!r}, chat={self.fmt.chat}), so `answered_known_accuracy` "
-                    "is undefined. Check the format (docs/evaluation.md, 'The answer format'), or use a snapshot "
-                    "that has learned it."
+                    f"The model answers none of the {len(self.answered)} held-out Known facts correctly in the "
+                    f"evaluation format ({self.fmt.prompt!r}, chat={self.fmt.chat}, {self.num_shots} shots), so "
+                    "`answered_known_accuracy` is undefined. Check the format (docs/evaluation.md, 'The answer "
+                    "format'): ask with shots (`num_shots`), or use a snapshot that has learned the format."
                 )
         metrics = knowledge_metrics(splits, correct, self.answered)
         self.per_category = metrics.pop("per_category")

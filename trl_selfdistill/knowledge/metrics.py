@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datasets import Dataset
 
 from .facts import is_correct
-from .formats import AnswerFormat
+from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn
 from .splits import KnowledgeSplits
 
@@ -64,9 +64,22 @@ def answer_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: Ans
     return answers
 
 
+def correct_for_prompts(
+    generate_fn: GenerateFn, prompts: Sequence[Sequence[Prompt]], facts: Sequence[Dataset]
+) -> list[list[bool]]:
+    """Per fact of each set: is the greedy answer to its prompt (`prompts[i][j]` asks fact j of set i) correct?"""
+    outputs = generate_fn([prompt for per_set in prompts for prompt in per_set], True, 1)
+    correct, start = [], 0
+    for dataset in facts:
+        correct.append(score([output[0] for output in outputs[start : start + len(dataset)]], dataset))
+        start += len(dataset)
+    return correct
+
+
 def correct_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: AnswerFormat) -> list[list[bool]]:
     """Per fact of each set: is its greedy zero-shot answer, in the format `fmt`, correct? One batched call."""
-    return [score(answers, dataset) for answers, dataset in zip(answer_zero_shot(generate_fn, facts, fmt), facts)]
+    return correct_for_prompts(generate_fn, [[fmt.prompt_for(q) for q in dataset["question"]] for dataset in facts],
+                               facts)
 
 
 def knowledge_metrics(splits: KnowledgeSplits, correct: Sequence[Sequence[bool]], answered=None) -> dict:

@@ -108,6 +108,14 @@ class KnowledgeArguments:
     knowledge_probe_prompts: int = field(
         default=3, metadata={"help": "Few-shot prompts per fact of the (greedy) probe; Known = all of them correct."}
     )
+    knowledge_shots: int = field(
+        default=4,
+        metadata={
+            "help": "Same-relation exemplars before each question when the Known facts are evaluated during training "
+            "(0: zero-shot). Few-shot keeps the measure on what the model knows, not on how your data taught it to "
+            "phrase answers (a chat model answers zero-shot in sentences, which exact match scores as wrong)."
+        },
+    )
     knowledge_heldout_size: int | None = field(
         default=200, metadata={"help": "Known facts evaluated during training; None or 0: every Known fact."}
     )
@@ -137,6 +145,8 @@ class KnowledgeArguments:
             if value is not None and value < 0:
                 raise ValueError(f"`{name}={value}` must be ≥ 0 (0 or None: all facts).")
             setattr(self, name, value or None)
+        if self.knowledge_shots < 0:
+            raise ValueError(f"`knowledge_shots={self.knowledge_shots}` must be ≥ 0 (0: zero-shot).")
         for name in ("knowledge_probe_prompts", "knowledge_batch_size", "knowledge_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}={getattr(self, name)}` must be ≥ 1.")
@@ -241,28 +251,33 @@ def load_tokenizer(model_args, training_args, conversational: bool):
     return tokenizer
 
 
-def knowledge_callback(trainer, knowledge_args, facts, fmt):
+def probe_config(knowledge_args, seed: int):
+    """The probe's setting: SliCK's cheap one (greedy only), `knowledge_probe_prompts` four-shot prompts per fact."""
+    from trl_selfdistill.knowledge import ProbeConfig
+
+    return ProbeConfig.cheap(num_prompts=knowledge_args.knowledge_probe_prompts,
+                             batch_size=knowledge_args.knowledge_batch_size,
+                             max_new_tokens=knowledge_args.knowledge_max_new_tokens, seed=seed)
+
+
+def knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt):
     """
-    Probe the trainer's (initial) model on `facts` where it is, keep the Known facts, and return the attached
-    `ForgettingCallback`. In a multi-process run the main process probes and the others wait for its result
-    (`ddp_timeout`, 30 min by default).
+    Probe the trainer's (initial) model on `facts` (few-shot exemplars from `exemplars`) where the model is, keep
+    the Known facts, and return the attached `ForgettingCallback`. In a multi-process run the main process probes
+    and the others wait for its result (`ddp_timeout`, 30 min by default).
     """
     from accelerate.utils import broadcast_object_list
     from datasets import Dataset
 
     from trl_selfdistill import ForgettingCallback
-    from trl_selfdistill.knowledge import SLICK_CATEGORIES, ProbeConfig, load_facts, probe
+    from trl_selfdistill.knowledge import SLICK_CATEGORIES, probe
     from trl_selfdistill.knowledge.splits import monitor_splits
 
     args, main = trainer.args, trainer.is_world_process_zero()
     progress = main and not args.disable_tqdm
-    config = ProbeConfig.cheap(num_prompts=knowledge_args.knowledge_probe_prompts,
-                               batch_size=knowledge_args.knowledge_batch_size,
-                               max_new_tokens=knowledge_args.knowledge_max_new_tokens, seed=args.seed)
+    config = probe_config(knowledge_args, args.seed)
     categorised = [None]
     if main:
-        exemplars = knowledge_args.knowledge_exemplars
-        exemplars = load_facts(exemplars) if exemplars else None
         rows = probe(facts, trainer.model, trainer.processing_class, exemplars=exemplars, fmt=fmt, config=config,
                      progress=progress)
         categorised = [rows.to_list()]
@@ -285,21 +300,28 @@ def knowledge_callback(trainer, knowledge_args, facts, fmt):
         batch_size=knowledge_args.knowledge_batch_size,
         max_new_tokens=knowledge_args.knowledge_max_new_tokens,
         progress=progress,
+        num_shots=knowledge_args.knowledge_shots,
+        exemplars=exemplars,
+        seed=args.seed,
     )
     return callback.attach(trainer)
 
 
 def load_knowledge_facts(knowledge_args, seed: int):
-    """The fact set to monitor, sampled to `knowledge_probe_size`; its loading errors surface here, before training."""
+    """
+    The facts to probe (a seeded sample of `knowledge_probe_size`) and the few-shot exemplar pool (the
+    `knowledge_exemplars` set, else the whole fact set); loading errors surface here, before any model loads.
+    """
     from trl_selfdistill.knowledge import load_facts
 
     facts = load_facts(knowledge_args.knowledge_facts)
     if len(facts) == 0:
         raise ValueError(f"The fact set {knowledge_args.knowledge_facts!r} is empty: give facts with `question` and "
                          "`answers`.")
+    exemplars = load_facts(knowledge_args.knowledge_exemplars) if knowledge_args.knowledge_exemplars else facts
     if knowledge_args.knowledge_probe_size and knowledge_args.knowledge_probe_size < len(facts):
         facts = facts.shuffle(seed=seed).select(range(knowledge_args.knowledge_probe_size))
-    return facts
+    return facts, exemplars
 
 
 def main(script_args, training_args, model_args, dataset_args, freeze_args=None, knowledge_args=None):
@@ -311,12 +333,15 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
 
     from trl_selfdistill import SelfDistillSFTTrainer
     from trl_selfdistill.embedded import EMBEDDED, EMBEDDED_HUB_ID, resolve
+    from trl_selfdistill.knowledge.probe import few_shot_prompts
 
     freeze_args = freeze_args or FreezeArguments()
     knowledge_args = knowledge_args or KnowledgeArguments()
     # Every input is checked before the model loads: the freezing, the fact set, the data, the tokenizer
     freeze_config = freeze_args.freeze_config()
-    facts = load_knowledge_facts(knowledge_args, training_args.seed) if knowledge_args.knowledge_facts else None
+    facts, exemplars = (
+        load_knowledge_facts(knowledge_args, training_args.seed) if knowledge_args.knowledge_facts else (None, None)
+    )
     if knowledge_args.early_stopping_patience and not training_args.metric_for_best_model:
         raise ValueError(
             "`early_stopping_patience` needs `metric_for_best_model` (e.g. knowledge/heldout_known_accuracy with "
@@ -327,7 +352,11 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     embedded = model_args.model_name_or_path == EMBEDDED
     model_args.model_name_or_path = resolve(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args, training_args, conversational)
-    fmt = knowledge_args.answer_format(conversational, tokenizer) if facts is not None else None
+    fmt = None
+    if facts is not None:
+        fmt = knowledge_args.answer_format(conversational, tokenizer)
+        config = probe_config(knowledge_args, training_args.seed)  # the probe's prompts can be built (enough shots)
+        few_shot_prompts(facts, exemplars, fmt, config.num_prompts, config.num_shots, config.seed)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -351,7 +380,7 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     if embedded:  # the card and the Hub name the model, not the local cache folder
         trainer.accelerator.unwrap_model(trainer.model).config._name_or_path = EMBEDDED_HUB_ID
     if facts is not None:
-        knowledge_callback(trainer, knowledge_args, facts, fmt)
+        knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt)
     if knowledge_args.early_stopping_patience:  # after the knowledge callback, which puts itself first
         trainer.add_callback(EarlyStoppingCallback(knowledge_args.early_stopping_patience))
 
