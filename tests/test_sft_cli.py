@@ -168,3 +168,18 @@ def test_console_script_launches_through_accelerate(tmp_path, model_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Training completed" in done.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipes_parse(recipe):
+    """Every shipped recipe names only fields the script has (no typo goes unnoticed), with the flags it documents."""
+    from trl_selfdistill.scripts.sft import parse_args
+
+    (script_args, training_args, model_args, _, freeze_args, knowledge_args), config_rest, _ = parse_args(
+        ["--config", str(recipe), "--bf16", "false"]  # bf16 needs a GPU; this machine may have none
+    )
+    assert config_rest == []
+    assert model_args.model_name_or_path and script_args.dataset_name and knowledge_args.knowledge_facts == "curated"
+    assert training_args.distill_coef == 1.0
+    assert (freeze_args.freeze_config() is not None) == (recipe.stem == "attention_only")
+    assert model_args.use_peft == (recipe.stem in ("lora", "qlora"))
