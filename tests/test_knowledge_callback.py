@@ -109,3 +109,18 @@ def test_callback_passed_to_any_trainer_keeps_history(tmp_path, tokenizer):
 def test_callback_rejects_bad_eval_steps():
     with pytest.raises(ValueError, match="positive number of steps"):
         ForgettingCallback(make_splits(), eval_steps=0)
+
+
+def test_few_shot_evaluation_asks_each_fact_after_fixed_exemplars():
+    splits = make_splits()
+    pool = fact_set(FACTS, "HighlyKnown")
+    callback = ForgettingCallback(splits, num_shots=2, exemplars=pool, seed=3, drift_size=0)
+    train_known, train_unknown, heldout = callback.prompts
+    assert (len(train_known), len(train_unknown), len(heldout)) == (3, 2, 3)
+    for prompt, question in zip(heldout, splits.heldout["question"]):
+        blocks = prompt.split("\n\n")  # two exemplar blocks, then the question itself
+        assert len(blocks) == 3 and blocks[-1] == f"Q: {question}\nA:"
+        assert question not in blocks[0] + blocks[1]  # a fact is never its own exemplar
+    assert callback.prompts == ForgettingCallback(splits, num_shots=2, exemplars=pool, seed=3).prompts
+    with pytest.raises(ValueError, match="needs `exemplars`"):
+        ForgettingCallback(splits, num_shots=2)

@@ -129,6 +129,8 @@ BAD_INPUTS = [
     ("unknown freeze preset", ["--freeze", "attention"], "attention_only"),
     ("eval without an eval split", ["--eval_strategy", "steps"], "no 'test' split"),
     ("early stopping without a metric", ["--early_stopping_patience", "2"], "metric_for_best_model"),
+    ("knowledge metric without knowledge", ["--metric_for_best_model", "knowledge/heldout_known_accuracy"],
+     "no knowledge is monitored"),
 ]
 
 
@@ -157,6 +159,21 @@ def test_chat_data_with_a_tokenizer_without_chat_template(tmp_path):
     (path / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="no chat template.*--chat_template_path"):
         parse_and_run(common(path, tmp_path / "out", "chat"))
+
+
+def test_sft_command_passes_launcher_options_to_accelerate(tmp_path, model_dir, monkeypatch):
+    """`--accelerate_config NAME` resolves to the config TRL ships; launcher flags go to accelerate, not the script."""
+    import accelerate.commands.launch
+
+    from trl_selfdistill.cli import SCRIPT_MODULE, main
+
+    launched = []
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", launched.append)
+    argv = common(model_dir, tmp_path / "out")
+    main(["sft", *argv, "--accelerate_config", "multi_gpu", "--num_processes", "2"])
+    (args,) = launched
+    assert Path(args.config_file).name == "multi_gpu.yaml" and args.num_processes == 2
+    assert args.module and args.training_script == SCRIPT_MODULE and args.training_script_args == argv
 
 
 def test_console_script_launches_through_accelerate(tmp_path, model_dir):

@@ -41,7 +41,8 @@ class ForgettingCallback(TrainerCallback):
     With `num_shots`, each fact is asked after `num_shots` same-relation exemplars from `exemplars` (fixed per fact,
     drawn with `seed`, never the fact itself), as the SliCK probe asks it: a model whose training data does not
     teach the answer format (a chat model, the user's own data) is then still measured on what it knows rather than
-    on how it phrases it. Default 0: zero-shot, in the format the training teaches.
+    on how it phrases it. Default 0: zero-shot, in the format the training teaches. `.prompts` holds the evaluation
+    prompts of the train Known, train Unknown and held-out facts.
 
     `answered_known_accuracy` is the held-out accuracy on the facts the model answered correctly at the first
     evaluation (step 0): SliCK's few-shot "Known" does not imply a correct zero-shot answer in the evaluation format,
@@ -82,10 +83,10 @@ class ForgettingCallback(TrainerCallback):
         if num_shots:
             if exemplars is None:
                 raise ValueError(f"num_shots={num_shots} needs `exemplars`, the pool the shots are drawn from.")
-            self._prompts = [[p[0] for p in few_shot_prompts(facts, exemplars, self.fmt, 1, num_shots, seed)]
+            self.prompts = [[p[0] for p in few_shot_prompts(facts, exemplars, self.fmt, 1, num_shots, seed)]
                              if len(facts) else [] for facts in sets]
         else:
-            self._prompts = [[self.fmt.prompt_for(q) for q in facts["question"]] for facts in sets]
+            self.prompts = [[self.fmt.prompt_for(q) for q in facts["question"]] for facts in sets]
         self.trainer = None
         self.history: list[dict] = []
         self.per_category: dict[str, float] = {}
@@ -146,7 +147,7 @@ class ForgettingCallback(TrainerCallback):
             progress=self.progress,
         )
         if self.drift_size:
-            self._drift = DriftMeter(self._prompts[2][: self.drift_size], tokenizer, self.batch_size)
+            self._drift = DriftMeter(self.prompts[2][: self.drift_size], tokenizer, self.batch_size)
             self._drift.snapshot(model, self.teacher)
         if self.trainer is None:
             logger.warning(
@@ -177,7 +178,7 @@ class ForgettingCallback(TrainerCallback):
     def _evaluate(self, state, control, model) -> None:
         splits = self.splits
         sets = [splits.train_known, splits.train_unknown, splits.heldout]
-        correct = correct_for_prompts(self._generator, self._prompts, sets)
+        correct = correct_for_prompts(self._generator, self.prompts, sets)
         if self.answered is None:
             self.answered = list(correct[2])
             if not any(self.answered):

@@ -307,6 +307,24 @@ def knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt):
     return callback.attach(trainer)
 
 
+def knowledge_summary(monitor) -> str:
+    """One line: held-out Known accuracy at the start, peak and end; the same for the facts answered at step 0."""
+    final, results = monitor.final, monitor.results()
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    first = monitor.history[0]
+    return (
+        f"held-out Known accuracy {fmt(final['heldout_known_initial'])} at step 0, peak "
+        f"{fmt(final['heldout_known_peak'])}, {fmt(final['heldout_known_accuracy'])} at step {final['step']} "
+        f"({results['sizes']['heldout_known']} SliCK-Known facts; forgetting from peak "
+        f"{fmt(final['forgetting_from_peak'])}); answered Known accuracy {fmt(first['answered_known_accuracy'])} → "
+        f"{fmt(final['answered_known_accuracy'])} ({results['answered_known']} facts answered at step 0); drift KL "
+        f"{fmt(monitor.history[-1]['drift_kl'])}"
+    )
+
+
 def load_knowledge_facts(knowledge_args, seed: int):
     """
     The facts to probe (a seeded sample of `knowledge_probe_size`) and the few-shot exemplar pool (the
@@ -347,6 +365,12 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
             "`early_stopping_patience` needs `metric_for_best_model` (e.g. knowledge/heldout_known_accuracy with "
             "`--greater_is_better true`, or loss) and `load_best_model_at_end`."
         )
+    metric = training_args.metric_for_best_model or ""
+    if metric.removeprefix("eval_").startswith("knowledge/") and not knowledge_args.knowledge_facts:
+        raise ValueError(
+            f"`metric_for_best_model={metric}` is a knowledge metric, but no knowledge is monitored: set "
+            "`--knowledge_facts` (e.g. curated), or choose another metric (e.g. loss)."
+        )
     train_dataset, eval_dataset = load_data(script_args, training_args, dataset_args)
     conversational = check_columns(train_dataset, training_args)
     embedded = model_args.model_name_or_path == EMBEDDED
@@ -379,13 +403,14 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     )
     if embedded:  # the card and the Hub name the model, not the local cache folder
         trainer.accelerator.unwrap_model(trainer.model).config._name_or_path = EMBEDDED_HUB_ID
-    if facts is not None:
-        knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt)
+    monitor = knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt) if facts is not None else None
     if knowledge_args.early_stopping_patience:  # after the knowledge callback, which puts itself first
         trainer.add_callback(EarlyStoppingCallback(knowledge_args.early_stopping_patience))
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("✅ Training completed.")
+    if monitor is not None:
+        trainer.accelerator.print(f"[trl_selfdistill] knowledge: {knowledge_summary(monitor)}")
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():  # the card (method, freezing, knowledge results) beside the model
         trainer.create_model_card(dataset_name=script_args.dataset_name)
