@@ -56,7 +56,7 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
     trainer.train()
 
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
-    assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "format", "run"}
+    assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "facts", "format", "run"}
     assert results["run"] == callback.run_id and len(results["run"]) == 32
     initial = results["history"][0]["heldout_known_accuracy"]
     assert results["answered_known"] == sum(callback.answered) == round(3 * initial)

@@ -95,6 +95,7 @@ def test_knowledge_monitor_and_early_stopping_on_eval_knowledge_metrics(tmp_path
     trainer = parse_and_run(argv)
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
     assert results["sizes"]["heldout_known"] == results["answered_known"] > 0
+    assert results["facts"] == str(answered_facts)
     # Chat data: the facts are asked through the chat template, after 4 exemplars (the default)
     assert results["format"]["chat"] is True and results["format"]["num_shots"] == 4
     evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]

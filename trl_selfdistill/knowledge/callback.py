@@ -42,7 +42,7 @@ class ForgettingCallback(TrainerCallback):
     drawn with `seed`, never the fact itself), as the SliCK probe asks it: a model whose training data does not
     teach the answer format (a chat model, the user's own data) is then still measured on what it knows rather than
     on how it phrases it. Default 0: zero-shot, in the format the training teaches. `.prompts` holds the evaluation
-    prompts of the train Known, train Unknown and held-out facts.
+    prompts of the train Known, train Unknown and held-out facts. `facts_source` names the fact set in the results.
 
     `answered_known_accuracy` is the held-out accuracy on the facts the model answered correctly at the first
     evaluation (step 0): SliCK's few-shot "Known" does not imply a correct zero-shot answer in the evaluation format,
@@ -71,6 +71,7 @@ class ForgettingCallback(TrainerCallback):
         num_shots: int = 0,
         exemplars=None,
         seed: int = 0,
+        facts_source: str | None = None,
     ):
         if eval_steps is not None and eval_steps < 1:
             raise ValueError(f"eval_steps={eval_steps} must be a positive number of steps (or None: start and end).")
@@ -78,7 +79,7 @@ class ForgettingCallback(TrainerCallback):
         self.tokenizer, self.teacher, self.drift_size = tokenizer, teacher, drift_size
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
         self.baseline = baseline
-        self.num_shots = num_shots
+        self.num_shots, self.facts_source = num_shots, facts_source
         sets = [splits.train_known, splits.train_unknown, splits.heldout]
         if num_shots:
             if exemplars is None:
@@ -126,6 +127,7 @@ class ForgettingCallback(TrainerCallback):
             "baseline": self.baseline,
             "sizes": self.splits.sizes,
             "answered_known": None if self.answered is None else sum(self.answered),
+            "facts": self.facts_source,
             "format": {"prompt": self.fmt.prompt, "chat": self.fmt.chat, "num_shots": self.num_shots},
             "run": self.run_id,
         }

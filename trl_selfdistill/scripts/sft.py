@@ -303,6 +303,7 @@ def knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt):
         num_shots=knowledge_args.knowledge_shots,
         exemplars=exemplars,
         seed=args.seed,
+        facts_source=knowledge_args.knowledge_facts,
     )
     return callback.attach(trainer)
 
