@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tokenizer, tiny_model
-from datasets import Dataset
 
 from trl_selfdistill.knowledge import AnswerFormat, ProbeConfig, load_facts, probe
 from trl_selfdistill.scripts.sft import DEFAULT_PROMPTS, parse_and_run
