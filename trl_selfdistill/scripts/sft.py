@@ -1,0 +1,479 @@
+"""
+Self-distillation SFT on your own data: TRL's `trl sft` script with the self-distillation term, freezing from the
+command line, and knowledge monitoring.
+
+```bash
+trl-selfdistill sft --model_name_or_path HuggingFaceTB/SmolLM2-360M-Instruct --dataset_name trl-lib/Capybara \
+    --use_peft --lora_target_modules all-linear --distill_coef 1.0 --knowledge_facts curated --output_dir out
+trl-selfdistill sft --config recipes/lora.yaml            # any field as YAML; the command line overrides it
+accelerate launch -m trl_selfdistill.scripts.sft ...     # the same script under your own launcher
+```
+
+Every argument of `SelfDistillConfig` (TRL's `SFTConfig` plus the distillation fields), `ModelConfig` (PEFT,
+quantization, dtype), `ScriptArguments`/`DatasetMixtureConfig` (the data) and of the two dataclasses below is a flag.
+"""
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+FREEZE_PRESETS = ("attention_only", "mlp_only")
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+DEFAULT_PROMPTS = {"plain": "Q: {question}\nA:", "chat": "{question} Reply with the answer only."}
+
+
+@dataclass
+class FreezeArguments:
+    """What trains: a preset of `trl_selfdistill.FreezeConfig` and/or its fields (see docs/freezing.md)."""
+
+    freeze: str | None = field(
+        default=None,
+        metadata={"help": f"Freezing preset: {', '.join(FREEZE_PRESETS)}. The `freeze_*` fields refine it."},
+    )
+    freeze_groups: list[str] | None = field(
+        default=None, metadata={"help": "FreezeConfig.groups: parameter groups that train (e.g. attention mlp)."}
+    )
+    freeze_layers: str | None = field(
+        default=None, metadata={"help": "FreezeConfig.layers: decoder layers that may train ('0-5', 'last_half')."}
+    )
+    freeze_include: list[str] | None = field(
+        default=None, metadata={"help": "FreezeConfig.include: modules that also train (PEFT target_modules names)."}
+    )
+    freeze_exclude: list[str] | None = field(
+        default=None, metadata={"help": "FreezeConfig.exclude: modules that stay frozen."}
+    )
+
+    def freeze_config(self):
+        """The `FreezeConfig` these arguments describe, or None when none is set."""
+        from trl_selfdistill import FreezeConfig
+
+        fields = {
+            name: value
+            for name, value in dict(
+                groups=self.freeze_groups,
+                layers=self.freeze_layers,
+                include=self.freeze_include,
+                exclude=self.freeze_exclude,
+            ).items()
+            if value is not None
+        }
+        if self.freeze is None:
+            return FreezeConfig(**fields) if fields else None
+        if self.freeze not in FREEZE_PRESETS:
+            raise ValueError(
+                f"Unknown `--freeze {self.freeze}`: choose one of {', '.join(FREEZE_PRESETS)}, or set the "
+                "`--freeze_groups/--freeze_layers/--freeze_include/--freeze_exclude` fields."
+            )
+        return getattr(FreezeConfig, self.freeze)(**fields)
+
+
+@dataclass
+class KnowledgeArguments:
+    """Knowledge monitoring: which facts the initial model knows, and how much of them training forgets."""
+
+    knowledge_facts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Facts to monitor: a built-in set (curated, entityquestions-dev, ...), a JSONL file or folder, or "
+            "a Hub dataset of question/answers rows. The initial model is probed (SliCK) before training; the facts "
+            "it knows are evaluated during training (held-out Known accuracy, forgetting, drift)."
+        },
+    )
+    knowledge_exemplars: str | None = field(
+        default=None,
+        metadata={"help": "Few-shot exemplar pool of the probe (default: the facts themselves, never a fact's own)."},
+    )
+    knowledge_format: Literal["auto", "chat", "plain"] = field(
+        default="auto",
+        metadata={
+            "help": "Format the facts are asked in. `auto`: chat (the tokenizer's chat template) when the training "
+            "data is conversational, else plain `Q:/A:` text."
+        },
+    )
+    knowledge_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Question template with {{question}}. Default: {DEFAULT_PROMPTS['chat']!r} in chat format, "
+            f"{DEFAULT_PROMPTS['plain']!r} in plain format."
+        },
+    )
+    knowledge_system_prompt: str | None = field(default=None, metadata={"help": "System message in chat format."})
+    knowledge_probe_size: int | None = field(
+        default=500, metadata={"help": "Facts probed (a seeded random sample); None or 0: all of them."}
+    )
+    knowledge_probe_prompts: int = field(
+        default=3, metadata={"help": "Few-shot prompts per fact of the (greedy) probe; Known = all of them correct."}
+    )
+    knowledge_shots: int = field(
+        default=4,
+        metadata={
+            "help": "Same-relation exemplars before each question when the Known facts are evaluated during training "
+            "(0: zero-shot). Few-shot keeps the measure on what the model knows, not on how your data taught it to "
+            "phrase answers (a chat model answers zero-shot in sentences, which exact match scores as wrong)."
+        },
+    )
+    knowledge_heldout_size: int | None = field(
+        default=200, metadata={"help": "Known facts evaluated during training; None or 0: every Known fact."}
+    )
+    knowledge_eval_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate the facts every N optimizer steps (default: with each evaluation of `eval_steps`, "
+            "else at the start and the end only)."
+        },
+    )
+    knowledge_batch_size: int = field(default=32, metadata={"help": "Sequences generated per batch."})
+    knowledge_drift_size: int = field(
+        default=64, metadata={"help": "Held-out prompts of the drift KL to the initial model (0: no drift)."}
+    )
+    knowledge_max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per answer."})
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop when `metric_for_best_model` (e.g. knowledge/heldout_known_accuracy) has not improved for "
+            "this many evaluations (transformers' EarlyStoppingCallback). Needs an eval split and `eval_strategy`."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("knowledge_probe_size", "knowledge_heldout_size"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"`{name}={value}` must be ≥ 0 (0 or None: all facts).")
+            setattr(self, name, value or None)
+        if self.knowledge_shots < 0:
+            raise ValueError(f"`knowledge_shots={self.knowledge_shots}` must be ≥ 0 (0: zero-shot).")
+        for name in ("knowledge_probe_prompts", "knowledge_batch_size", "knowledge_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}={getattr(self, name)}` must be ≥ 1.")
+        if self.knowledge_eval_steps is not None and self.knowledge_eval_steps < 1:
+            raise ValueError(f"`knowledge_eval_steps={self.knowledge_eval_steps}` must be ≥ 1 (or unset).")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"`early_stopping_patience={self.early_stopping_patience}` must be ≥ 1 (or unset).")
+        if self.knowledge_drift_size < 0:
+            raise ValueError(f"`knowledge_drift_size={self.knowledge_drift_size}` must be ≥ 0 (0: no drift).")
+
+    def answer_format(self, conversational: bool, tokenizer):
+        """The `AnswerFormat` the facts are asked in (see `knowledge_format`)."""
+        from trl_selfdistill.knowledge import AnswerFormat
+
+        chat = {"chat": True, "plain": False}.get(self.knowledge_format, conversational)
+        if chat and tokenizer.chat_template is None:
+            raise ValueError(
+                "`--knowledge_format chat` needs a tokenizer with a chat template, and this one has none. Use "
+                "`--knowledge_format plain`, or set `--chat_template_path`."
+            )
+        prompt = self.knowledge_prompt or DEFAULT_PROMPTS["chat" if chat else "plain"]
+        return AnswerFormat(prompt=prompt.replace("\\n", "\n"), chat=chat, system_prompt=self.knowledge_system_prompt)
+
+
+def load_data(script_args, training_args, dataset_args):
+    """The train and eval splits, as TRL's `sft` script loads them, checked before any model is loaded."""
+    from datasets import load_dataset
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are given: `datasets` is used, `dataset_name` ignored.")
+        dataset = get_dataset(dataset_args)
+    elif Path(script_args.dataset_name or "").is_file():  # one local file: the training split
+        path = Path(script_args.dataset_name)
+        builder = FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"Cannot read {path}: give a {', '.join(FILE_BUILDERS)} file, or a folder of them.")
+        dataset = load_dataset(builder, data_files={script_args.dataset_train_split: str(path)},
+                               streaming=script_args.dataset_streaming)
+    elif script_args.dataset_name:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    else:
+        raise ValueError(
+            "No training data: pass `--dataset_name` (a Hub id, a local file or a folder) or `datasets` in a --config."
+        )
+    train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    if train_split not in dataset:
+        raise ValueError(
+            f"The dataset has no {train_split!r} split (it has {sorted(dataset)}). Name the training split with "
+            "`--dataset_train_split`."
+        )
+    eval_dataset = dataset[test_split] if test_split in dataset else None
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        raise ValueError(
+            f"`--eval_strategy {training_args.eval_strategy}` needs an eval split, but the dataset has no "
+            f"{test_split!r} split (it has {sorted(dataset)}). Name it with `--dataset_test_split`, or set "
+            "`--eval_strategy no`."
+        )
+    return dataset[train_split], eval_dataset
+
+
+def check_columns(dataset, training_args) -> bool:
+    """Raise unless `dataset` has columns TRL's SFTTrainer trains on; return whether it is conversational."""
+    from trl.data_utils import is_conversational
+
+    columns = set(dataset.column_names or [])
+    known = {training_args.dataset_text_field, "messages", "prompt", "completion", "input_ids"}
+    if not columns & known:
+        raise ValueError(
+            f"The training data has none of the columns SFTTrainer trains on (it has {sorted(columns)}). Give it a "
+            f"`messages` column (chat), `prompt` + `completion` columns, or a `{training_args.dataset_text_field}` "
+            "column (or name your text column with `--dataset_text_field`)."
+        )
+    if "prompt" in columns and "completion" not in columns and "messages" not in columns:
+        raise ValueError(
+            "The training data has a `prompt` column but no `completion` column: SFTTrainer needs both (the "
+            "completion is what it trains on). Add `completion`, or rename the column to `text`."
+        )
+    return is_conversational(next(iter(dataset)))
+
+
+def load_tokenizer(model_args, training_args, conversational: bool):
+    """The tokenizer of the model, with a pad token; refused when chat data meets a tokenizer without a template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    if conversational and tokenizer.chat_template is None and training_args.chat_template_path is None:
+        raise ValueError(
+            f"The training data is conversational, but the tokenizer of {model_args.model_name_or_path} has no chat "
+            "template. Use a chat (instruct) model, or give a template with `--chat_template_path` (a Jinja file or "
+            "a tokenizer with one)."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def probe_config(knowledge_args, seed: int):
+    """The probe's setting: SliCK's cheap one (greedy only), `knowledge_probe_prompts` four-shot prompts per fact."""
+    from trl_selfdistill.knowledge import ProbeConfig
+
+    return ProbeConfig.cheap(num_prompts=knowledge_args.knowledge_probe_prompts,
+                             batch_size=knowledge_args.knowledge_batch_size,
+                             max_new_tokens=knowledge_args.knowledge_max_new_tokens, seed=seed)
+
+
+def knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt):
+    """
+    Probe the trainer's (initial) model on `facts` (few-shot exemplars from `exemplars`) where the model is, keep
+    the Known facts, and return the attached `ForgettingCallback`. In a multi-process run the main process probes
+    and the others wait for its result (`ddp_timeout`, 30 min by default).
+    """
+    from accelerate.utils import broadcast_object_list
+    from datasets import Dataset
+
+    from trl_selfdistill import ForgettingCallback
+    from trl_selfdistill.knowledge import SLICK_CATEGORIES, probe
+    from trl_selfdistill.knowledge.splits import monitor_splits
+
+    args, main = trainer.args, trainer.is_world_process_zero()
+    progress = main and not args.disable_tqdm
+    config = probe_config(knowledge_args, args.seed)
+    categorised = [None]
+    if main:
+        rows = probe(facts, trainer.model, trainer.processing_class, exemplars=exemplars, fmt=fmt, config=config,
+                     progress=progress)
+        categorised = [rows.to_list()]
+    if trainer.accelerator.num_processes > 1:
+        broadcast_object_list(categorised)
+    categorised = Dataset.from_list(categorised[0])
+    counts = {c: categorised["category"].count(c) for c in SLICK_CATEGORIES}
+    splits = monitor_splits(categorised, heldout_size=knowledge_args.knowledge_heldout_size, seed=args.seed)
+    trainer.accelerator.print(
+        f"[trl_selfdistill] knowledge: {len(categorised)} facts probed ({config.num_prompts} {config.num_shots}-shot "
+        f"prompts, greedy; chat={fmt.chat}): {', '.join(f'{c} {n}' for c, n in counts.items() if n)}; "
+        f"monitoring {len(splits.heldout)} Known facts"
+    )
+    callback = ForgettingCallback(
+        splits,
+        fmt=fmt,
+        eval_steps=knowledge_args.knowledge_eval_steps,
+        teacher=trainer.teacher,
+        drift_size=knowledge_args.knowledge_drift_size,
+        batch_size=knowledge_args.knowledge_batch_size,
+        max_new_tokens=knowledge_args.knowledge_max_new_tokens,
+        progress=progress,
+        num_shots=knowledge_args.knowledge_shots,
+        exemplars=exemplars,
+        seed=args.seed,
+        facts_source=knowledge_args.knowledge_facts,
+    )
+    return callback.attach(trainer)
+
+
+def knowledge_summary(monitor) -> str:
+    """One line: held-out Known accuracy at the start, peak and end; the same for the facts answered at step 0."""
+    final, results = monitor.final, monitor.results()
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    first = monitor.history[0]
+    return (
+        f"held-out Known accuracy {fmt(final['heldout_known_initial'])} at step 0, peak "
+        f"{fmt(final['heldout_known_peak'])}, {fmt(final['heldout_known_accuracy'])} at step {final['step']} "
+        f"({results['sizes']['heldout_known']} SliCK-Known facts; forgetting from peak "
+        f"{fmt(final['forgetting_from_peak'])}); answered Known accuracy {fmt(first['answered_known_accuracy'])} → "
+        f"{fmt(final['answered_known_accuracy'])} ({results['answered_known']} facts answered at step 0); drift KL "
+        f"{fmt(monitor.history[-1]['drift_kl'])}"
+    )
+
+
+def load_knowledge_facts(knowledge_args, seed: int):
+    """
+    The facts to probe (a seeded sample of `knowledge_probe_size`) and the few-shot exemplar pool (the
+    `knowledge_exemplars` set, else the whole fact set); loading errors surface here, before any model loads.
+    """
+    from trl_selfdistill.knowledge import load_facts
+
+    facts = load_facts(knowledge_args.knowledge_facts)
+    if len(facts) == 0:
+        raise ValueError(f"The fact set {knowledge_args.knowledge_facts!r} is empty: give facts with `question` and "
+                         "`answers`.")
+    exemplars = load_facts(knowledge_args.knowledge_exemplars) if knowledge_args.knowledge_exemplars else facts
+    if knowledge_args.knowledge_probe_size and knowledge_args.knowledge_probe_size < len(facts):
+        facts = facts.shuffle(seed=seed).select(range(knowledge_args.knowledge_probe_size))
+    return facts, exemplars
+
+
+def main(script_args, training_args, model_args, dataset_args, freeze_args=None, knowledge_args=None):
+    """Train with `SelfDistillSFTTrainer` as TRL's `sft` script trains with `SFTTrainer`; returns the trainer."""
+    import transformers
+    from packaging.version import Version
+    from transformers import EarlyStoppingCallback
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_selfdistill import SelfDistillSFTTrainer
+    from trl_selfdistill.embedded import EMBEDDED, EMBEDDED_HUB_ID, resolve
+    from trl_selfdistill.knowledge.probe import few_shot_prompts
+
+    freeze_args = freeze_args or FreezeArguments()
+    knowledge_args = knowledge_args or KnowledgeArguments()
+    # Every input is checked before the model loads: the freezing, the fact set, the data, the tokenizer
+    freeze_config = freeze_args.freeze_config()
+    facts, exemplars = (
+        load_knowledge_facts(knowledge_args, training_args.seed) if knowledge_args.knowledge_facts else (None, None)
+    )
+    if knowledge_args.early_stopping_patience and not training_args.metric_for_best_model:
+        raise ValueError(
+            "`early_stopping_patience` needs `metric_for_best_model` (e.g. knowledge/heldout_known_accuracy with "
+            "`--greater_is_better true`, or loss) and `load_best_model_at_end`."
+        )
+    metric = training_args.metric_for_best_model or ""
+    if metric.removeprefix("eval_").startswith("knowledge/") and not knowledge_args.knowledge_facts:
+        raise ValueError(
+            f"`metric_for_best_model={metric}` is a knowledge metric, but no knowledge is monitored: set "
+            "`--knowledge_facts` (e.g. curated), or choose another metric (e.g. loss)."
+        )
+    train_dataset, eval_dataset = load_data(script_args, training_args, dataset_args)
+    conversational = check_columns(train_dataset, training_args)
+    embedded = model_args.model_name_or_path == EMBEDDED
+    model_args.model_name_or_path = resolve(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args, training_args, conversational)
+    fmt = None
+    if facts is not None:
+        fmt = knowledge_args.answer_format(conversational, tokenizer)
+        config = probe_config(knowledge_args, training_args.seed)  # the probe's prompts can be built (enough shots)
+        few_shot_prompts(facts, exemplars, fmt, config.num_prompts, config.num_shots, config.seed)
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    trainer = SelfDistillSFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+        freeze_config=freeze_config,
+    )
+    if embedded:  # the card and the Hub name the model, not the local cache folder
+        trainer.accelerator.unwrap_model(trainer.model).config._name_or_path = EMBEDDED_HUB_ID
+    monitor = knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt) if facts is not None else None
+    if knowledge_args.early_stopping_patience:  # after the knowledge callback, which puts itself first
+        trainer.add_callback(EarlyStoppingCallback(knowledge_args.early_stopping_patience))
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("✅ Training completed.")
+    if monitor is not None:
+        trainer.accelerator.print(f"[trl_selfdistill] knowledge: {knowledge_summary(monitor)}")
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():  # the card (method, freezing, knowledge results) beside the model
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.accelerator.print(f"💾 Model and model card saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+    return trainer
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from trl_selfdistill import SelfDistillConfig
+
+    dataclass_types = (ScriptArguments, SelfDistillConfig, ModelConfig, DatasetMixtureConfig, FreezeArguments,
+                       KnowledgeArguments)
+    if subparsers is not None:
+        return subparsers.add_parser("sft", help="Self-distillation SFT on your data", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
+
+
+def check_remaining(remaining: list[str]) -> None:
+    """Raise for flags (or YAML keys) that neither the script's dataclasses nor `accelerate launch` know."""
+    from accelerate.commands.launch import launch_command_parser
+
+    # argparse keeps its options in `_actions` (stdlib, stable); accelerate has no public list of its flags
+    known = {option for action in launch_command_parser()._actions for option in action.option_strings}
+    known.add("--accelerate_config")
+    unknown = [arg for arg in remaining if arg.startswith("-") and arg.split("=")[0] not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown arguments {unknown}: no field of ScriptArguments, SelfDistillConfig, ModelConfig, "
+            "DatasetMixtureConfig, FreezeArguments or KnowledgeArguments, nor an `accelerate launch` option, has that "
+            "name. Check the spelling (fields use underscores) in the command line or the --config YAML; "
+            "`trl-selfdistill sft --help` lists them."
+        )
+
+
+def parse_args(argv: list[str] | None = None, parser=None):
+    """
+    Parse `argv` (flags and `--config` YAML). Returns the dataclasses, the leftover YAML keys and the leftover flags;
+    anything that is not an `accelerate launch` option is an error.
+    """
+    parser = parser or make_parser()
+    *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    check_remaining(config_remaining + cli_remaining)
+    return parsed, config_remaining, cli_remaining
+
+
+def parse_and_run(argv: list[str] | None = None):
+    """Parse `argv` and run `main` in this process (under `accelerate launch`, or alone); returns the trainer."""
+    parsed, _, cli_remaining = parse_args(argv)
+    if cli_remaining:
+        raise ValueError(f"{cli_remaining} are `accelerate launch` options: give them before `-m`, or use "
+                         "`trl-selfdistill sft`, which passes them on.")
+    return main(*parsed)
+
+
+if __name__ == "__main__":
+    parse_and_run()
