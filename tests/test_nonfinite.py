@@ -96,8 +96,14 @@ def test_nan_distill_term_names_the_term_and_step(tmp_path, monkeypatch):
     trainer = SelfDistillSFTTrainer(
         tiny_model(), args=args, train_dataset=prompt_completion_dataset(8), processing_class=make_tokenizer()
     )
-    divergence = trainer_module.token_divergence
-    monkeypatch.setattr(trainer_module, "token_divergence", lambda *a, **k: divergence(*a, **k) * INF)
+    fused = trainer_module.fused_token_losses
+
+    def infinite_divergence(*args, **kwargs):
+        result = fused(*args, **kwargs)
+        result.divergence = result.divergence * INF
+        return result
+
+    monkeypatch.setattr(trainer_module, "fused_token_losses", infinite_divergence)
     with pytest.raises(NonFiniteError, match=r"Non-finite distillation term \(KL to the teacher\) at optimizer step 1"):
         trainer.train()
 

@@ -74,10 +74,11 @@ def test_first_lora_step_has_zero_kl_and_sft_gradients(tmp_path):
     teacher, trainer.teacher = trainer.teacher, None  # plain SFT on the same batch
     sft_loss, sft_grads = loss_and_grads(trainer, inputs)
     trainer.teacher = teacher
-    assert loss.item() == pytest.approx(sft_loss.item(), abs=1e-7)
+    # The distillation path computes the CE in its own fused pass: equal up to fp32 summation order
+    assert loss.item() == pytest.approx(sft_loss.item(), rel=1e-6)
     assert grads.keys() == sft_grads.keys() and grads
     for name in grads:
-        torch.testing.assert_close(grads[name], sft_grads[name], rtol=0, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[name], sft_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def full_ft_trainer(tmp_path, teacher_seed=1, **overrides):

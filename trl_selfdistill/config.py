@@ -113,12 +113,26 @@ class SelfDistillConfig(SFTConfig):
         },
     )
 
+    loss_chunk_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "Positions per chunk of the fused CE + divergence (each chunk builds the student's and the "
+            "teacher's `[rows, V]` logits once). None: as many as fit 256 MiB of fp32 buffers "
+            "(`trl_selfdistill.losses.FUSED_BUDGET_BYTES`), so small batches build their logits in one chunk. Lower it "
+            "to save memory; results are the same up to fp32 rounding."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         _check_number("distill_coef", self.distill_coef, "Use a float ≥ 0, e.g. 1.0 (paper), or 0 for plain SFT.")
         _check_number("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")
         _check_number("jsd_beta", self.jsd_beta, "Use a float strictly between 0 and 1, e.g. 0.5.")
         _check_number("teacher_cache_topk", self.teacher_cache_topk, "Use an integer ≥ 1, e.g. 64.")
+        if self.loss_chunk_rows is not None:
+            _check_number("loss_chunk_rows", self.loss_chunk_rows, "Use an integer ≥ 1, or None for the automatic size.")
+            if self.loss_chunk_rows < 1 or self.loss_chunk_rows != int(self.loss_chunk_rows):
+                raise ValueError(f"`loss_chunk_rows` must be an integer ≥ 1 or None, got {self.loss_chunk_rows}.")
         if self.distill_coef < 0:
             raise ValueError(f"`distill_coef` (λ) must be ≥ 0, got {self.distill_coef}. Use 0 for plain SFT.")
         if self.distill_temperature <= 0:

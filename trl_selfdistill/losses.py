@@ -157,3 +157,186 @@ def topk_token_divergence(
     log_p = (z - log_z).float()
     log_q = teacher_logps.float()
     return _coarse(torch.cat([log_p, _log_tail(log_p)], -1), torch.cat([log_q, _log_tail(log_q)], -1), beta)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused CE + divergence: one student projection per chunk of positions
+
+# fp32 `[rows, V]` buffers the fused chunk holds at once (logits, two log-softmaxes, the teacher's, their gradients)
+FUSED_BUFFERS = 12
+# Default budget of those buffers: chunks are as large as fit, one chunk (the full logits) when everything fits
+FUSED_BUDGET_BYTES = 256 * 2**20
+
+
+def fused_chunk_rows(vocab_size: int, budget_bytes: int = FUSED_BUDGET_BYTES) -> int:
+    """Rows of a fused chunk so that its `FUSED_BUFFERS` fp32 `[rows, V]` buffers fit `budget_bytes` (at least 1)."""
+    return max(1, budget_bytes // (FUSED_BUFFERS * 4 * vocab_size))
+
+
+@dataclass(frozen=True)
+class TeacherTarget:
+    """The teacher side of `fused_token_losses`: its hidden states and head (exact), or cached top-k log-probs."""
+
+    hidden: torch.Tensor | None = None
+    head: LMHead | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logps: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.hidden is None) == (self.topk_ids is None):
+            raise ValueError("A TeacherTarget holds either `hidden` and `head` (exact) or `topk_ids`/`topk_logps`.")
+
+
+@dataclass
+class FusedLosses:
+    """What `fused_token_losses` returns: the weighted loss (with gradient) and detached per-row values."""
+
+    loss: torch.Tensor  # Σ ce_weights·ce' + Σ divergence_weights·divergence, ce' = ce (nll) or p(y)·ce (dft)
+    ce: torch.Tensor  # [N] -log p(target) at τ=1, 0 where the target is -100
+    divergence: torch.Tensor  # [N] D(teacher, student) at τ (no τ² factor)
+    entropy: torch.Tensor  # [N] entropy of the student at τ=1
+    is_top1: torch.Tensor  # [N] the target is the student's argmax
+    topk_ids: torch.Tensor | None = None  # [N, k] the teacher's top-k at τ (exact teacher and `topk` only)
+    topk_logps: torch.Tensor | None = None
+    topk_divergence: torch.Tensor | None = None  # [N] the divergence against those k bins plus the tail
+
+
+def _coarse_student(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-probs on the bins of a cached teacher: its top-k ids, then the tail."""
+    top = log_q.gather(1, ids.long())
+    return torch.cat([top, _log_tail(top)], -1)
+
+
+def _fused_chunk(h, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk):
+    """Values and the logits' gradient of one chunk; the student is projected once, the teacher once (no grad)."""
+    z = h @ head.weight.T
+    if head.bias is not None:
+        z = z + head.bias
+    z = z.float().detach().requires_grad_(True)
+    out = {}
+    with torch.enable_grad():
+        s = _transform(z, head, 1.0)
+        log_p = torch.log_softmax(s, -1)
+        valid = targets != -100
+        log_p_y = log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+        ce = torch.where(valid, -log_p_y, torch.zeros_like(log_p_y))
+        ce_term = ce * log_p_y.detach().exp() if dft else ce
+        log_q = torch.log_softmax(s / tau, -1)
+        if teacher.hidden is not None:
+            with torch.no_grad():
+                zt = teacher.hidden @ teacher.head.weight.T
+                if teacher.head.bias is not None:
+                    zt = zt + teacher.head.bias
+                log_t = torch.log_softmax(_transform(zt.float(), teacher.head, tau), -1)
+            div = _coarse(log_q, log_t, beta)  # log-softmax of finite logits is finite: no 0·∞
+        else:
+            log_tk = teacher.topk_logps.float()
+            div = _coarse(_coarse_student(log_q, teacher.topk_ids), torch.cat([log_tk, _log_tail(log_tk)], -1), beta)
+        total = (ce_term * ce_w).sum() + (div * div_w).sum()
+    (dz,) = torch.autograd.grad(total, z)
+    with torch.no_grad():
+        out["ce"], out["divergence"] = ce.detach(), div.detach()
+        out["entropy"] = -(log_p.exp() * log_p).sum(-1)
+        out["is_top1"] = log_p.argmax(-1) == targets
+        if topk and teacher.hidden is not None:
+            top = log_t.topk(topk, dim=-1)
+            ids, logps = top.indices.to(torch.int32), top.values
+            out["topk_ids"], out["topk_logps"] = ids, logps
+            out["topk_divergence"] = _coarse(_coarse_student(log_q, ids), torch.cat([logps, _log_tail(logps)], -1),
+                                             beta)
+    return total.detach(), dz, out
+
+
+class _FusedLossFunction(torch.autograd.Function):
+    """Computes the loss and its gradients chunk by chunk in forward (the loss is a scalar); backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk, rows, stats):
+        head = LMHead(weight, bias, head.logit_scale, head.softcap)
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
+            else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            if teacher.hidden is not None:
+                part = TeacherTarget(teacher.hidden[chunk], teacher.head)
+            else:
+                part = TeacherTarget(topk_ids=teacher.topk_ids[chunk], topk_logps=teacher.topk_logps[chunk])
+            h = hidden[chunk].detach()
+            total, dz, out = _fused_chunk(h, head, targets[chunk], ce_w[chunk], div_w[chunk], part, beta, tau, dft,
+                                          topk)
+            loss += total
+            for key, value in out.items():
+                stats.setdefault(key, []).append(value)
+            dz_c = dz.to(weight.dtype)
+            grad_h[chunk] = (dz_c @ weight).float()
+            if grad_w is not None:
+                grad_w.addmm_(dz.T, h.float()) if weight.dtype == torch.float32 else grad_w.add_((dz_c.T @ h).float())
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scaled = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip((grad_h, grad_w, grad_b),
+                                                                                        ctx.dtypes)]
+        return (*scaled, *([None] * 11))
+
+
+def fused_token_losses(
+    student_hidden: torch.Tensor,
+    student_head: LMHead,
+    targets: torch.Tensor,
+    teacher: TeacherTarget,
+    ce_weights: torch.Tensor,
+    divergence_weights: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    dft: bool = False,
+    topk: int | None = None,
+    rows: int | None = None,
+) -> FusedLosses:
+    r"""
+    CE against the gold tokens and the divergence to the teacher from ONE projection of the student per chunk:
+
+        loss = Σ_i ce_weights_i · ce'_i + Σ_i divergence_weights_i · D_i
+        ce_i = -log softmax(z_i)[y_i]  (0 where y_i = -100),  ce'_i = ce_i, or p_i(y_i)·ce_i (DFT, p detached)
+        D_i  = D(softmax(z^t_i / τ), softmax(z_i / τ)),  β as in `token_divergence`
+
+    `z_i` are the student's logits at row `i` of `[N, H]` hidden states (head scale and soft-capping applied), `z^t`
+    the teacher's (exact: from its hidden states and head; or a cached top-k at τ, where D is taken over those k bins
+    plus the tail, as `topk_token_divergence`). Rows are processed `rows` at a time (default: as many as
+    `FUSED_BUDGET_BYTES` allows, so small batches build their logits once); per chunk the student's `[rows, V]`
+    logits are built once, and the gradients of the loss with respect to the hidden states, weight and bias are
+    computed there (the loss is a scalar), so nothing is re-projected in backward. The gradient reaches the student's
+    hidden states and head only. With `topk`, the exact teacher's top-k at τ (ids, log-probs) and the divergence
+    against them are returned too, for the teacher cache. Values are fp32.
+    """
+    if teacher.head is not None and teacher.head.weight.shape[0] != student_head.weight.shape[0]:
+        raise ValueError(
+            f"Teacher vocabulary ({teacher.head.weight.shape[0]}) differs from the student's "
+            f"({student_head.weight.shape[0]}): distillation compares distributions over the same tokens. Use a "
+            "teacher with the student's tokenizer."
+        )
+    n = student_hidden.shape[0]
+    rows = rows or fused_chunk_rows(student_head.weight.shape[0])
+    stats: dict[str, list] = {}
+    weight, bias = student_head.weight, student_head.bias
+    loss = _FusedLossFunction.apply(
+        student_hidden, weight, bias, student_head, targets, ce_weights.float(), divergence_weights.float(), teacher,
+        beta, temperature, dft, topk, rows, stats,
+    )
+    if n == 0:
+        zeros = student_hidden.new_zeros(0, dtype=torch.float32)
+        empty_topk = student_hidden.new_zeros((0, topk or 0), dtype=torch.float32)
+        return FusedLosses(
+            loss, zeros, zeros, zeros, zeros.bool(),
+            *((empty_topk.to(torch.int32), empty_topk, zeros) if topk and teacher.hidden is not None else ()),
+        )
+    return FusedLosses(loss, **{key: torch.cat(values) for key, values in stats.items()})

@@ -1,6 +1,8 @@
 """`SelfDistillSFTTrainer`: SFT plus λ·τ²·D(teacher ‖ student) per token, the teacher being the frozen initial model."""
 
 import hashlib
+import inspect
+import math
 from contextlib import contextmanager
 
 import torch
@@ -11,7 +13,7 @@ from trl.models.utils import prepare_deepspeed
 
 from .config import SelfDistillConfig
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
-from .losses import LMHead, teacher_topk, token_divergence, topk_token_divergence
+from .losses import LMHead, TeacherTarget, fused_token_losses
 from .model_card import push_checkpoint, push_to_hub, write_model_card
 from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
@@ -84,6 +86,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
             self.freeze_report = freeze(self.model, freeze_config)
             if self.is_world_process_zero():
                 print(f"[trl_selfdistill] {self.freeze_report.summary()}")
+        self._tokens_seen = 0  # the `num_tokens` metric of the distillation path (SFTTrainer counts its own)
+        if args.distill_coef > 0:
+            self._check_loss_options()
         self.teacher = self._make_teacher(given_peft_model) if args.distill_coef > 0 else None
         if self.teacher is not None:
             self._check_teacher_weights()
@@ -145,6 +150,24 @@ class SelfDistillSFTTrainer(SFTTrainer):
         else:
             teacher.model = self.accelerator.prepare_model(teacher.model, evaluation_mode=True)
         return teacher
+
+    def _check_loss_options(self) -> None:
+        """Refuse the SFTConfig options whose loss the distillation path does not compute, naming the fix."""
+        args = self.args
+        unsupported = {
+            "a custom `compute_loss_func`": self.compute_loss_func is not None,
+            f"`label_smoothing_factor={args.label_smoothing_factor}`": args.label_smoothing_factor != 0,
+            "`use_liger_kernel=True`": args.use_liger_kernel,
+            f"`loss_type={args.loss_type!r}`": args.loss_type not in ("nll", "dft"),
+            "sequence parallelism": getattr(self.accelerator.parallelism_config, "sp_enabled", False),
+        }
+        found = [name for name, present in unsupported.items() if present]
+        if found:
+            raise ValueError(
+                f"{', '.join(found)} cannot be combined with self-distillation (`distill_coef={args.distill_coef}`): "
+                "its loss computes the CE (`loss_type` 'nll' or 'dft') and the divergence from one projection of the "
+                "hidden states, which those options would replace. Drop them, or set `distill_coef=0` for plain SFT."
+            )
 
     def _check_teacher_weights(self) -> None:
         """Refuse a teacher with NaN/inf weights at the start: every distillation target would be NaN."""
@@ -232,85 +255,149 @@ class SelfDistillSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         positions, shifted = self._distill_positions(inputs)
+        labels = inputs["labels"][:, 1:] if shifted else inputs["shift_labels"]
+        label_mask = labels != -100
+        rows = positions | label_mask  # positions the CE or the divergence covers
         use_cache = self.teacher_cache is not None and mode == "train"
-        keys = self._row_keys(inputs, positions) if use_cache else None
+        keys = self._row_keys(inputs, positions) if self.teacher_cache is not None else None
         cached = self._cached_teacher(keys) if use_cache else None
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         if cached is None:
-            teacher_hidden = self.teacher.last_hidden_state(
-                {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-            )
+            teacher_hidden = self.teacher.last_hidden_state(model_inputs)
             self._stop_if_nonfinite(
                 teacher_hidden, "teacher output (last hidden states)",
                 "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use bf16 or "
                 "fp32 for the teacher), or the inputs of this batch.",
             )
 
+        # The student's forward runs through the wrapped model (DDP/FSDP/DeepSpeed hooks); its LM head projects one
+        # position per row only, and the losses project the selected hidden states once, below
         student = causal_lm(self.accelerator.unwrap_model(model))
-        with capture_outputs(student.base_model) as backbone_outputs, capture_outputs(student) as lm_outputs:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
-        self._stop_if_nonfinite(loss, "SFT loss (CE)", _CE_FIX)
-
+        forward_kwargs = {"use_cache": False, **self._head_skip_kwargs}
+        if self.aux_loss_enabled:
+            forward_kwargs["output_router_logits"] = True
+        with capture_outputs(student.base_model) as backbone_outputs:
+            outputs = model(**model_inputs, **forward_kwargs)
         student_head = LMHead.of(student)
         device = student_head.weight.device
-        student_hidden = backbone_outputs[0].last_hidden_state
-        student_hidden = (student_hidden[:, :-1] if shifted else student_hidden)[positions].to(device)
-        beta, tau = args.divergence_beta, args.distill_temperature
+        hidden = backbone_outputs[0].last_hidden_state
+        hidden = (hidden[:, :-1] if shifted else hidden)[rows].to(device)
         if cached is not None:
-            ids, logps = (t.to(device) for t in cached)
-            per_token = topk_token_divergence(student_hidden, student_head, ids, logps, beta, tau)
+            teacher = TeacherTarget(topk_ids=self._rows_from_positions(cached[0], rows, positions, 0).to(device),
+                                    topk_logps=self._rows_from_positions(cached[1], rows, positions, 0.0).to(device))
         else:
-            teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[positions].to(device)
-            per_token = token_divergence(student_hidden, student_head, teacher_hidden, self.teacher.head, beta, tau)
-            if self.teacher_cache is not None:
-                with torch.no_grad():
-                    self._fill_cache(keys, positions, student_hidden, student_head, teacher_hidden, mode)
+            teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[rows].to(device)
+            teacher = TeacherTarget(teacher_hidden, self.teacher.head)
+        targets, covered = labels[rows].to(device), positions[rows].to(device)
+        ce_scale, distill_scale = self._loss_scales(label_mask, positions, num_items_in_batch)
+        fused = fused_token_losses(
+            hidden, student_head, targets, teacher,
+            ce_weights=(targets != -100) * ce_scale, divergence_weights=covered * distill_scale,
+            beta=args.divergence_beta, temperature=args.distill_temperature, dft=args.loss_type == "dft",
+            topk=args.teacher_cache_topk if self.teacher_cache is not None and cached is None else None,
+            rows=args.loss_chunk_rows,
+        )
+        loss = fused.loss
+        if self.aux_loss_enabled:
+            # As SFTTrainer: a per-micro-batch mean; with `num_items_in_batch`, accumulation averaging is the loss's
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
 
-        scale = args.distill_coef * tau**2
-        kl_sum, num_positions = per_token.sum(), positions.sum()
+        valid = targets != -100
+        ce_sum, kl_sum = fused.ce.sum(), fused.divergence[covered].sum()
+        self._stop_if_nonfinite(ce_sum, "SFT loss (CE)", _CE_FIX)
         self._stop_if_nonfinite(
             kl_sum, "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
             "Rebuild the teacher cache (delete `teacher_cache_dir`)" if cached else
             "Lower the learning rate or `distill_temperature`-sharpened logits overflow: try τ ≥ 0.5, bf16/fp32, or "
             "`max_grad_norm`.",
         )
-        if args.distill_scope == "completion" and num_items_in_batch is not None:
-            # The same denominator as the CE term: tokens of the whole global batch, DDP averaging undone
-            distill = scale * kl_sum / num_items_in_batch
-            if args.average_tokens_across_devices:
-                distill = distill * (self.accelerator.num_processes // self.get_tp_size())
-        else:
-            # A per-micro-batch mean; with `num_items_in_batch`, Trainer leaves accumulation averaging to the loss
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            distill = scale * kl_sum / num_positions.clamp(min=1) / steps
-        loss = loss + distill
+        if fused.topk_ids is not None:
+            self._store_or_compare_cache(keys, positions, covered, fused, mode)
+        self._log_step_metrics(mode, inputs, fused, valid, covered, outputs, cached, use_cache)
+        if return_outputs:
+            with torch.no_grad():  # as SFTTrainer: the logits for `compute_metrics`, from an extra forward
+                outputs = model(**model_inputs)
+            return loss, outputs
+        return loss
 
-        fused = next(out for out in lm_outputs if getattr(out, "log_probs", None) is not None)
-        gather = self.accelerator.gather_for_metrics
-        ce = gather(-fused.log_probs.detach().sum()).sum() / gather(fused.label_mask.sum()).sum().clamp(min=1)
-        count = gather(num_positions).sum().clamp(min=1)
-        kl = (gather(kl_sum.detach()).sum() / count).item()
-        self._metrics[mode]["sft_loss"].append(ce.item())
-        self._metrics[mode]["kl"].append(kl)
-        self._metrics[mode]["distill_loss"].append(scale * kl)
-        if use_cache:
-            self._metrics[mode]["teacher_cache_hit"].append(float(cached is not None))
-        return (loss, result[1]) if return_outputs else loss
+    @property
+    def _head_skip_kwargs(self) -> dict:
+        """`logits_to_keep=1` where the model's forward takes it: its own LM head then projects one position per row."""
+        if not hasattr(self, "_head_skip"):
+            forward = inspect.signature(type(causal_lm(self.accelerator.unwrap_model(self.model))).forward)
+            self._head_skip = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
+        return self._head_skip
 
-    def _fill_cache(self, keys, positions, student_hidden, student_head, teacher_hidden, mode):
-        """Training: store the teacher's top-k per row. Eval (held-out batches): log the top-k KL beside the exact one."""
+    def _loss_scales(self, label_mask, positions, num_items_in_batch):
+        """Per-token weights of the CE and of the divergence, with SFTTrainer's normalisation of the CE.
+
+        CE: Σ over label tokens / `num_items_in_batch` (tokens of the global batch; the micro-batch's own count when
+        Trainer gives none), times the number of processes under `average_tokens_across_devices` (DDP averages the
+        gradients). Divergence, scaled by λ·τ²: with `distill_scope="completion"` the same denominator as the CE; with
+        `"all"` a mean over the micro-batch's covered positions, averaged over the accumulation steps.
+        """
         args = self.args
-        ids, logps = teacher_topk(teacher_hidden, self.teacher.head, args.teacher_cache_topk, args.distill_temperature)
+        processes = self.accelerator.num_processes // self.get_tp_size()
+        across = args.average_tokens_across_devices and num_items_in_batch is not None
+        denominator = label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        ce_scale = (processes if across else 1) / torch.as_tensor(denominator).clamp(min=1)
+        scale = args.distill_coef * args.distill_temperature**2
+        if args.distill_scope == "completion" and num_items_in_batch is not None:
+            distill_scale = scale * (processes if across else 1) / torch.as_tensor(num_items_in_batch).clamp(min=1)
+        else:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            distill_scale = scale / positions.sum().clamp(min=1) / steps
+        device = label_mask.device
+        return torch.as_tensor(ce_scale, device=device), torch.as_tensor(distill_scale, device=device)
+
+    @staticmethod
+    def _rows_from_positions(values: torch.Tensor, rows, positions, fill) -> torch.Tensor:
+        """Cached per-position values (`[positions.sum(), k]`) laid out on `rows` ⊇ positions. The other rows (CE
+        only, divergence weight 0) get `fill`, a finite stand-in (a uniform distribution for the log-probs)."""
+        if torch.equal(rows, positions):
+            return values
+        out = values.new_full((int(rows.sum()), values.shape[1]), fill)
+        out[positions[rows].to(out.device)] = values.to(out.device)
+        return out
+
+    def _store_or_compare_cache(self, keys, positions, covered, fused, mode) -> None:
+        """Training: store the teacher's top-k per row. Eval (held-out batches): log the top-k KL beside the exact one."""
         if mode == "train":
+            ids, logps = fused.topk_ids[covered], fused.topk_logps[covered]
             counts = positions.sum(1).tolist()
             for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
                 self.teacher_cache.put(key, row_ids, row_logps, epoch=int(self.state.epoch or 0))
             return
-        approx = topk_token_divergence(student_hidden, student_head, ids, logps, args.divergence_beta,
-                                       args.distill_temperature)
         gather = self.accelerator.gather_for_metrics
-        count = gather(positions.sum()).sum().clamp(min=1)
-        self._metrics[mode]["kl_topk"].append((gather(approx.sum()).sum() / count).item())
+        count = gather(covered.sum()).sum().clamp(min=1)
+        self._metrics[mode]["kl_topk"].append((gather(fused.topk_divergence[covered].sum()).sum() / count).item())
+
+    def _log_step_metrics(self, mode, inputs, fused, valid, covered, outputs, cached, use_cache) -> None:
+        """SFTTrainer's metrics (entropy, mean_token_accuracy, num_tokens, aux_loss) and the distillation ones."""
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(valid.sum()).sum()
+        scale = self.args.distill_coef * self.args.distill_temperature**2
+        metrics = self._metrics[mode]
+        metrics["entropy"].append((gather(fused.entropy[valid].sum()).sum() / num_valid).item() if num_valid else 0.0)
+        metrics["mean_token_accuracy"].append(
+            (gather(fused.is_top1[valid].sum()).sum() / num_valid).item() if num_valid else 0.0
+        )
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:
+                tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._tokens_seen += int(gather(tokens).sum().item()) // self.get_tp_size()
+        metrics["num_tokens"] = [self._tokens_seen]
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
+        metrics["sft_loss"].append((gather(fused.ce.sum()).sum() / num_valid.clamp(min=1)).item())
+        kl = (gather(fused.divergence[covered].sum()).sum() / gather(covered.sum()).sum().clamp(min=1)).item()
+        metrics["kl"].append(kl)
+        metrics["distill_loss"].append(scale * kl)
+        if use_cache:
+            metrics["teacher_cache_hit"].append(float(cached is not None))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Saving, model card and Hub

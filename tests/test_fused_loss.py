@@ -1,0 +1,139 @@
+"""The fused CE + divergence path against the naive fp64 reference: values, gradients, chunking, cached teachers."""
+
+import pytest
+import torch
+from reference import cross_entropy, divergence, logits, topk_divergence
+
+from trl_selfdistill.losses import LMHead, TeacherTarget, fused_chunk_rows, fused_token_losses
+
+BETAS = [0.0, 1.0, 0.5]
+
+
+def make_case(n, h, v, seed=0, bias=False, scale=1.0, softcap=None):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, h, generator=g, requires_grad=True)
+    ht = torch.randn(n, h, generator=g)
+    ws = (torch.randn(v, h, generator=g) / h**0.5).requires_grad_()
+    wt = torch.randn(v, h, generator=g) / h**0.5
+    bs = torch.randn(v, generator=g).requires_grad_() if bias else None
+    bt = torch.randn(v, generator=g) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::3] = -100  # ignored positions: no CE there, the divergence still counts
+    ce_w = torch.rand(n, generator=g) * (targets != -100)
+    div_w = torch.rand(n, generator=g)
+    return hs, ht, LMHead(ws, bs, scale, softcap), LMHead(wt, bt, scale, softcap), targets, ce_w, div_w
+
+
+def reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, tau, dft=False):
+    z = logits(hs, s_head.weight, s_head.bias, s_head.logit_scale, s_head.softcap)
+    zt = logits(ht, t_head.weight, t_head.bias, t_head.logit_scale, t_head.softcap)
+    ce, div = cross_entropy(z, targets, dft), divergence(z, zt, beta, tau)
+    return (ce * ce_w.double()).sum() + (div * div_w.double()).sum(), ce, div
+
+
+def grads(*tensors):
+    out = [None if t is None else t.grad.clone() for t in tensors]
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    return out
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("n,h,v,rows", [(1, 8, 50, None), (7, 13, 97, None), (7, 13, 97, 2), (33, 16, 4000, 5)])
+def test_values_and_gradients_match_reference(beta, tau, n, h, v, rows):
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(n, h, v, seed=n + v)
+    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, beta, tau, rows=rows)
+    got.loss.backward()
+    got_grads = grads(hs, s_head.weight)
+
+    want, ce, div = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, tau)
+    want.backward()
+    torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.ce.double(), ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.divergence.double(), div.detach(), rtol=1e-4, atol=1e-6)
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight)):
+        torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dft", [False, True])
+def test_bias_scale_softcap_and_dft_reach_both_terms(dft):
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(9, 8, 61, seed=3, bias=True, scale=0.7, softcap=3.0)
+    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, 0.3, 0.5, dft=dft, rows=4)
+    got.loss.backward()
+    got_grads = grads(hs, s_head.weight, s_head.bias)
+    want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, 0.3, 0.5, dft=dft)
+    want.backward()
+    torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias)):
+        torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_are_the_student_entropy_and_top1_at_temperature_one():
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(12, 8, 40, seed=7)
+    targets[5] = logits(hs, s_head.weight)[5].argmax()  # at least one correct top-1
+    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, 0.0, 0.5)
+    log_p = torch.log_softmax(logits(hs, s_head.weight), -1)
+    torch.testing.assert_close(got.entropy.double(), -(log_p.exp() * log_p).sum(-1).detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.is_top1, log_p.argmax(-1) == targets) and got.is_top1[5]
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_cached_topk_teacher_matches_the_binned_reference(beta):
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(10, 8, 70, seed=11)
+    with torch.no_grad():
+        exact = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, beta, 0.5, topk=6)
+    log_t = torch.log_softmax(logits(ht, t_head.weight) / 0.5, -1)
+    top = log_t.topk(6, -1)
+    assert torch.equal(exact.topk_ids.long(), top.indices)
+    torch.testing.assert_close(exact.topk_logps.double(), top.values, rtol=1e-5, atol=1e-6)
+
+    cached = TeacherTarget(topk_ids=exact.topk_ids, topk_logps=exact.topk_logps)
+    got = fused_token_losses(hs, s_head, targets, cached, ce_w, div_w, beta, 0.5, rows=3)
+    got.loss.backward()
+    got_grads = grads(hs, s_head.weight)
+    z = logits(hs, s_head.weight)
+    ref_div = topk_divergence(z, exact.topk_ids, exact.topk_logps, beta, 0.5)
+    want = (cross_entropy(z, targets) * ce_w.double()).sum() + (ref_div * div_w.double()).sum()
+    want.backward()
+    torch.testing.assert_close(got.divergence.double(), ref_div.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(exact.topk_divergence, got.divergence, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight)):
+        torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
+    assert (got.divergence <= exact.divergence + 1e-6).all()  # merging bins never increases a divergence
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_zero_divergence_and_gradient_when_student_is_teacher(beta):
+    hs, _, s_head, _, targets, _, div_w = make_case(6, 8, 77)
+    teacher = TeacherTarget(hs.detach().clone(), LMHead(s_head.weight.detach().clone()))
+    got = fused_token_losses(hs, s_head, targets, teacher, torch.zeros(6), div_w, beta, 0.5)
+    got.loss.backward()
+    assert torch.allclose(got.divergence, torch.zeros(6), atol=1e-6)
+    assert hs.grad.abs().max() < 1e-6 and s_head.weight.grad.abs().max() < 1e-6
+
+
+def test_no_rows_give_a_connected_zero_and_the_teacher_gets_no_gradient():
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(4, 8, 30)
+    empty = fused_token_losses(hs[:0], s_head, targets[:0], TeacherTarget(ht[:0], t_head), ce_w[:0], div_w[:0], 0, 1)
+    empty.loss.backward()
+    assert empty.loss.item() == 0.0 and hs.grad.abs().max() == 0 and empty.ce.shape == (0,)
+
+    ht.requires_grad_()
+    t_weight = t_head.weight.clone().requires_grad_()
+    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, LMHead(t_weight)), ce_w, div_w, 0.5, 1.0)
+    got.loss.backward()
+    assert ht.grad is None and t_weight.grad is None and hs.grad.abs().sum() > 0
+
+
+def test_chunk_rows_follow_the_memory_budget():
+    assert fused_chunk_rows(49152) == 113  # 256 MiB over 12 fp32 buffers of 49,152 logits
+    assert fused_chunk_rows(320) > 10_000 and fused_chunk_rows(10**9) == 1
+
+
+def test_vocabulary_mismatch_is_refused():
+    hs, ht, s_head, _, targets, ce_w, div_w = make_case(2, 8, 30)
+    with pytest.raises(ValueError, match="vocabulary"):
+        fused_token_losses(hs, s_head, targets, TeacherTarget(ht, LMHead(torch.randn(31, 8))), ce_w, div_w, 0.0)
