@@ -10,6 +10,7 @@ from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
 from .config import SelfDistillConfig
+from .data_checks import check_prepared_dataset, check_raw_dataset, check_teacher_source
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
 from .losses import LMHead, teacher_topk, token_divergence, topk_token_divergence
 from .model_card import push_to_hub, write_model_card
@@ -106,6 +107,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 )
             teacher = ModelTeacher.copy_of(self.accelerator.unwrap_model(model))
         else:
+            check_teacher_source(args.teacher_model_name_or_path, args.model_init_kwargs)
             loaded = AutoModelForCausalLM.from_pretrained(
                 args.teacher_model_name_or_path, **(args.model_init_kwargs or {})
             )
@@ -263,3 +265,14 @@ class SelfDistillSFTTrainer(SFTTrainer):
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
         """Save the model, card and results in `output_dir` first, then upload; a failed upload loses nothing."""
         return push_to_hub(self, commit_message=commit_message, blocking=blocking, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Data
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """SFTTrainer's preparation between two checks (`trl_selfdistill.data_checks`): raw columns, then tokens."""
+        check_raw_dataset(dataset, args, formatting_func, dataset_name)
+        raw_rows = len(dataset) if hasattr(dataset, "__len__") else None
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        check_prepared_dataset(prepared, raw_rows, processing_class, args, packing, dataset_name)
+        return prepared
