@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, IterableDataset
-from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.constants import is_offline_mode
+from datasets import Dataset
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
