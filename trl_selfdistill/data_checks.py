@@ -5,7 +5,8 @@ Checks of what a user hands the trainer, each raising an error that names the ca
   missing values), which would otherwise fail inside it with a bare `StopIteration`, `KeyError` or `AttributeError`.
 - `check_prepared_dataset`: the tokenized dataset after it: every row dropped by truncation (or some, with a warning
   saying how many), rows made only of padding or special tokens (empty strings, all-padding `input_ids`), no token
-  left for the loss, token ids outside the tokenizer's vocabulary.
+  left for the loss, negative token ids.
+- `check_token_ids`: token ids of the prepared datasets inside the model's vocabulary.
 - `check_numeric_fields`: the numeric fields of a config hold numbers (not the string "1.0").
 - `check_teacher_source`: a teacher path or Hub id that can be loaded, checked before loading.
 
@@ -157,8 +158,9 @@ def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args
     """
     Check a tokenized dataset (SFTTrainer's preparation done, `raw_rows` rows before it).
 
-    Refused: no row left (every one dropped because truncation to `max_length` left it no loss token), token ids
-    outside the tokenizer's vocabulary, rows all made of padding or special tokens, and no token anywhere for the
+    Refused: no row left (every one dropped because truncation to `max_length` left it no loss token), negative token
+    ids (the model's vocabulary is checked by `check_token_ids` once the model exists), rows all made of padding or
+    special tokens, and no token anywhere for the
     loss to train on. Warned: some rows dropped by truncation (how many), some rows of padding or special tokens only.
     """
     if not isinstance(dataset, Dataset):
@@ -180,15 +182,7 @@ def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args
         )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     count = _token_counter(dataset)
-    vocab = len(tokenizer)
-    outside = count("input_ids", lambda ids: (ids < 0) | (ids >= vocab))
-    if outside.any():
-        raise ValueError(
-            f"{np.count_nonzero(outside)} rows of the {name} dataset hold token ids outside the tokenizer's "
-            f"vocabulary (0 to {vocab - 1}), e.g. rows {_examples(outside)}. The `input_ids` were made with another "
-            "tokenizer: tokenize with the model's own (`processing_class`), or pass the text and let the trainer "
-            "tokenize it."
-        )
+    _check_ids(count, None, name)
     special = {*tokenizer.all_special_ids, tokenizer.pad_token_id} - {None}
     special = np.array(sorted(special), dtype=np.int64)
     empty_rows = count("input_ids", lambda ids: ~np.isin(ids, special)) == 0
@@ -200,9 +194,9 @@ def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args
         )
     if empty_rows.any():
         logger.warning(
-            f"{np.count_nonzero(empty_rows)} of {len(dataset)} rows of the {name} dataset hold only padding or special "
-            f"tokens (e.g. rows {_examples(empty_rows)}): empty strings, or `input_ids` made of padding. They teach the "
-            "model to emit padding or nothing; drop them with `dataset.filter`."
+            f"{np.count_nonzero(empty_rows)} of {len(dataset)} rows of the {name} dataset hold only padding or "
+            f"special tokens (e.g. rows {_examples(empty_rows)}): empty strings, or `input_ids` made of padding. They "
+            "teach the model to emit padding or nothing; drop them with `dataset.filter`."
         )
     # Position 0 is never predicted: a row trains on its labels from the second token on (packed rows: roughly)
     if "labels" in dataset.column_names and not count("labels", lambda labels: labels != -100, skip_first=True).any():
@@ -211,6 +205,29 @@ def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args
             "learned. Each row needs at least one labelled token after its first (for prompt-completion data, a "
             "non-empty completion)."
         )
+
+
+def _check_ids(count, vocab_size: int | None, name: str) -> None:
+    outside = count("input_ids", lambda ids: (ids < 0) | (ids >= vocab_size) if vocab_size else ids < 0)
+    if outside.any():
+        bound = f"the model's vocabulary (0 to {vocab_size - 1})" if vocab_size else "0 and up (negative ids)"
+        raise ValueError(
+            f"{np.count_nonzero(outside)} rows of the {name} dataset hold token ids outside {bound}, e.g. rows "
+            f"{_examples(outside)}. The `input_ids` were made with another tokenizer: tokenize with the model's own "
+            "(`processing_class`), or pass the text and let the trainer tokenize it."
+        )
+
+
+def check_token_ids(trainer) -> None:
+    """
+    Refuse token ids of the trainer's prepared datasets outside its model's input embeddings, which would fail with a
+    bare `IndexError` at the first step. Called once the model exists (SFTTrainer prepares data before keeping it).
+    """
+    vocab_size = trainer.model.get_input_embeddings().num_embeddings
+    evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
+    for name, dataset in {"train": trainer.train_dataset, **evals}.items():
+        if isinstance(dataset, Dataset) and "input_ids" in dataset.column_names:
+            _check_ids(_token_counter(dataset), vocab_size, name)
 
 
 def check_numeric_fields(config) -> None:
@@ -251,18 +268,16 @@ def check_teacher_source(name_or_path: str, model_init_kwargs: dict | None = Non
         hub_id = False
     if not hub_id or (len(path.parts) > 1 and path.parent.is_dir()):
         raise ValueError(
-            f"{where}: there is no such folder ({path.absolute()}). Pass the folder of a saved model (the `output_dir` "
-            "or a `checkpoint-N` folder of an earlier run) or a Hub model id `owner/name`."
+            f"{where}: there is no such folder ({path.absolute()}). Pass the folder of a saved model (the "
+            "`output_dir` or a `checkpoint-N` folder of an earlier run) or a Hub model id `owner/name`."
         )
     if is_offline_mode() or kwargs.get("local_files_only"):
-        cached = [
-            try_to_load_from_cache(name_or_path, file, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"))
-            for file in ("config.json", "adapter_config.json")
-        ]
-        if not any(isinstance(found, str) for found in cached):
+        cache = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
+        files = ("config.json", "adapter_config.json")
+        if not any(isinstance(try_to_load_from_cache(name_or_path, file, **cache), str) for file in files):
             raise ValueError(
-                f"{where} is not a local folder (none at {path.absolute()}), and the Hub is offline (`HF_HUB_OFFLINE=1` "
-                "or `local_files_only`) with no cached copy of that repo. If it is a local model, fix the path; if a "
-                f"Hub model, download it once with network access (`hf download {name_or_path}`) or unset "
-                "`HF_HUB_OFFLINE`."
+                f"{where} is not a local folder (none at {path.absolute()}), and the Hub is offline "
+                "(`HF_HUB_OFFLINE=1` or `local_files_only`) with no cached copy of that repo. If it is a local model, "
+                "fix the path; if a Hub model, download it once with network access "
+                f"(`hf download {name_or_path}`) or unset `HF_HUB_OFFLINE`."
             )

@@ -108,7 +108,8 @@ def _looks_like_a_path(path: Path) -> bool:
 
 
 def _json_kind(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
 
 
 def _json_records(file: Path) -> list[dict]:
@@ -118,7 +119,8 @@ def _json_records(file: Path) -> list[dict]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{file}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}). Fix the file.") from err
+            message = f"{file}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}). Fix the file."
+            raise ValueError(message) from err
         if not isinstance(records, list):
             raise ValueError(
                 f"{file} holds a JSON {_json_kind(records)}, not a list of facts. Give a list of objects like "
