@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+from types import SimpleNamespace
 
 import pytest
 from conftest import (
@@ -98,13 +99,25 @@ def over_vocabulary() -> Dataset:
     return Dataset.from_dict({"input_ids": [[5, 6, 7]] * 3 + [[5, 320, 7]]})  # the tiny model has 320 embeddings
 
 
-def test_token_ids_over_the_model_vocabulary_are_refused(tmp_path):
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_token_ids_over_the_model_vocabulary_are_refused(split):
     ok = Dataset.from_dict({"input_ids": [[5, 300, 319]] * 4})  # over the tokenizer's 259 tokens, not the model's
-    check_token_ids(make_trainer(tmp_path / "ok", ok))
-    trainer = make_trainer(tmp_path, over_vocabulary(), eval_dataset=Dataset.from_dict({"input_ids": [[5, 6]]}))
-    with pytest.raises(ValueError, match=r"1 rows of the train dataset hold token ids outside the model's vocabulary "
-                                         r"\(0 to 319\), e.g. rows 3.*another tokenizer"):
-        check_token_ids(trainer)
+    check_token_ids(SimpleNamespace(model=tiny_model(), train_dataset=ok, eval_dataset={"eval": ok}))
+    datasets = {"train_dataset": ok, "eval_dataset": {"eval": ok}}
+    datasets["train_dataset" if split == "train" else "eval_dataset"] = over_vocabulary()
+    with pytest.raises(ValueError, match=rf"1 rows of the {split} dataset hold token ids outside the model's "
+                                         r"vocabulary \(0 to 319\), e.g. rows 3.*another tokenizer"):
+        check_token_ids(SimpleNamespace(model=tiny_model(), **datasets))
+
+
+def test_token_ids_are_read_from_the_selected_rows_only():
+    """A `select` leaves the other rows in the Arrow table: their ids are none of the check's business."""
+    rows = {"input_ids": [[5, 6], [5, 999], [5, 7]], "labels": [[5, 6], [5, 999], [5, 7]]}
+    selected = Dataset.from_dict(rows).select([0, 2])
+    check_token_ids(SimpleNamespace(model=tiny_model(), train_dataset=selected, eval_dataset=None))
+    with pytest.raises(ValueError, match="e.g. rows 0"):  # row 1 of the table is row 0 of this selection
+        check_token_ids(SimpleNamespace(model=tiny_model(), train_dataset=Dataset.from_dict(rows).select([1, 2]),
+                                        eval_dataset=None))
 
 
 @pytest.mark.xfail(strict=True, reason="needs `check_token_ids(self)` called in SelfDistillSFTTrainer.__init__ after "

@@ -119,12 +119,15 @@ def _row_counts(lists: pa.ListArray, keep, skip_first: bool = False) -> np.ndarr
     first element of each row left out with `skip_first`.
     """
     offsets = lists.offsets.to_numpy()  # into `lists.values`, which a sliced array keeps whole
-    kept = keep(lists.values.to_numpy(zero_copy_only=False))
+    starts, empty = offsets[:-1], offsets[1:] == offsets[:-1]
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    kept = keep(lists.values.to_numpy(zero_copy_only=False)[: offsets[-1]])
     if skip_first:
-        kept[offsets[:-1][offsets[1:] > offsets[:-1]]] = False
-    total = np.zeros(len(kept) + 1, dtype=np.int64)
-    np.cumsum(kept, out=total[1:])
-    return total[offsets[1:]] - total[offsets[:-1]]
+        kept[starts[~empty]] = False
+    counts = np.add.reduceat(np.append(kept, False).view(np.uint8), starts, dtype=np.int64)
+    counts[empty] = 0  # `reduceat` gives an empty row the element at its start
+    return counts
 
 
 def _token_counter(dataset: Dataset):
