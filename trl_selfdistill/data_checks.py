@@ -190,10 +190,11 @@ def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args
     special = np.array(sorted(special), dtype=np.int64)
     empty_rows = count("input_ids", lambda ids: ~np.isin(ids, special)) == 0
     if empty_rows.all():
+        shown = ", ".join(tokenizer.convert_ids_to_tokens(special[:5].tolist())) + (", …" if len(special) > 5 else "")
         raise ValueError(
             f"Every row of the {name} dataset is empty: after tokenization each holds only padding or special tokens "
-            f"({tokenizer.convert_ids_to_tokens(special.tolist())}), so the model would learn nothing (or to emit "
-            "padding). Check the data: empty strings in the text column, or `input_ids` made of padding."
+            f"({shown}), so the model would learn nothing (or to emit padding). Check the data: empty strings in the "
+            "text column, or `input_ids` made of padding."
         )
     if empty_rows.any():
         logger.warning(
