@@ -56,6 +56,8 @@ DATASET_ERRORS = [
                  "Every row of the train dataset is empty", id="empty-strings-plain-sft"),
     pytest.param(lambda: Dataset.from_dict({"input_ids": [[0, 0, 0, 0]] * 4}), {}, ValueError,
                  "only padding or special tokens.*`input_ids` made of padding", id="all-padding"),
+    pytest.param(lambda: Dataset.from_dict({"input_ids": [[5]] * 4}), {}, ValueError,
+                 "No row of the train dataset has a token for the loss to train on", id="nothing-to-predict"),
     pytest.param(lambda: prompt_completion(["a", "b"], [1, 2]), {}, TypeError,
                  r"`completion` column of the train dataset holds int64 values, not text.*str\(row",
                  id="int-completions"),
@@ -134,6 +136,8 @@ DATASET_WARNINGS = [
     pytest.param(lambda: Dataset.from_dict({"text": ["", "a b c", "", "d e f"]}), {},
                  r"2 of 4 rows of the train dataset hold only padding or special tokens \(e.g. rows 0, 2\)", 4,
                  id="some-empty-strings"),
+    pytest.param(lambda: Dataset.from_dict({"text": ["", "a b c", "", "d e f"]}), {"shuffle_dataset": True},
+                 r"2 of 4 rows .* \(e.g. rows 0, 2\)", 4, id="some-empty-strings-shuffled-numbered-as-given"),
 ]
 
 

@@ -132,28 +132,30 @@ def _row_counts(lists: pa.ListArray, keep, skip_first: bool = False) -> np.ndarr
 
 def _token_counter(dataset: Dataset):
     """
-    `count(column, keep, skip_first=False)`: `_row_counts` over the dataset's rows, read from its backing Arrow table
-    in one piece. SFTTrainer's truncation drops rows through an index mapping, which `Dataset` reads row by row
-    (seconds per 100k rows), so when the table holds more rows than the dataset, the kept ones are found by
-    SFTTrainer's own rule (a label other than -100); only a dataset whose rows are another selection is read through
-    its mapping.
+    `count(column, keep, skip_first=False)`, `_row_counts` over the rows of the dataset's backing Arrow table, and the
+    mask of the table rows the dataset holds. Row numbers are so those of the data as given to SFTTrainer, which drops
+    rows (truncation) and reorders them (`shuffle_dataset`) through an index mapping that `Dataset` reads row by row
+    (seconds per 100k rows): the kept rows are found by SFTTrainer's own rule (a label other than -100). Only a
+    dataset whose rows are another selection is read through its mapping.
     """
-    table, kept = dataset.data, None
+    table = dataset.data
+    rows = np.ones(table.num_rows, dtype=bool)
     if table.num_rows != len(dataset):
         if "labels" in table.column_names:
-            kept = _row_counts(table.column("labels").combine_chunks(), lambda labels: labels != -100) > 0
-        if kept is None or np.count_nonzero(kept) != len(dataset):
-            table, kept = dataset.with_format("arrow")[:], None
+            rows = _row_counts(table.column("labels").combine_chunks(), lambda labels: labels != -100) > 0
+        if np.count_nonzero(rows) != len(dataset):
+            table = dataset.with_format("arrow")[:]
+            rows = np.ones(table.num_rows, dtype=bool)
 
     def count(column: str, keep, skip_first: bool = False) -> np.ndarray:
-        counts = _row_counts(table.column(column).combine_chunks(), keep, skip_first)
-        return counts if kept is None else counts[kept]
+        return _row_counts(table.column(column).combine_chunks(), keep, skip_first)
 
-    return count
+    return count, rows
 
 
-def _examples(counts: np.ndarray, limit: int = 3) -> str:
-    return ", ".join(str(i) for i in np.flatnonzero(counts)[:limit])
+def _examples(flagged: np.ndarray, limit: int = 3) -> str:
+    """The first rows flagged, numbered as given to the trainer."""
+    return ", ".join(str(i) for i in np.flatnonzero(flagged)[:limit])
 
 
 def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args, packing: bool,
@@ -184,12 +186,12 @@ def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args
             "`truncation_mode='keep_end'`, or shorten the prompts."
         )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    count = _token_counter(dataset)
-    _check_ids(count, None, name)
+    count, rows = _token_counter(dataset)
+    _check_ids(count, rows, None, name)
     special = {*tokenizer.all_special_ids, tokenizer.pad_token_id} - {None}
     special = np.array(sorted(special), dtype=np.int64)
-    empty_rows = count("input_ids", lambda ids: ~np.isin(ids, special)) == 0
-    if empty_rows.all():
+    empty_rows = (count("input_ids", lambda ids: ~np.isin(ids, special)) == 0) & rows
+    if np.count_nonzero(empty_rows) == np.count_nonzero(rows):
         shown = ", ".join(tokenizer.convert_ids_to_tokens(special[:5].tolist())) + (", …" if len(special) > 5 else "")
         raise ValueError(
             f"Every row of the {name} dataset is empty: after tokenization each holds only padding or special tokens "
@@ -203,16 +205,18 @@ def check_prepared_dataset(dataset, raw_rows: int | None, processing_class, args
             "teach the model to emit padding or nothing; drop them with `dataset.filter`."
         )
     # Position 0 is never predicted: a row trains on its labels from the second token on (packed rows: roughly)
-    if "labels" in dataset.column_names and not count("labels", lambda labels: labels != -100, skip_first=True).any():
-        raise ValueError(
-            f"No row of the {name} dataset has a token for the loss to train on: the loss would be 0 and nothing "
-            "learned. Each row needs at least one labelled token after its first (for prompt-completion data, a "
-            "non-empty completion)."
-        )
+    if "labels" in dataset.column_names:
+        trained = count("labels", lambda labels: labels != -100, skip_first=True) > 0
+        if not (trained & rows).any():
+            raise ValueError(
+                f"No row of the {name} dataset has a token for the loss to train on: the loss would be 0 and nothing "
+                "learned. Each row needs at least one labelled token after its first (for prompt-completion data, a "
+                "non-empty completion)."
+            )
 
 
-def _check_ids(count, vocab_size: int | None, name: str) -> None:
-    outside = count("input_ids", lambda ids: (ids < 0) | (ids >= vocab_size) if vocab_size else ids < 0)
+def _check_ids(count, rows: np.ndarray, vocab_size: int | None, name: str) -> None:
+    outside = (count("input_ids", lambda ids: (ids < 0) | (ids >= vocab_size) if vocab_size else ids < 0) > 0) & rows
     if outside.any():
         bound = f"the model's vocabulary (0 to {vocab_size - 1})" if vocab_size else "0 and up (negative ids)"
         raise ValueError(
@@ -231,7 +235,7 @@ def check_token_ids(trainer) -> None:
     evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
     for name, dataset in {"train": trainer.train_dataset, **evals}.items():
         if isinstance(dataset, Dataset) and "input_ids" in dataset.column_names:
-            _check_ids(_token_counter(dataset), vocab_size, name)
+            _check_ids(*_token_counter(dataset), vocab_size, name)
 
 
 def check_numeric_fields(config) -> None:
