@@ -123,8 +123,9 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
 
     big = first_update(tmp_path / "big", per_device_train_batch_size=4, gradient_accumulation_steps=1)
     acc = first_update(tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    # Updates are differences of fp32 weights up to 1.0 (the norms), so they are known to a couple of ulp of 1.0
     for name in big:
-        torch.testing.assert_close(big[name], acc[name], rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(big[name], acc[name], rtol=1e-4, atol=2 * torch.finfo(torch.float32).eps, msg=name)
 
 
 @pytest.mark.parametrize("dataset", [prompt_completion_dataset, conversational_dataset, text_dataset])

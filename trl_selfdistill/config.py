@@ -8,6 +8,8 @@ from typing import Literal
 
 from trl import SFTConfig
 
+from .data_checks import check_numeric_fields
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DISTILL_SCOPES = ("completion", "all")
 TEACHER_MODES = ("auto", "adapter_disabled", "adapter_copy", "model_copy")
@@ -27,10 +29,8 @@ def _without_secrets(value):
     return value
 
 
-def _check_number(name: str, value, fix: str) -> None:
-    """Refuse a non-number (a string from a hand-written config, a bool) or a non-finite number, naming the fix."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}). {fix}")
+def _check_finite(name: str, value, fix: str) -> None:
+    """Refuse a NaN or an infinity, naming the fix (types are checked by `check_numeric_fields`)."""
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite, got {value}. {fix}")
 
@@ -124,15 +124,15 @@ class SelfDistillConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        check_numeric_fields(self)  # before any comparison: `distill_coef="1.0"` gets a TypeError naming the field
         super().__post_init__()
-        _check_number("distill_coef", self.distill_coef, "Use a float ≥ 0, e.g. 1.0 (paper), or 0 for plain SFT.")
-        _check_number("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")
-        _check_number("jsd_beta", self.jsd_beta, "Use a float strictly between 0 and 1, e.g. 0.5.")
-        _check_number("teacher_cache_topk", self.teacher_cache_topk, "Use an integer ≥ 1, e.g. 64.")
-        if self.loss_chunk_rows is not None:
-            _check_number("loss_chunk_rows", self.loss_chunk_rows, "Use an integer ≥ 1, or None for the automatic size.")
-            if self.loss_chunk_rows < 1 or self.loss_chunk_rows != int(self.loss_chunk_rows):
-                raise ValueError(f"`loss_chunk_rows` must be an integer ≥ 1 or None, got {self.loss_chunk_rows}.")
+        _check_finite("distill_coef", self.distill_coef, "Use a float ≥ 0, e.g. 1.0 (paper), or 0 for plain SFT.")
+        _check_finite("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")
+        _check_finite("jsd_beta", self.jsd_beta, "Use a float strictly between 0 and 1, e.g. 0.5.")
+        if self.loss_chunk_rows is not None and (
+            isinstance(self.loss_chunk_rows, bool) or not isinstance(self.loss_chunk_rows, int) or self.loss_chunk_rows < 1
+        ):
+            raise ValueError(f"`loss_chunk_rows` must be an integer ≥ 1 or None, got {self.loss_chunk_rows!r}.")
         if self.distill_coef < 0:
             raise ValueError(f"`distill_coef` (λ) must be ≥ 0, got {self.distill_coef}. Use 0 for plain SFT.")
         if self.distill_temperature <= 0:
@@ -152,10 +152,8 @@ class SelfDistillConfig(SFTConfig):
             )
         if self.teacher_mode not in TEACHER_MODES:
             raise ValueError(f"Unknown `teacher_mode={self.teacher_mode!r}`: choose one of {', '.join(TEACHER_MODES)}.")
-        if self.teacher_cache_topk < 1 or self.teacher_cache_topk != int(self.teacher_cache_topk):
-            raise ValueError(
-                f"`teacher_cache_topk` must be an integer ≥ 1, got {self.teacher_cache_topk}; 64 is a good start."
-            )
+        if self.teacher_cache_topk < 1:
+            raise ValueError(f"`teacher_cache_topk` must be ≥ 1, got {self.teacher_cache_topk}; 64 is a good start.")
         if self.teacher_cache_dir is not None and self.distill_coef == 0:
             raise ValueError(
                 "`teacher_cache_dir` is set but `distill_coef=0` runs no teacher. Unset `teacher_cache_dir`, or set "

@@ -12,6 +12,13 @@ from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
 from .config import SelfDistillConfig
+from .data_checks import (
+    check_not_empty,
+    check_prepared_dataset,
+    check_raw_dataset,
+    check_teacher_source,
+    check_token_ids,
+)
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
 from .losses import LMHead, TeacherTarget, fused_token_losses
 from .model_card import push_checkpoint, push_to_hub, write_model_card
@@ -79,7 +86,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
         given_peft_model = isinstance(model, PeftModel)
         if freeze_config is not None and kwargs.get("peft_config") is not None and isinstance(model, PreTrainedModel):
             kwargs["peft_config"] = restrict_peft_config(kwargs["peft_config"], model, freeze_config)
+        check_not_empty(kwargs.get("train_dataset"), "train")
         super().__init__(model, args, **kwargs)
+        check_token_ids(self)
         self.freeze_report = None
         if freeze_config is not None:
             freeze = freeze_for_peft if isinstance(self.model, PeftModel) else apply_freeze
@@ -134,6 +143,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 )
             teacher = ModelTeacher.copy_of(self.accelerator.unwrap_model(model))
         else:
+            check_teacher_source(args.teacher_model_name_or_path, args.model_init_kwargs)
             loaded = AutoModelForCausalLM.from_pretrained(
                 args.teacher_model_name_or_path, **(args.model_init_kwargs or {})
             )
@@ -424,3 +434,14 @@ class SelfDistillSFTTrainer(SFTTrainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer's checkpoint push uploads the whole output folder: send only the allowlisted files instead
         push_checkpoint(self, checkpoint_folder)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Data
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """SFTTrainer's preparation between two checks (`trl_selfdistill.data_checks`): raw columns, then tokens."""
+        check_raw_dataset(dataset, args, formatting_func, dataset_name)
+        raw_rows = len(dataset) if hasattr(dataset, "__len__") else None
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        check_prepared_dataset(prepared, raw_rows, processing_class, args, packing, dataset_name)
+        return prepared

@@ -89,12 +89,64 @@ def load_facts(
         rows, found_templates = [dict(row, _file_relation=relation) for row in source], {}
     elif Path(source).exists():
         rows, found_templates = _read_path(Path(source), relation)
+    elif _looks_like_a_path(Path(source)):
+        raise FileNotFoundError(
+            f"No fact file or folder at {Path(source).absolute()}. Pass an existing JSON/JSONL file or a "
+            f"folder of JSONL files, a built-in set ({', '.join(sorted(BUILTIN))}), or a Hub dataset id."
+        )
     else:
         dataset = load_dataset(source, split=split)
         rows, found_templates = [dict(row, _file_relation=relation) for row in dataset], {}
     templates = {**found_templates, **load_templates(templates)}
     facts = [_clean(row, i, templates, question_column, answers_column) for i, row in enumerate(rows)]
     return Dataset.from_list(_merge(facts))
+
+
+def _looks_like_a_path(path: Path) -> bool:
+    """A name meant as a local file or folder rather than a Hub dataset id: a JSON suffix, or a folder that exists."""
+    return path.suffix in (".json", ".jsonl") or path.is_absolute() or (len(path.parts) > 1 and path.parent.is_dir())
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def _json_records(file: Path) -> list[dict]:
+    """The objects of a JSON file (a list of them) or a JSONL file (one per line), each error naming file and line."""
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            message = f"{file}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}). Fix the file."
+            raise ValueError(message) from err
+        if not isinstance(records, list):
+            raise ValueError(
+                f"{file} holds a JSON {_json_kind(records)}, not a list of facts. Give a list of objects like "
+                '[{"question": "...", "answers": ["..."]}], or one object per line in a .jsonl file.'
+            )
+        where = [f"{file}: item {i}" for i in range(len(records))]
+    else:
+        records, where = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{file}:{number}: not valid JSON ({err.msg}, column {err.colno}). Each line of a JSONL fact file "
+                    "is one JSON object; fix or delete that line."
+                ) from err
+            where.append(f"{file}:{number}")
+    for record, place in zip(records, where):
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{place} is a JSON {_json_kind(record)} ({json.dumps(record)[:60]}), not an object. Each fact is "
+                'an object like {"question": "...", "answers": ["..."]}.'
+            )
+    return records
 
 
 def _read_path(path: Path, relation: str | None) -> tuple[list[dict], dict[str, str]]:
@@ -104,11 +156,12 @@ def _read_path(path: Path, relation: str | None) -> tuple[list[dict], dict[str, 
     rows = []
     for file in files:
         file_relation = relation if relation is not None else (file.name.split(".")[0] if path.is_dir() else None)
-        if file.suffix == ".json":
-            records = json.loads(file.read_text())
-        else:
-            records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        rows += [dict(record, _file_relation=file_relation) for record in records]
+        rows += [dict(record, _file_relation=file_relation) for record in _json_records(file)]
+    if not rows:
+        raise ValueError(
+            f"No facts in {path}: {'its files are' if path.is_dir() else 'the file is'} empty. Give one JSON object "
+            'per line, like {"question": "...", "answers": ["..."]}.'
+        )
     # Beside the files, or one folder up for a folder of files (EntityQuestions: <root>/train/*.jsonl)
     folders = [path, path.parent] if path.is_dir() else [path.parent]
     for candidate in [folder / name for folder in folders for name in TEMPLATE_FILES]:
