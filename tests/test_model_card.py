@@ -458,3 +458,15 @@ def test_card_shows_only_this_runs_results(tmp_path):
     trainer.add_callback(RecordedResults(RESULTS))
     card = ModelCard.load(write_model_card(trainer))
     assert metrics_of(card) == FINAL_METRICS
+
+
+def test_model_index_names_the_fact_set_measured_and_the_answered_subset():
+    results = copy.deepcopy(RESULTS)
+    results["facts"] = "curated"
+    results["final"].update(answered_known_accuracy=0.8, answered_known_forgetting=0.2)
+    card = render_model_card(distilled_info(results=results, datasets=["someone/chat-data"]))
+    datasets = {r.dataset_name for r in card.data.eval_results}
+    assert datasets == {"curated (Known training facts)", "curated (Unknown training facts)",
+                        "curated (held-out Known facts)"}
+    assert metrics_of(card)["answered_known_forgetting"] == 0.2
+    assert "| Forgetting of the facts answered at step 0 (relative) ↓ |" in card.text and "20.0%" in card.text

@@ -1,8 +1,13 @@
-"""Per-token divergences between teacher and student, computed from hidden states without the full logits.
+"""Losses between teacher and student computed from hidden states, on the positions the caller selects.
 
-The divergence runs through TRL's chunked kernel (`trl.kernels.chunked_divergence.ChunkedDivergenceFunction`), which
-projects hidden states through each LM head in vocabulary tiles: neither model's `[N, V]` logits exist in full, and only
-the positions the caller selects are projected. Reduction and masking stay with the caller.
+- `fused_token_losses`: the trainer's loss. CE against the gold tokens and the divergence to the teacher (exact, or a
+  cached top-k) from ONE projection of the student per chunk of positions, gradients computed in the same pass;
+  chunks are sized to a memory budget, so a small batch builds its `[N, V]` logits once and a large one never does.
+- `token_divergence`: the divergence alone through TRL's chunked kernel
+  (`trl.kernels.chunked_divergence.ChunkedDivergenceFunction`), which projects in vocabulary tiles (used by the drift
+  meter, where no CE is needed).
+
+Both are tested against the naive fp64 reference in `tests/reference.py` (values and gradients).
 """
 
 import math
@@ -10,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 
@@ -94,23 +98,6 @@ def _transform(z: torch.Tensor, head: LMHead, temperature: float) -> torch.Tenso
     return z / temperature
 
 
-@torch.no_grad()
-def teacher_topk(hidden: torch.Tensor, head: LMHead, k: int, temperature: float, rows: int = 256):
-    """Top-`k` token ids and log-probs (at `temperature`) of the teacher at each of `[N, H]` rows, in row chunks."""
-    ids, logps = [], []
-    for start in range(0, hidden.shape[0], rows):
-        z = hidden[start : start + rows].float() @ head.weight.float().T
-        if head.bias is not None:
-            z = z + head.bias.float()
-        logp = torch.log_softmax(_transform(z, head, temperature), dim=-1)
-        top = logp.topk(k, dim=-1)
-        ids.append(top.indices.to(torch.int32))
-        logps.append(top.values)
-    if not ids:
-        return hidden.new_zeros((0, k), dtype=torch.int32), hidden.new_zeros((0, k), dtype=torch.float32)
-    return torch.cat(ids), torch.cat(logps)
-
-
 def _log_tail(logp: torch.Tensor) -> torch.Tensor:
     """log(1 - Σ exp(logp)) over the last dim: the log-mass outside the top-k bins."""
     return torch.log1p(-logp.exp().sum(-1).clamp(max=1 - 1e-6)).unsqueeze(-1)
@@ -125,38 +112,6 @@ def _coarse(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tens
         return (p * (log_p - log_q)).sum(-1)
     log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1 - beta))
     return beta * (q * (log_q - log_m)).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
-
-
-def topk_token_divergence(
-    student_hidden: torch.Tensor,
-    student_head: LMHead,
-    teacher_ids: torch.Tensor,
-    teacher_logps: torch.Tensor,
-    beta: float,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """
-    `token_divergence` against a cached teacher: its top-k log-probs plus one tail bin holding the remaining mass.
-
-    The student is coarsened to the same k+1 bins (its log-probs at the teacher's top-k ids and its own tail mass),
-    with its log-normalizer from TRL's chunked log-prob kernel, so no `[N, V]` logits exist. Merging bins never
-    increases a divergence, so the result is a lower bound of the exact value; the gap is the tail mass times the
-    divergence inside the tail (chain rule), small when the teacher's tail mass is.
-    """
-    ids = teacher_ids.long()
-    # Log-normalizer with gradient: log Z = z_y - log p(y), for y the teacher's top token
-    z = torch.einsum("nh,nkh->nk", student_hidden, student_head.weight[ids])
-    if student_head.bias is not None:
-        z = z + student_head.bias[ids]
-    z = _transform(z, student_head, temperature)
-    log_p_top1 = ChunkedLogProbFunction.apply(
-        student_hidden, student_head.weight, student_head.bias, ids[:, 0], temperature, 32768,
-        student_head.softcap, student_head.logit_scale, ("log_probs",),
-    )[0]
-    log_z = z[:, :1] - log_p_top1.unsqueeze(-1)
-    log_p = (z - log_z).float()
-    log_q = teacher_logps.float()
-    return _coarse(torch.cat([log_p, _log_tail(log_p)], -1), torch.cat([log_q, _log_tail(log_q)], -1), beta)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -311,7 +266,8 @@ def fused_token_losses(
 
     `z_i` are the student's logits at row `i` of `[N, H]` hidden states (head scale and soft-capping applied), `z^t`
     the teacher's (exact: from its hidden states and head; or a cached top-k at τ, where D is taken over those k bins
-    plus the tail, as `topk_token_divergence`). Rows are processed `rows` at a time (default: as many as
+    plus the tail: merging bins never increases a divergence, so this is a lower bound of the exact value, whose gap
+    is the tail mass times the divergence inside the tail). Rows are processed `rows` at a time (default: as many as
     `FUSED_BUDGET_BYTES` allows, so small batches build their logits once); per chunk the student's `[rows, V]`
     logits are built once, and the gradients of the loss with respect to the hidden states, weight and bias are
     computed there (the loss is a scalar), so nothing is re-projected in backward. The gradient reaches the student's

@@ -63,7 +63,14 @@ METRICS = {
     "heldout_known_accuracy": ("Held-out Known accuracy", True, "heldout_known", "held-out Known facts"),
     "forgetting_from_peak": ("Forgetting from peak (relative)", False, "heldout_known", "held-out Known facts"),
     "forgetting_from_peak_abs": ("Forgetting from peak (absolute)", False, "heldout_known", "held-out Known facts"),
+    "answered_known_accuracy": (
+        "Held-out Known accuracy, facts answered at step 0", True, "heldout_known", "held-out Known facts"
+    ),
+    "answered_known_forgetting": (
+        "Forgetting of the facts answered at step 0 (relative)", False, "heldout_known", "held-out Known facts"
+    ),
 }
+PERCENT_METRICS = ("forgetting_from_peak", "answered_known_forgetting")
 SIZE_LABELS = {
     "train_known": "Known facts trained on",
     "train_unknown": "Unknown (new) facts trained on",
@@ -166,7 +173,8 @@ def _format(value, percent: bool = False) -> str | None:
 
 def _eval_results(info: CardInfo) -> list[EvalResult]:
     final = (info.results or {}).get("final") or {}
-    dataset = info.datasets[0] if info.datasets else "custom"
+    # The facts measured: the knowledge set the results name (a monitor-only run), else the training data
+    dataset = (info.results or {}).get("facts") or (info.datasets[0] if info.datasets else "custom")
     return [
         EvalResult(
             task_type="question-answering",
@@ -192,8 +200,8 @@ def _results_context(results: dict | None) -> dict:
         {
             "label": f"{label} {'↑' if higher else '↓'}",
             "split": what,
-            "value": _format(final.get(key), key == "forgetting_from_peak") or "–",
-            "baseline": _format(baseline.get(key), key == "forgetting_from_peak") or "–",
+            "value": _format(final.get(key), key in PERCENT_METRICS) or "–",
+            "baseline": _format(baseline.get(key), key in PERCENT_METRICS) or "–",
         }
         for key, (label, higher, _, what) in METRICS.items()
         if final.get(key) is not None or baseline.get(key) is not None
