@@ -86,11 +86,11 @@ def test_scaling_table_matches_the_naive_reference(smoke):
     cells = results["scaling"]
     assert [(c["vocab"], c["seq"]) for c in cells] == [(512, 16), (512, 64), (2048, 16), (2048, 64)]
     for cell in cells:
-        naive, chunked = cell["naive"], cell["chunked"]
-        assert naive["status"] == chunked["status"] == "ok"
-        assert finite(naive["extra_mb"]) and finite(chunked["extra_mb"])
-        # Same random inputs in both runs: the chunked KL equals the full-logit one
-        assert chunked["loss"] == pytest.approx(naive["loss"], rel=1e-4, abs=1e-6)
+        naive, fused = cell["naive"], cell["fused"]
+        assert naive["status"] == fused["status"] == "ok"
+        assert finite(naive["extra_mb"]) and finite(fused["extra_mb"])
+        # Same random inputs in both runs: the fused CE + KL equals the full-logit one
+        assert fused["loss"] == pytest.approx(naive["loss"], rel=1e-4, abs=1e-6)
     assert "| vocab | seq (N) | naive extra memory |" in stdout
 
 

@@ -129,3 +129,28 @@ def test_trainer_refuses_a_cache_of_other_data_or_settings(tmp_path):
         cached_trainer(tmp_path / "c", tmp_path / "cache", distill_temperature=1.0)
     stored = json.loads((tmp_path / "cache" / "fingerprint.json").read_text())
     assert stored["topk"] == 64 and stored["teacher"].startswith("adapter_disabled:")
+
+
+def test_prefill_pass_fills_the_cache_so_every_epoch_reads_it(tmp_path):
+    trainer = cached_trainer(tmp_path, tmp_path / "cache", teacher_cache_prefill=True,
+                             teacher_cache_prefill_batch_size=3)
+    calls = count_teacher_calls(trainer)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "kl" in log]
+    assert len(calls) == 3  # the pre-pass only: 8 examples in batches of 3; no teacher forward while training
+    assert [log["teacher_cache_hit"] for log in logs] == [1] * 6 and logs[-1]["kl"] > 0
+    assert len(trainer.teacher_cache) == 8
+
+    # A second run on the complete cache (e.g. a resumed one) runs no teacher at all, and trains the same way
+    again = cached_trainer(tmp_path / "again", tmp_path / "cache", teacher_cache_prefill=True)
+    again_calls = count_teacher_calls(again)
+    assert again.prefill_teacher_cache() == 0
+    again.train()
+    assert len(again_calls) == 0
+    torch.testing.assert_close([log["loss"] for log in again.state.log_history if "kl" in log],
+                               [log["loss"] for log in logs], rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_needs_a_cache_folder(tmp_path):
+    with pytest.raises(ValueError, match="`teacher_cache_prefill=True` fills the teacher cache, but `teacher_cache_dir`"):
+        config(tmp_path, teacher_cache_prefill=True)

@@ -113,6 +113,18 @@ class SelfDistillConfig(SFTConfig):
         },
     )
 
+    teacher_cache_prefill: bool = field(
+        default=False,
+        metadata={
+            "help": "Fill the teacher cache in a forward-only pre-pass over the training data before training "
+            "(teacher only, larger batches), so that every epoch, the first included, reads the cache instead of "
+            "running the teacher. Without it the first epoch runs the exact teacher and fills the cache."
+        },
+    )
+    teacher_cache_prefill_batch_size: int = field(
+        default=64,
+        metadata={"help": "Examples per batch of the teacher pre-pass (no gradients are kept: larger than training)."},
+    )
     loss_chunk_rows: int | None = field(
         default=None,
         metadata={
@@ -154,6 +166,11 @@ class SelfDistillConfig(SFTConfig):
             raise ValueError(f"Unknown `teacher_mode={self.teacher_mode!r}`: choose one of {', '.join(TEACHER_MODES)}.")
         if self.teacher_cache_topk < 1:
             raise ValueError(f"`teacher_cache_topk` must be ≥ 1, got {self.teacher_cache_topk}; 64 is a good start.")
+        if self.teacher_cache_prefill_batch_size < 1:
+            raise ValueError(f"`teacher_cache_prefill_batch_size` must be ≥ 1, got {self.teacher_cache_prefill_batch_size}.")
+        if self.teacher_cache_prefill and self.teacher_cache_dir is None:
+            raise ValueError("`teacher_cache_prefill=True` fills the teacher cache, but `teacher_cache_dir` is not set: "
+                             "set `teacher_cache_dir` to a folder, or drop `teacher_cache_prefill`.")
         if self.teacher_cache_dir is not None and self.distill_coef == 0:
             raise ValueError(
                 "`teacher_cache_dir` is set but `distill_coef=0` runs no teacher. Unset `teacher_cache_dir`, or set "

@@ -92,10 +92,29 @@ def token_divergence(
 
 
 def _transform(z: torch.Tensor, head: LMHead, temperature: float) -> torch.Tensor:
-    z = z * head.logit_scale
+    """The logits as the model's distribution sees them: scale, soft-capping, then 1/τ (no copy where all are 1)."""
+    if head.logit_scale != 1.0:
+        z = z * head.logit_scale
     if head.softcap is not None:
         z = head.softcap * torch.tanh(z / head.softcap)
-    return z / temperature
+    return z / temperature if temperature != 1.0 else z
+
+
+@torch.no_grad()
+def teacher_topk(hidden: torch.Tensor, head: LMHead, k: int, temperature: float):
+    """Top-`k` token ids and log-probs (at `temperature`) of a model at each of `[N, H]` rows, in fused-size chunks."""
+    ids, logps = [], []
+    rows = fused_chunk_rows(head.weight.shape[0])
+    for start in range(0, hidden.shape[0], rows):
+        z = hidden[start : start + rows] @ head.weight.T
+        if head.bias is not None:
+            z = z + head.bias
+        top = torch.log_softmax(_transform(z.float(), head, temperature), dim=-1).topk(k, dim=-1)
+        ids.append(top.indices.to(torch.int32))
+        logps.append(top.values)
+    if not ids:
+        return hidden.new_zeros((0, k), dtype=torch.int32), hidden.new_zeros((0, k), dtype=torch.float32)
+    return torch.cat(ids), torch.cat(logps)
 
 
 def _log_tail(logp: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
@@ -20,7 +21,7 @@ from .data_checks import (
     check_token_ids,
 )
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
-from .losses import LMHead, TeacherTarget, fused_token_losses
+from .losses import LMHead, TeacherTarget, fused_token_losses, teacher_topk
 from .model_card import push_checkpoint, push_to_hub, write_model_card
 from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
@@ -238,8 +239,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
     def _cached_teacher(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The cached top-k of every row, or None. Only entries stored in an earlier epoch are served, so the first
-        epoch always runs the teacher and a resumed run uses the same values as an uninterrupted one."""
-        epoch = int(self.state.epoch or 0)
+        epoch always runs the teacher and a resumed run uses the same values as an uninterrupted one. With
+        `teacher_cache_prefill`, the pre-pass stored every row (as epoch 0) before training: epoch 0 reads them too."""
+        epoch = int(self.state.epoch or 0) + (1 if self.args.teacher_cache_prefill else 0)
         found = [self.teacher_cache.get(k, before_epoch=epoch) for k in keys]
         if epoch > 0 and any(f is None for f in found):
             self.teacher_cache.refresh()  # other processes may have written them since
@@ -247,6 +249,49 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if any(f is None for f in found):
             return None
         return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+    def train(self, *args, **kwargs):
+        if self.teacher_cache is not None and self.args.teacher_cache_prefill:
+            self.prefill_teacher_cache()
+        return super().train(*args, **kwargs)
+
+    @torch.no_grad()
+    def prefill_teacher_cache(self) -> int:
+        """
+        The teacher pre-pass: one forward-only pass of the teacher over the training data (no student, no optimizer,
+        batches of `teacher_cache_prefill_batch_size`, each process its share) storing the top-k of every example not
+        cached yet, so that the first epoch already reads the cache. Rows are keyed per example, whatever the batch.
+        Returns the number of examples stored by this process. `train()` calls it when `teacher_cache_prefill=True`.
+        """
+        args = self.args
+        if "attention_mask" not in self.data_collator([self.train_dataset[0]]):
+            raise ValueError(
+                "`teacher_cache_prefill` needs per-example rows, but this collator packs a batch into one row "
+                "(padding-free): its cache keys depend on the batch. Set `teacher_cache_prefill=False` (the first epoch "
+                "fills the cache), or turn off `padding_free`."
+            )
+        loader = self.accelerator.prepare(torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=args.teacher_cache_prefill_batch_size, collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+        ))
+        stored = 0
+        for batch in tqdm(loader, desc="Teacher pre-pass", disable=not self.is_world_process_zero()):
+            inputs = self._prepare_inputs(batch)
+            positions, shifted = self._distill_positions(inputs)
+            keys = self._row_keys(inputs, positions)
+            if all(self.teacher_cache.get(key, before_epoch=1) is not None for key in keys):
+                continue  # a resumed run, or another run's complete cache
+            hidden = self.teacher.last_hidden_state({k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
+            self._stop_if_nonfinite(hidden, "teacher output in the cache pre-pass", "Check the teacher's weights.")
+            hidden = (hidden[:, :-1] if shifted else hidden)[positions]
+            ids, logps = teacher_topk(hidden, self.teacher.head, args.teacher_cache_topk, args.distill_temperature)
+            counts = positions.sum(1).tolist()
+            for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
+                self.teacher_cache.put(key, row_ids, row_logps, epoch=0)
+            stored += len(keys)
+        self.accelerator.wait_for_everyone()
+        self.teacher_cache.refresh()  # what the other processes stored
+        return stored
 
     def _stop_if_nonfinite(self, value: torch.Tensor, term: str, fix: str) -> None:
         """Raise before the optimizer step when `value` holds a NaN or an infinity (nothing saved is overwritten)."""
