@@ -137,3 +137,24 @@ def test_vocabulary_mismatch_is_refused():
     hs, ht, s_head, _, targets, ce_w, div_w = make_case(2, 8, 30)
     with pytest.raises(ValueError, match="vocabulary"):
         fused_token_losses(hs, s_head, targets, TeacherTarget(ht, LMHead(torch.randn(31, 8))), ce_w, div_w, 0.0)
+
+
+@pytest.mark.parametrize("dft", [False, True])
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_closed_form_forward_kl_path_with_bias_scale_and_dft(dft, tau):
+    """β=0 with an exact teacher and no soft-capping takes the closed-form gradient: same values and gradients."""
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(11, 8, 83, seed=9, bias=True, scale=0.7)
+    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, 0.0, tau, dft=dft, rows=4,
+                             topk=5)
+    got.loss.backward()
+    got_grads = grads(hs, s_head.weight, s_head.bias)
+    want, ce, div = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, 0.0, tau, dft=dft)
+    want.backward()
+    torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.divergence.double(), div.detach(), rtol=1e-4, atol=1e-6)
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias)):
+        torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
+    zt = logits(ht, t_head.weight, t_head.bias, 0.7)
+    ref_topk = topk_divergence(logits(hs, s_head.weight, s_head.bias, 0.7), got.topk_ids, got.topk_logps, 0.0, tau)
+    assert torch.equal(got.topk_ids.long(), torch.log_softmax(zt / tau, -1).topk(5, -1).indices)
+    torch.testing.assert_close(got.topk_divergence.double(), ref_topk.detach(), rtol=1e-4, atol=1e-6)

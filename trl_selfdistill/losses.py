@@ -181,12 +181,57 @@ def _coarse_student(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, _log_tail(top)], -1)
 
 
+def _teacher_log_probs(teacher: TeacherTarget, tau: float) -> torch.Tensor:
+    with torch.no_grad():
+        zt = teacher.hidden @ teacher.head.weight.T
+        if teacher.head.bias is not None:
+            zt = zt + teacher.head.bias
+        return torch.log_softmax(_transform(zt.float(), teacher.head, tau), -1)
+
+
+def _forward_kl_chunk(z, head, targets, ce_w, div_w, teacher, tau, dft, topk):
+    """`_fused_chunk` for the paper's case (forward KL to an exact teacher, no soft-capping) in closed form:
+
+        ∂/∂s [w·CE + v·KL(p_t ‖ q)] = w·(p - onehot(y)) + v·(q - p_t)/τ,   p = softmax(s), q = softmax(s/τ), s = scale·z
+    """
+    s = z * head.logit_scale if head.logit_scale != 1.0 else z
+    log_p = torch.log_softmax(s, -1)
+    p = log_p.exp()
+    valid = targets != -100
+    safe_targets = targets.clamp(min=0).unsqueeze(1)
+    log_p_y = log_p.gather(1, safe_targets).squeeze(1)
+    ce = torch.where(valid, -log_p_y, torch.zeros_like(log_p_y))
+    w = ce_w * valid * (log_p_y.exp() if dft else 1.0)
+    log_q = torch.log_softmax(s / tau, -1)
+    log_t = _teacher_log_probs(teacher, tau)
+    p_t = log_t.exp()
+    div = (p_t * (log_t - log_q)).sum(-1)
+    out = {"ce": ce, "divergence": div, "entropy": -(p * log_p).sum(-1), "is_top1": log_p.argmax(-1) == targets}
+    if topk:
+        top = log_t.topk(topk, dim=-1)
+        out["topk_ids"], out["topk_logps"] = top.indices.to(torch.int32), top.values
+        out["topk_divergence"] = _coarse(_coarse_student(log_q, out["topk_ids"]),
+                                         torch.cat([top.values, _log_tail(top.values)], -1), 0.0)
+    total = (ce * w).sum() + (div * div_w).sum()  # w holds DFT's detached p(y)
+    # The gradient, in place over the buffers no longer needed: dz = scale·[w·(p - onehot) + v/τ·(q - p_t)]
+    dz = p.mul_(w.unsqueeze(1))
+    dz.scatter_add_(1, safe_targets, -w.unsqueeze(1))
+    dz.add_(log_q.exp_().sub_(p_t).mul_((div_w / tau).unsqueeze(1)))
+    if head.logit_scale != 1.0:
+        dz.mul_(head.logit_scale)
+    return total, dz, out
+
+
 def _fused_chunk(h, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk):
     """Values and the logits' gradient of one chunk; the student is projected once, the teacher once (no grad)."""
     z = h @ head.weight.T
     if head.bias is not None:
         z = z + head.bias
-    z = z.float().detach().requires_grad_(True)
+    z = z.float()
+    if beta == 0.0 and teacher.hidden is not None and head.softcap is None:
+        with torch.no_grad():
+            return _forward_kl_chunk(z, head, targets, ce_w, div_w, teacher, tau, dft, topk)
+    z = z.detach().requires_grad_(True)
     out = {}
     with torch.enable_grad():
         s = _transform(z, head, 1.0)
@@ -197,11 +242,7 @@ def _fused_chunk(h, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk):
         ce_term = ce * log_p_y.detach().exp() if dft else ce
         log_q = torch.log_softmax(s / tau, -1)
         if teacher.hidden is not None:
-            with torch.no_grad():
-                zt = teacher.hidden @ teacher.head.weight.T
-                if teacher.head.bias is not None:
-                    zt = zt + teacher.head.bias
-                log_t = torch.log_softmax(_transform(zt.float(), teacher.head, tau), -1)
+            log_t = _teacher_log_probs(teacher, tau)
             div = _coarse(log_q, log_t, beta)  # log-softmax of finite logits is finite: no 0·∞
         else:
             log_tk = teacher.topk_logps.float()

@@ -67,8 +67,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
         loss = CE(gold) + λ·τ²·D(p_teacher^τ, p_student^τ)   averaged per token
 
-    The CE part is SFTTrainer's own (same normalisation, same metrics). The divergence is computed from the last hidden
-    states through TRL's chunked kernel, on the selected positions only, so neither model's full logits are built.
+    The CE keeps SFTTrainer's normalisation and metrics. Both terms come from one projection of the student's last
+    hidden states per chunk of the selected positions (`losses.fused_token_losses`), chunks sized to a memory budget.
     The teacher is picked by `args.teacher_mode` (see `trl_selfdistill.teacher`). With `distill_coef=0` this is
     exactly SFTTrainer. `freeze_config` restricts what trains (full fine-tuning) or where adapters go (PEFT).
     """
