@@ -121,7 +121,7 @@ def test_knowledge_set_the_model_does_not_know(tmp_path, model_dir):
 
 BAD_INPUTS = [
     # (what, argv additions or a dataset to write, expected message)
-    ("no TRL column", {"question": "Q?", "reply": "A"}, "none of the columns SFTTrainer trains on"),
+    ("no TRL column", {"question": "Q?", "reply": "A"}, "none of the columns SFT reads"),
     ("prompt without completion", {"prompt": "Q?"}, "no `completion` column"),
     ("malformed knowledge row", ["--knowledge_facts", "{tmp}/bad_facts.jsonl"], "answer"),
     ("unknown YAML key", ["--config", "{tmp}/typo.yaml"], "distil_coef"),

@@ -212,22 +212,13 @@ def load_data(script_args, training_args, dataset_args):
 
 
 def check_columns(dataset, training_args) -> bool:
-    """Raise unless `dataset` has columns TRL's SFTTrainer trains on; return whether it is conversational."""
+    """Raise before any model loads unless `dataset` is one of SFT's formats (`data_checks.check_raw_dataset`: the
+    trainer runs the same check); return whether it is conversational."""
     from trl.data_utils import is_conversational
 
-    columns = set(dataset.column_names or [])
-    known = {training_args.dataset_text_field, "messages", "prompt", "completion", "input_ids"}
-    if not columns & known:
-        raise ValueError(
-            f"The training data has none of the columns SFTTrainer trains on (it has {sorted(columns)}). Give it a "
-            f"`messages` column (chat), `prompt` + `completion` columns, or a `{training_args.dataset_text_field}` "
-            "column (or name your text column with `--dataset_text_field`)."
-        )
-    if "prompt" in columns and "completion" not in columns and "messages" not in columns:
-        raise ValueError(
-            "The training data has a `prompt` column but no `completion` column: SFTTrainer needs both (the "
-            "completion is what it trains on). Add `completion`, or rename the column to `text`."
-        )
+    from trl_selfdistill.data_checks import check_raw_dataset
+
+    check_raw_dataset(dataset, training_args)
     return is_conversational(next(iter(dataset)))
 
 
