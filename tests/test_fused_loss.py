@@ -3,25 +3,22 @@
 import pytest
 import torch
 from reference import cross_entropy, divergence, logits, topk_divergence
+from test_losses import make_case as divergence_case
 
 from trl_selfdistill.losses import LMHead, TeacherTarget, fused_chunk_rows, fused_token_losses
 
 BETAS = [0.0, 1.0, 0.5]
 
 
-def make_case(n, h, v, seed=0, bias=False, scale=1.0, softcap=None):
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, h, generator=g, requires_grad=True)
-    ht = torch.randn(n, h, generator=g)
-    ws = (torch.randn(v, h, generator=g) / h**0.5).requires_grad_()
-    wt = torch.randn(v, h, generator=g) / h**0.5
-    bs = torch.randn(v, generator=g).requires_grad_() if bias else None
-    bt = torch.randn(v, generator=g) if bias else None
+def make_case(n, h, v, seed=0, **head):
+    """`test_losses.make_case` plus gold targets (every third ignored) and per-row CE / divergence weights."""
+    hs, ht, s_head, t_head = divergence_case(n, h, v, seed=seed, **head)
+    g = torch.Generator().manual_seed(seed + 1)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[::3] = -100  # ignored positions: no CE there, the divergence still counts
     ce_w = torch.rand(n, generator=g) * (targets != -100)
     div_w = torch.rand(n, generator=g)
-    return hs, ht, LMHead(ws, bs, scale, softcap), LMHead(wt, bt, scale, softcap), targets, ce_w, div_w
+    return hs, ht, s_head, t_head, targets, ce_w, div_w
 
 
 def reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, tau, dft=False):
