@@ -7,11 +7,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
-from trl.models.utils import prepare_deepspeed
+from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
 from .config import SelfDistillConfig
+from .distributed import check_engine, full_shape, gathered_heads, local_shard, unwrap
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
-from .losses import LMHead, teacher_topk, token_divergence, topk_token_divergence
+from .losses import teacher_topk, token_divergence, topk_token_divergence
 from .model_card import push_checkpoint, push_to_hub, write_model_card
 from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
@@ -29,7 +30,7 @@ def nonfinite_parameters(model: torch.nn.Module, trainable_only: bool = False) -
     for name, param in model.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
-        local = param.to_local() if hasattr(param, "to_local") else param
+        local = local_shard(param)
         if local.numel() and not torch.isfinite(local.detach()).all():
             bad.append(name)
     return bad
@@ -95,11 +96,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
     def _make_teacher(self, given_peft_model: bool):
         args, model = self.args, self.model
         is_peft = isinstance(model, PeftModel)
-        if is_peft and self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError(
-                "PEFT with DeepSpeed ZeRO-3 is not supported by the self-distillation teacher (the adapter-disabled "
-                "forward on sharded base weights is untested). Use ZeRO-2, FSDP, or DDP."
-            )
+        check_engine(self.accelerator)
         mode = args.teacher_mode
         if args.teacher_model_name_or_path is not None:
             mode = "model_copy"
@@ -127,21 +124,24 @@ class SelfDistillSFTTrainer(SFTTrainer):
                     "Use `teacher_mode='auto'`: the teacher is then the same model with its adapter disabled (or a "
                     "frozen copy of the adapter), with no second copy of the base."
                 )
-            teacher = ModelTeacher.copy_of(self.accelerator.unwrap_model(model))
+            teacher = ModelTeacher.copy_of(unwrap(model))
         else:
             loaded = AutoModelForCausalLM.from_pretrained(
                 args.teacher_model_name_or_path, **(args.model_init_kwargs or {})
             )
             teacher = ModelTeacher(loaded, f"`{args.teacher_model_name_or_path}`")
-        student_vocab = causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings().weight.shape[0]
-        teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        student_vocab = full_shape(causal_lm(unwrap(model)).get_output_embeddings().weight)[0]
+        teacher_vocab = full_shape(teacher.model.get_output_embeddings().weight)[0]
         if teacher_vocab != student_vocab:
             raise ValueError(
                 f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}). Distillation "
                 "compares distributions over the same tokens: use a teacher with the student's tokenizer."
             )
+        # Sharded like the student under ZeRO-3 and FSDP2 (each rank holds 1/N of the teacher), replicated otherwise
         if self.is_deepspeed_enabled:
             teacher.model = prepare_deepspeed(teacher.model, self.accelerator)
+        elif self.accelerator.is_fsdp2:
+            teacher.model = prepare_fsdp(teacher.model, self.accelerator)
         else:
             teacher.model = self.accelerator.prepare_model(teacher.model, evaluation_mode=True)
         return teacher
@@ -251,20 +251,21 @@ class SelfDistillSFTTrainer(SFTTrainer):
         loss = result[0] if return_outputs else result
         self._stop_if_nonfinite(loss, "SFT loss (CE)", _CE_FIX)
 
-        student_head = LMHead.of(student)
-        device = student_head.weight.device
-        student_hidden = backbone_outputs[0].last_hidden_state
-        student_hidden = (student_hidden[:, :-1] if shifted else student_hidden)[positions].to(device)
-        beta, tau = args.divergence_beta, args.distill_temperature
-        if cached is not None:
-            ids, logps = (t.to(device) for t in cached)
-            per_token = topk_token_divergence(student_hidden, student_head, ids, logps, beta, tau)
-        else:
-            teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[positions].to(device)
-            per_token = token_divergence(student_hidden, student_head, teacher_hidden, self.teacher.head, beta, tau)
-            if self.teacher_cache is not None:
-                with torch.no_grad():
-                    self._fill_cache(keys, positions, student_hidden, student_head, teacher_hidden, mode)
+        with gathered_heads(student, self.teacher) as (student_head, teacher_head):
+            device = student_head.weight.device
+            student_hidden = backbone_outputs[0].last_hidden_state
+            student_hidden = (student_hidden[:, :-1] if shifted else student_hidden)[positions].to(device)
+            beta, tau = args.divergence_beta, args.distill_temperature
+            if cached is not None:
+                ids, logps = (t.to(device) for t in cached)
+                per_token = topk_token_divergence(student_hidden, student_head, ids, logps, beta, tau)
+            else:
+                teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[positions].to(device)
+                per_token = token_divergence(student_hidden, student_head, teacher_hidden, teacher_head, beta, tau)
+                if self.teacher_cache is not None:
+                    with torch.no_grad():
+                        self._fill_cache(keys, positions, student_hidden, student_head, teacher_hidden, teacher_head,
+                                         mode)
 
         scale = args.distill_coef * tau**2
         kl_sum, num_positions = per_token.sum(), positions.sum()
@@ -297,10 +298,10 @@ class SelfDistillSFTTrainer(SFTTrainer):
             self._metrics[mode]["teacher_cache_hit"].append(float(cached is not None))
         return (loss, result[1]) if return_outputs else loss
 
-    def _fill_cache(self, keys, positions, student_hidden, student_head, teacher_hidden, mode):
+    def _fill_cache(self, keys, positions, student_hidden, student_head, teacher_hidden, teacher_head, mode):
         """Training: store the teacher's top-k per row. Eval (held-out batches): log the top-k KL beside the exact one."""
         args = self.args
-        ids, logps = teacher_topk(teacher_hidden, self.teacher.head, args.teacher_cache_topk, args.distill_temperature)
+        ids, logps = teacher_topk(teacher_hidden, teacher_head, args.teacher_cache_topk, args.distill_temperature)
         if mode == "train":
             counts = positions.sum(1).tolist()
             for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
