@@ -59,11 +59,14 @@ else:
     raise ValueError(mode)
 if spec.get("save_steps"):
     extra.update(save_strategy="steps", save_steps=spec["save_steps"])
+if "distill_coef" in spec:
+    extra["distill_coef"] = spec["distill_coef"]
 if spec.get("cache"):
     extra["teacher_cache_dir"] = spec["cache"]
 args = config(
     out, use_cpu=not engine_launch, max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-    gradient_accumulation_steps=spec.get("accumulation", 1), learning_rate=5e-2,
+    gradient_accumulation_steps=spec.get("accumulation", 1),
+    learning_rate=1e-2 if mode in ("full", "path") else 5e-2,
     ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None, **extra,
 )
 tokenizer = make_tokenizer()
@@ -74,13 +77,16 @@ probe = tokenizer(["Q: What is the capital of France?\nA: Paris", "Q: Who wrote 
                   return_tensors="pt", padding=True)
 
 
-def teacher_logits() -> torch.Tensor:
+def teacher_logits() -> torch.Tensor | None:
+    if trainer.teacher is None:
+        return None
     hidden = trainer.teacher.last_hidden_state(dict(probe))
     student = causal_lm(unwrap(trainer.model_wrapped))
     with gathered_heads(student, trainer.teacher) as (_student_head, head):
         return (hidden @ head.weight.T).detach().clone()
 
 
+torch.autograd.set_detect_anomaly(bool(spec.get("anomaly")))
 before = teacher_logits()
 trainer.train(resume_from_checkpoint=spec.get("resume"))
 after = teacher_logits()
@@ -91,7 +97,7 @@ with gathered_parameters([p for p in student.parameters() if p.requires_grad]) a
 if spec.get("save_model"):
     trainer.save_model(spec["save_model"])
 accelerator = trainer.accelerator
-teacher_model = trainer.teacher.model
+teacher_model = trainer.teacher.model if trainer.teacher else torch.nn.Linear(1, 1)
 torch.save(
     {
         "world": accelerator.num_processes,
@@ -104,7 +110,7 @@ torch.save(
         "logs": trainer.state.log_history,
         "teacher_before": before,
         "teacher_after": after,
-        "teacher_kind": trainer.teacher.kind,
+        "teacher_kind": trainer.teacher.kind if trainer.teacher else None,
         "teacher_bytes": local_bytes(teacher_model),
         "teacher_full_bytes": sum(
             p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()

@@ -145,6 +145,14 @@ def gathered_parameters(params: list[torch.Tensor]):
         yield [(p.full_tensor() if isinstance(p, DTensor) else p.data).detach().clone() for p in params]
 
 
+def full_tensors(named_params):
+    """`(name, full tensor)` for each named parameter, gathered one at a time (peak memory: one whole parameter).
+    Collective under FSDP2 and ZeRO-3: every rank must iterate the same parameters in the same order."""
+    for name, param in named_params:
+        with gathered_parameters([param]) as (full,):
+            yield name, full
+
+
 def check_engine(accelerator) -> None:
     """Refuse engines the teacher does not support, before any weight is loaded."""
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 1:

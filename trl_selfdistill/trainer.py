@@ -10,7 +10,7 @@ from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
 from .config import SelfDistillConfig
-from .distributed import check_engine, full_shape, gathered_heads, local_shard, unwrap
+from .distributed import check_engine, full_shape, full_tensors, gathered_heads, local_shard, unwrap
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
 from .losses import teacher_topk, token_divergence, topk_token_divergence
 from .model_card import push_checkpoint, push_to_hub, write_model_card
@@ -168,13 +168,13 @@ class SelfDistillSFTTrainer(SFTTrainer):
             for ids in self.train_dataset["input_ids"]:
                 data.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
         fingerprint = {
-            "teacher": f"{self.teacher.kind}:{tensor_digest(teacher_tensors)}",
+            "teacher": f"{self.teacher.kind}:{tensor_digest(full_tensors(teacher_tensors))}",
             "tokenizer": vocab_digest(self.processing_class),
             "data": data.hexdigest()[:16],
             "temperature": self.args.distill_temperature,
             "scope": self.args.distill_scope,
         }
-        vocab_size = self.teacher.head.weight.shape[0]
+        vocab_size = full_shape(self.teacher.head.weight)[0]
         return TeacherCache(self.args.teacher_cache_dir, fingerprint, self.args.teacher_cache_topk, vocab_size)
 
     # ----------------------------------------------------------------------------------------------------------------
