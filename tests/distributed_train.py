@@ -100,6 +100,7 @@ accelerator = trainer.accelerator
 teacher_model = trainer.teacher.model if trainer.teacher else torch.nn.Linear(1, 1)
 torch.save(
     {
+        "out": str(out),
         "world": accelerator.num_processes,
         "engine": str(accelerator.distributed_type).split(".")[-1],
         "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None,
