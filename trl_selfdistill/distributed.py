@@ -84,7 +84,7 @@ def forward_through(wrapper: nn.Module, method, *args, **kwargs):
 
 
 class _Gathered(torch.autograd.Function):
-    """The full data of a gathered ZeRO-3 parameter as a tensor of its own; the gradient flows back to the parameter."""
+    """The full data of a gathered ZeRO-3 parameter as a tensor of its own; its gradient goes to the parameter."""
 
     @staticmethod
     def forward(ctx, param):
@@ -112,7 +112,7 @@ def _full(param: torch.Tensor | None) -> torch.Tensor | None:
 
 @contextmanager
 def gathered_heads(student: nn.Module, teacher):
-    """The heads of `student` (the causal LM, unwrapped) and `teacher`, with full weights, for a matmul or kernel that reads them directly.
+    """The heads of `student` (the causal LM, unwrapped) and `teacher`, with full weights, for a matmul or kernel.
 
     Yields `(student_head, teacher_head)` as `LMHead`s. FSDP2 heads go through `full_tensor()` (one all-gather; its
     backward sends the student's gradient back to its shard, as TRL's `DistillationTrainer` does). ZeRO-3 heads are
@@ -135,7 +135,7 @@ def gathered_heads(student: nn.Module, teacher):
 
 @contextmanager
 def gathered_parameters(params: list[torch.Tensor]):
-    """Full, detached copies of `params` for reading (saving, comparing); every rank must enter it with the same list."""
+    """Full, detached copies of `params` for reading (saving, comparing); every rank enters it with the same list."""
     partitioned = [p for p in params if is_partitioned(p)]
     with ExitStack() as stack:
         if partitioned:

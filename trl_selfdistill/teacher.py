@@ -118,7 +118,7 @@ class ModelTeacher:
             raise ValueError(
                 "The model's weights are already partitioned by DeepSpeed ZeRO-3 (it was loaded after the ZeRO-3 "
                 "config existed), so a copy would hold empty partitions. Load the teacher from disk instead: set "
-                f"`teacher_model_name_or_path={getattr(model, 'name_or_path', '')!r}` (or the path of the initial weights)."
+                f"`teacher_model_name_or_path={getattr(model, 'name_or_path', '')!r}` (or the initial weights' path)."
             )
         teacher = copy.deepcopy(causal_lm(model))
         # TRL patches `forward` on the instance with a closure over the original model; the copy must not keep it
