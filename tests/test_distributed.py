@@ -114,19 +114,25 @@ CELLS = [
 SAVE_MODEL = {("fsdp2", "full"), ("zero3", "full")}
 RESUME = {  # cells whose run also writes a checkpoint at step 2: the uninterrupted run of the resume test
     ("fsdp2", "lora"): ("--fsdp_state_dict_type", "SHARDED_STATE_DICT"),
-    ("zero3", "lora"): (),
+    ("zero3", "full"): (),
 }
+
+
+def cell_spec(workdir: Path, engine: str, mode: str) -> dict:
+    """The launch arguments of a cell: a checkpoint at step 2 for the resume test, a `save_model()` folder."""
+    spec = {}
+    if (engine, mode) in RESUME:
+        spec.update(flags=RESUME[engine, mode], save_steps=2)
+    if (engine, mode) in SAVE_MODEL:
+        spec["save_model"] = str(workdir / f"saved-{engine}-{mode}")
+    return spec
 
 
 @pytest.mark.parametrize("engine, mode", CELLS)
 def test_two_processes_match_one(launch, workdir, engine, mode):
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
-    saved = workdir / f"saved-{engine}-{mode}"
-    if (engine, mode) in RESUME:
-        ranks = launch(engine, mode, RESUME[engine, mode], save_steps=2)
-    else:
-        ranks = launch(engine, mode, **({"save_model": str(saved)} if (engine, mode) in SAVE_MODEL else {}))
+    ranks = launch(engine, mode, **cell_spec(workdir, engine, mode))
     reference = launch(None, mode)[0]
     assert_engine(ranks[0], engine)
     assert_ranks_identical(ranks)
@@ -147,20 +153,19 @@ def test_two_processes_match_one(launch, workdir, engine, mode):
         share = rank["teacher_bytes"] / rank["teacher_full_bytes"]
         assert share == pytest.approx(0.5, abs=0.05) if ENGINE[engine][3] else share == 1.0
     if (engine, mode) in SAVE_MODEL:
-        loaded = dict(AutoModelForCausalLM.from_pretrained(saved).named_parameters())
+        loaded = dict(AutoModelForCausalLM.from_pretrained(workdir / f"saved-{engine}-{mode}").named_parameters())
         for name, value in rank["state"].items():
             assert torch.equal(loaded[name].detach(), value), name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, mode", [("fsdp2", "lora"), ("zero3", "lora")], ids=["fsdp2-sharded", "zero3"])
-def test_resume_reproduces_the_uninterrupted_run(launch, engine, mode):
+@pytest.mark.parametrize("engine, mode", list(RESUME), ids=["fsdp2-lora-sharded", "zero3-full"])
+def test_resume_reproduces_the_uninterrupted_run(launch, workdir, engine, mode):
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
-    flags = RESUME[engine, mode]
-    full = launch(engine, mode, flags, save_steps=2)
+    full = launch(engine, mode, **cell_spec(workdir, engine, mode))
     checkpoint = Path(full[0]["out"]) / "out" / "checkpoint-2"
-    resumed = launch(engine, mode, flags, resume=str(checkpoint))
+    resumed = launch(engine, mode, RESUME[engine, mode], resume=str(checkpoint))
     assert_engine(resumed[0], engine)
     assert_ranks_identical(resumed)
     for name, value in full[0]["state"].items():

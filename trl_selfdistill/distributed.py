@@ -11,6 +11,7 @@ A sharded model's backbone must be called through its wrapper's `forward` (`forw
 and DeepSpeed's engine gather what the call needs. FSDP1 is legacy in TRL and refused (`check_engine`).
 """
 
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
@@ -95,6 +96,37 @@ class _Gathered(torch.autograd.Function):
         return grad
 
 
+_armed: dict[int, weakref.ref] = {}
+
+
+def _gather_for_gradient(param: torch.Tensor) -> None:
+    """Have a ZeRO-3 parameter gathered while a gradient from outside its module's forward accumulates into it.
+
+    ZeRO-3 gathers a parameter for its module's own backward; a gradient reaching it through `_Gathered` arrives
+    outside that window, and accumulating a full gradient into an empty partition fails (`The size of tensor a (0)
+    must match ...`). The first hook gathers the parameter when it is not available, the second releases it."""
+    if id(param) in _armed and _armed[id(param)]() is param:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered_here = []
+
+    def gather(grad):
+        if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+            param.all_gather()
+            gathered_here.append(True)
+        return grad
+
+    def release(_param):
+        if gathered_here:
+            gathered_here.clear()
+            param.partition()
+
+    param.register_hook(gather)
+    param.register_post_accumulate_grad_hook(release)
+    _armed[id(param)] = weakref.ref(param)
+
+
 def _full(param: torch.Tensor | None) -> torch.Tensor | None:
     if param is None:
         return None
@@ -104,7 +136,11 @@ def _full(param: torch.Tensor | None) -> torch.Tensor | None:
         return param
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    full = _Gathered.apply(param) if param.requires_grad else param.data.detach()
+    if param.requires_grad:
+        _gather_for_gradient(param)
+        full = _Gathered.apply(param)
+    else:
+        full = param.data.detach()
     # DeepSpeed-aware kernels (TRL's chunked kernels) gather any weight not marked available; this one is whole
     full.ds_status = ZeroParamStatus.AVAILABLE
     return full
