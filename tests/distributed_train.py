@@ -2,7 +2,7 @@
 
 argv[1] is a JSON spec: `out`, `mode` (lora | qlora | adapter_copy | full | path), `base` (a saved tiny model: the
 QLoRA base and the `path` teacher), `steps`, `batch` (per device), and optionally `accumulation`, `save_steps`,
-`resume`, `cache`. Each rank writes `rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the
+`resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`. Each rank writes `rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the
 teacher's logits on a probe batch before and after training, and the parameter bytes it holds.
 
 accelerate 1.15 runs FSDP and DeepSpeed only on accelerator devices: on a CPU-only machine it silently falls back to
@@ -86,7 +86,6 @@ def teacher_logits() -> torch.Tensor | None:
         return (hidden @ head.weight.T).detach().clone()
 
 
-torch.autograd.set_detect_anomaly(bool(spec.get("anomaly")))
 before = teacher_logits()
 trainer.train(resume_from_checkpoint=spec.get("resume"))
 after = teacher_logits()
