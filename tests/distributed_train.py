@@ -2,8 +2,9 @@
 
 argv[1] is a JSON spec: `out`, `mode` (lora | qlora | adapter_copy | full | path), `base` (a saved tiny model: the
 QLoRA base and the `path` teacher), `steps`, `batch` (per device), and optionally `accumulation`, `save_steps`,
-`resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`. Each rank writes `rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the
-teacher's logits on a probe batch before and after training, and the parameter bytes it holds.
+`resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`. Each rank writes
+`rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the teacher's logits on a probe batch
+before and after training, and the parameter bytes it holds.
 
 accelerate 1.15 runs FSDP and DeepSpeed only on accelerator devices: on a CPU-only machine it silently falls back to
 DDP (FSDP) or to one process per rank (DeepSpeed). `cpu_engines()` is the explicit switch for CPU tests: the process
