@@ -1,6 +1,5 @@
 """Teacher strategies (adapter disabled, adapter copy, model copy/path) and the start-up guards."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,15 +155,6 @@ def test_vocabulary_mismatch_is_refused(tmp_path):
 def test_teacher_mode_must_fit_the_model(tmp_path, peft, mode, match):
     with pytest.raises(ValueError, match=match):
         make(tmp_path, peft_config=lora() if peft else None, teacher_mode=mode)
-
-
-def test_peft_with_zero3_is_refused(tmp_path, monkeypatch):
-    trainer = make(tmp_path, peft_config=lora())
-    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
-    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-    monkeypatch.setattr(trainer, "accelerator", zero3)
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        trainer._make_teacher(given_peft_model=False)
 
 
 def test_qlora_four_bit_steps_on_cpu(tmp_path):

@@ -70,7 +70,7 @@ def token_divergence(
             f"({student_head.weight.shape[0]}): distillation compares distributions over the same tokens. Use a "
             "teacher with the student's tokenizer."
         )
-    teacher_bias = None if teacher_head.bias is None else teacher_head.bias.detach()
+    # The teacher head is frozen; it is passed as given (a `.detach()` would drop ZeRO-3's `ds_status` tag)
     parts = []
     for start in range(0, max(student_hidden.shape[0], 1), rows):
         divergence, _entropy = ChunkedDivergenceFunction.apply(
@@ -78,8 +78,8 @@ def token_divergence(
             student_head.weight,
             student_head.bias,
             teacher_hidden[start : start + rows].detach(),
-            teacher_head.weight.detach(),
-            teacher_bias,
+            teacher_head.weight,
+            teacher_head.bias,
             beta,
             temperature,
             student_head.logit_scale,

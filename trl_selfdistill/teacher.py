@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from trl.trainer.utils import use_adapter
 
+from .distributed import forward_through, is_partitioned, unwrap
 from .losses import LMHead
 
 TEACHER_ADAPTER = "teacher"
@@ -44,9 +45,11 @@ def eval_mode(model: nn.Module):
 
 
 def _last_hidden_state(model: nn.Module, inputs: dict) -> torch.Tensor:
-    # `base_model` is the backbone of a transformers causal LM (what TRL's fused LM head calls too)
-    with torch.no_grad(), eval_mode(model):
-        return causal_lm(model).base_model(**inputs, use_cache=False).last_hidden_state
+    # `base_model` is the backbone of a transformers causal LM (what TRL's fused LM head calls too); a sharded model
+    # is entered through its wrapper so FSDP2 / DeepSpeed gather the weights the backbone needs
+    inner = unwrap(model)
+    with torch.no_grad(), eval_mode(inner):
+        return forward_through(model, causal_lm(inner).base_model, **inputs, use_cache=False).last_hidden_state
 
 
 class AdapterDisabledTeacher:
@@ -65,7 +68,7 @@ class AdapterDisabledTeacher:
 
     @property
     def head(self) -> LMHead:
-        return LMHead.of(causal_lm(self.model))
+        return LMHead.of(causal_lm(unwrap(self.model)))
 
 
 class AdapterCopyTeacher:
@@ -97,7 +100,7 @@ class AdapterCopyTeacher:
 
     @property
     def head(self) -> LMHead:
-        return LMHead.of(causal_lm(self.model))
+        return LMHead.of(causal_lm(unwrap(self.model)))
 
 
 class ModelTeacher:
@@ -111,6 +114,12 @@ class ModelTeacher:
 
     @classmethod
     def copy_of(cls, model: nn.Module) -> "ModelTeacher":
+        if any(is_partitioned(p) for p in model.parameters()):
+            raise ValueError(
+                "The model's weights are already partitioned by DeepSpeed ZeRO-3 (it was loaded after the ZeRO-3 "
+                "config existed), so a copy would hold empty partitions. Load the teacher from disk instead: set "
+                f"`teacher_model_name_or_path={getattr(model, 'name_or_path', '')!r}` (or the initial weights' path)."
+            )
         teacher = copy.deepcopy(causal_lm(model))
         # TRL patches `forward` on the instance with a closure over the original model; the copy must not keep it
         teacher.__dict__.pop("forward", None)
@@ -121,7 +130,7 @@ class ModelTeacher:
 
     @property
     def head(self) -> LMHead:
-        return LMHead.of(causal_lm(self.model))
+        return LMHead.of(causal_lm(unwrap(self.model)))
 
 
 def adapter_parameters(model: PeftModel) -> set[int]:

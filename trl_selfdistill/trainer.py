@@ -10,7 +10,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
-from trl.models.utils import prepare_deepspeed
+from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
 from .config import SelfDistillConfig
 from .data_checks import (
@@ -20,8 +20,9 @@ from .data_checks import (
     check_teacher_source,
     check_token_ids,
 )
+from .distributed import check_engine, full_shape, full_tensors, gathered_heads, local_shard, unwrap
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
-from .losses import LMHead, TeacherTarget, fused_token_losses, teacher_topk
+from .losses import TeacherTarget, fused_token_losses, teacher_topk
 from .model_card import push_checkpoint, push_to_hub, write_model_card
 from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
@@ -39,7 +40,7 @@ def nonfinite_parameters(model: torch.nn.Module, trainable_only: bool = False) -
     for name, param in model.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
-        local = param.to_local() if hasattr(param, "to_local") else param
+        local = local_shard(param)
         if local.numel() and not torch.isfinite(local.detach()).all():
             bad.append(name)
     return bad
@@ -110,11 +111,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
     def _make_teacher(self, given_peft_model: bool):
         args, model = self.args, self.model
         is_peft = isinstance(model, PeftModel)
-        if is_peft and self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError(
-                "PEFT with DeepSpeed ZeRO-3 is not supported by the self-distillation teacher (the adapter-disabled "
-                "forward on sharded base weights is untested). Use ZeRO-2, FSDP, or DDP."
-            )
+        check_engine(self.accelerator)
         mode = args.teacher_mode
         if args.teacher_model_name_or_path is not None:
             mode = "model_copy"
@@ -142,22 +139,25 @@ class SelfDistillSFTTrainer(SFTTrainer):
                     "Use `teacher_mode='auto'`: the teacher is then the same model with its adapter disabled (or a "
                     "frozen copy of the adapter), with no second copy of the base."
                 )
-            teacher = ModelTeacher.copy_of(self.accelerator.unwrap_model(model))
+            teacher = ModelTeacher.copy_of(unwrap(model))
         else:
             check_teacher_source(args.teacher_model_name_or_path, args.model_init_kwargs)
             loaded = AutoModelForCausalLM.from_pretrained(
                 args.teacher_model_name_or_path, **(args.model_init_kwargs or {})
             )
             teacher = ModelTeacher(loaded, f"`{args.teacher_model_name_or_path}`")
-        student_vocab = causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings().weight.shape[0]
-        teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        student_vocab = full_shape(causal_lm(unwrap(model)).get_output_embeddings().weight)[0]
+        teacher_vocab = full_shape(teacher.model.get_output_embeddings().weight)[0]
         if teacher_vocab != student_vocab:
             raise ValueError(
                 f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}). Distillation "
                 "compares distributions over the same tokens: use a teacher with the student's tokenizer."
             )
+        # Sharded like the student under ZeRO-3 and FSDP2 (each rank holds 1/N of the teacher), replicated otherwise
         if self.is_deepspeed_enabled:
             teacher.model = prepare_deepspeed(teacher.model, self.accelerator)
+        elif self.accelerator.is_fsdp2:
+            teacher.model = prepare_fsdp(teacher.model, self.accelerator)
         else:
             teacher.model = self.accelerator.prepare_model(teacher.model, evaluation_mode=True)
         return teacher
@@ -202,13 +202,13 @@ class SelfDistillSFTTrainer(SFTTrainer):
             for ids in self.train_dataset["input_ids"]:
                 data.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
         fingerprint = {
-            "teacher": f"{self.teacher.kind}:{tensor_digest(teacher_tensors)}",
+            "teacher": f"{self.teacher.kind}:{tensor_digest(full_tensors(teacher_tensors))}",
             "tokenizer": vocab_digest(self.processing_class),
             "data": data.hexdigest()[:16],
             "temperature": self.args.distill_temperature,
             "scope": self.args.distill_scope,
         }
-        vocab_size = self.teacher.head.weight.shape[0]
+        vocab_size = full_shape(self.teacher.head.weight)[0]
         return TeacherCache(self.args.teacher_cache_dir, fingerprint, self.args.teacher_cache_topk, vocab_size)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -279,12 +279,15 @@ class SelfDistillSFTTrainer(SFTTrainer):
             inputs = self._prepare_inputs(batch)
             positions, shifted = self._distill_positions(inputs)
             keys = self._row_keys(inputs, positions)
-            if all(self.teacher_cache.get(key, before_epoch=1) is not None for key in keys):
+            missing = any(self.teacher_cache.get(key, before_epoch=1) is None for key in keys)
+            # Skip only when no process misses a row: the sharded teacher's forward is a collective
+            if not self.accelerator.reduce(torch.tensor(int(missing), device=self.accelerator.device), "sum"):
                 continue  # a resumed run, or another run's complete cache
             hidden = self.teacher.last_hidden_state({k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
             self._stop_if_nonfinite(hidden, "teacher output in the cache pre-pass", "Check the teacher's weights.")
             hidden = (hidden[:, :-1] if shifted else hidden)[positions]
-            ids, logps = teacher_topk(hidden, self.teacher.head, args.teacher_cache_topk, args.distill_temperature)
+            with gathered_heads(causal_lm(unwrap(self.model)), self.teacher) as (_, teacher_head):
+                ids, logps = teacher_topk(hidden, teacher_head, args.teacher_cache_topk, args.distill_temperature)
             counts = positions.sum(1).tolist()
             for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
                 self.teacher_cache.put(key, row_ids, row_logps, epoch=0)
@@ -327,31 +330,34 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
         # The student's forward runs through the wrapped model (DDP/FSDP/DeepSpeed hooks); its LM head projects one
         # position per row only, and the losses project the selected hidden states once, below
-        student = causal_lm(self.accelerator.unwrap_model(model))
+        student = causal_lm(unwrap(model))
         forward_kwargs = {"use_cache": False, **self._head_skip_kwargs}
         if self.aux_loss_enabled:
             forward_kwargs["output_router_logits"] = True
         with capture_outputs(student.base_model) as backbone_outputs:
             outputs = model(**model_inputs, **forward_kwargs)
-        student_head = LMHead.of(student)
-        device = student_head.weight.device
         hidden = backbone_outputs[0].last_hidden_state
-        hidden = (hidden[:, :-1] if shifted else hidden)[rows].to(device)
-        if cached is not None:
-            teacher = TeacherTarget(topk_ids=self._rows_from_positions(cached[0], rows, positions, 0).to(device),
-                                    topk_logps=self._rows_from_positions(cached[1], rows, positions, 0.0).to(device))
-        else:
-            teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[rows].to(device)
-            teacher = TeacherTarget(teacher_hidden, self.teacher.head)
-        targets, covered = labels[rows].to(device), positions[rows].to(device)
-        ce_scale, distill_scale = self._loss_scales(label_mask, positions, num_items_in_batch)
-        fused = fused_token_losses(
-            hidden, student_head, targets, teacher,
-            ce_weights=(targets != -100) * ce_scale, divergence_weights=covered * distill_scale,
-            beta=args.divergence_beta, temperature=args.distill_temperature, dft=args.loss_type == "dft",
-            topk=args.teacher_cache_topk if self.teacher_cache is not None and cached is None else None,
-            rows=args.loss_chunk_rows,
-        )
+        # Full head weights under FSDP2/ZeRO-3 (a collective: every rank enters, whatever its positions)
+        with gathered_heads(student, self.teacher) as (student_head, teacher_head):
+            device = student_head.weight.device
+            hidden = (hidden[:, :-1] if shifted else hidden)[rows].to(device)
+            if cached is not None:
+                uniform = -math.log(cached[1].shape[1] + 1)  # rows the divergence does not cover: a finite stand-in
+                teacher = TeacherTarget(topk_ids=self._rows_from_positions(cached[0], rows, positions, 0).to(device),
+                                        topk_logps=self._rows_from_positions(cached[1], rows, positions, uniform)
+                                        .to(device))
+            else:
+                teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[rows].to(device)
+                teacher = TeacherTarget(teacher_hidden, teacher_head)
+            targets, covered = labels[rows].to(device), positions[rows].to(device)
+            ce_scale, distill_scale = self._loss_scales(label_mask, positions, num_items_in_batch)
+            fused = fused_token_losses(
+                hidden, student_head, targets, teacher,
+                ce_weights=(targets != -100) * ce_scale, divergence_weights=covered * distill_scale,
+                beta=args.divergence_beta, temperature=args.distill_temperature, dft=args.loss_type == "dft",
+                topk=args.teacher_cache_topk if self.teacher_cache is not None and cached is None else None,
+                rows=args.loss_chunk_rows,
+            )
         loss = fused.loss
         if self.aux_loss_enabled:
             # As SFTTrainer: a per-micro-batch mean; with `num_items_in_batch`, accumulation averaging is the loss's
@@ -380,7 +386,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
     def _head_skip_kwargs(self) -> dict:
         """`logits_to_keep=1` where the model's forward takes it: its own LM head then projects one position per row."""
         if not hasattr(self, "_head_skip"):
-            forward = inspect.signature(type(causal_lm(self.accelerator.unwrap_model(self.model))).forward)
+            forward = inspect.signature(type(causal_lm(unwrap(self.model))).forward)
             self._head_skip = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
         return self._head_skip
 
