@@ -651,7 +651,7 @@ def steps_table(rows: list[dict], device: str) -> str:
 
 def wall_table(rows: list[dict], epochs: int) -> str:
     header = (
-        f"| mode | trainer | {epochs}-epoch wall s (init + train) | × SFT | train() s | steps | training memory | "
+        f"| mode | trainer | {epochs}-epoch wall s (init + pre-pass + train) | × SFT | train() s | steps | training memory | "
         "median s/step per epoch |\n"
         "|---|---|---|---|---|---|---|---|\n"
     )

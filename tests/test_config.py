@@ -66,3 +66,16 @@ def test_parser_reads_cli_and_yaml(tmp_path):
     assert (args.distill_coef, args.divergence, args.jsd_beta, args.distill_temperature) == (2.0, "jsd", 0.25, 0.7)
     with pytest.raises(SystemExit):
         TrlParser((SelfDistillConfig,)).parse_args(["--output_dir", "o", "--divergence", "kl"])
+
+
+def test_installed_trl_is_in_the_range_the_package_claims():
+    """pyproject's `trl` range is the tested one: the suite fails if it runs on a TRL outside it."""
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    (trl,) = [Requirement(dep) for dep in project["dependencies"] if Requirement(dep).name == "trl"]
+    assert trl.specifier.contains(importlib.metadata.version("trl")), (trl, importlib.metadata.version("trl"))
