@@ -106,10 +106,7 @@ def teacher_topk(hidden: torch.Tensor, head: LMHead, k: int, temperature: float)
     ids, logps = [], []
     rows = fused_chunk_rows(head.weight.shape[0])
     for start in range(0, hidden.shape[0], rows):
-        z = hidden[start : start + rows] @ head.weight.T
-        if head.bias is not None:
-            z = z + head.bias
-        top = torch.log_softmax(_transform(z.float(), head, temperature), dim=-1).topk(k, dim=-1)
+        top = _log_probs(hidden[start : start + rows], head, temperature).topk(k, dim=-1)
         ids.append(top.indices.to(torch.int32))
         logps.append(top.values)
     if not ids:
@@ -181,12 +178,33 @@ def _coarse_student(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, _log_tail(top)], -1)
 
 
-def _teacher_log_probs(teacher: TeacherTarget, tau: float) -> torch.Tensor:
+@torch.no_grad()
+def _log_probs(hidden: torch.Tensor, head: LMHead, temperature: float) -> torch.Tensor:
+    """fp32 log-softmax at `temperature` of the logits of `[rows, H]` hidden states through `head` (no gradient)."""
+    z = hidden @ head.weight.T
+    if head.bias is not None:
+        z = z + head.bias
+    return torch.log_softmax(_transform(z.float(), head, temperature), -1)
+
+
+def _student_stats(log_p: torch.Tensor, targets: torch.Tensor, p: torch.Tensor | None = None):
+    """CE at τ=1 (0 where the target is -100), log p(y), and the detached metrics: entropy and top-1 (`p`: exp(log_p),
+    when the caller has it)."""
+    valid = targets != -100
+    log_p_y = log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    ce = torch.where(valid, -log_p_y, torch.zeros_like(log_p_y))
     with torch.no_grad():
-        zt = teacher.hidden @ teacher.head.weight.T
-        if teacher.head.bias is not None:
-            zt = zt + teacher.head.bias
-        return torch.log_softmax(_transform(zt.float(), teacher.head, tau), -1)
+        stats = {"entropy": -((log_p.exp() if p is None else p) * log_p).sum(-1), "is_top1": log_p.argmax(-1) == targets}
+    return ce, log_p_y, stats
+
+
+@torch.no_grad()
+def _topk_outputs(log_t: torch.Tensor, log_q: torch.Tensor, k: int, beta: float) -> dict:
+    """The exact teacher's top-k at τ (for the cache) and the divergence against those k bins plus the tail."""
+    top = log_t.topk(k, dim=-1)
+    ids = top.indices.to(torch.int32)
+    divergence = _coarse(_coarse_student(log_q, ids), torch.cat([top.values, _log_tail(top.values)], -1), beta)
+    return {"topk_ids": ids, "topk_logps": top.values, "topk_divergence": divergence}
 
 
 def _forward_kl_chunk(z, head, targets, ce_w, div_w, teacher, tau, dft, topk):
@@ -197,25 +215,17 @@ def _forward_kl_chunk(z, head, targets, ce_w, div_w, teacher, tau, dft, topk):
     s = z * head.logit_scale if head.logit_scale != 1.0 else z
     log_p = torch.log_softmax(s, -1)
     p = log_p.exp()
-    valid = targets != -100
-    safe_targets = targets.clamp(min=0).unsqueeze(1)
-    log_p_y = log_p.gather(1, safe_targets).squeeze(1)
-    ce = torch.where(valid, -log_p_y, torch.zeros_like(log_p_y))
-    w = ce_w * valid * (log_p_y.exp() if dft else 1.0)
+    ce, log_p_y, stats = _student_stats(log_p, targets, p)
+    w = ce_w * (targets != -100) * (log_p_y.exp() if dft else 1.0)
     log_q = torch.log_softmax(s / tau, -1)
-    log_t = _teacher_log_probs(teacher, tau)
+    log_t = _log_probs(teacher.hidden, teacher.head, tau)
     p_t = log_t.exp()
     div = (p_t * (log_t - log_q)).sum(-1)
-    out = {"ce": ce, "divergence": div, "entropy": -(p * log_p).sum(-1), "is_top1": log_p.argmax(-1) == targets}
-    if topk:
-        top = log_t.topk(topk, dim=-1)
-        out["topk_ids"], out["topk_logps"] = top.indices.to(torch.int32), top.values
-        out["topk_divergence"] = _coarse(_coarse_student(log_q, out["topk_ids"]),
-                                         torch.cat([top.values, _log_tail(top.values)], -1), 0.0)
+    out = {"ce": ce, "divergence": div, **stats, **(_topk_outputs(log_t, log_q, topk, 0.0) if topk else {})}
     total = (ce * w).sum() + (div * div_w).sum()  # w holds DFT's detached p(y)
     # The gradient, in place over the buffers no longer needed: dz = scale·[w·(p - onehot) + v/τ·(q - p_t)]
     dz = p.mul_(w.unsqueeze(1))
-    dz.scatter_add_(1, safe_targets, -w.unsqueeze(1))
+    dz.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -w.unsqueeze(1))
     dz.add_(log_q.exp_().sub_(p_t).mul_((div_w / tau).unsqueeze(1)))
     if head.logit_scale != 1.0:
         dz.mul_(head.logit_scale)
@@ -232,33 +242,23 @@ def _fused_chunk(h, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk):
         with torch.no_grad():
             return _forward_kl_chunk(z, head, targets, ce_w, div_w, teacher, tau, dft, topk)
     z = z.detach().requires_grad_(True)
-    out = {}
     with torch.enable_grad():
         s = _transform(z, head, 1.0)
         log_p = torch.log_softmax(s, -1)
-        valid = targets != -100
-        log_p_y = log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-        ce = torch.where(valid, -log_p_y, torch.zeros_like(log_p_y))
+        ce, log_p_y, stats = _student_stats(log_p, targets)
         ce_term = ce * log_p_y.detach().exp() if dft else ce
         log_q = torch.log_softmax(s / tau, -1)
         if teacher.hidden is not None:
-            log_t = _teacher_log_probs(teacher, tau)
+            log_t = _log_probs(teacher.hidden, teacher.head, tau)
             div = _coarse(log_q, log_t, beta)  # log-softmax of finite logits is finite: no 0·∞
         else:
             log_tk = teacher.topk_logps.float()
             div = _coarse(_coarse_student(log_q, teacher.topk_ids), torch.cat([log_tk, _log_tail(log_tk)], -1), beta)
         total = (ce_term * ce_w).sum() + (div * div_w).sum()
     (dz,) = torch.autograd.grad(total, z)
-    with torch.no_grad():
-        out["ce"], out["divergence"] = ce.detach(), div.detach()
-        out["entropy"] = -(log_p.exp() * log_p).sum(-1)
-        out["is_top1"] = log_p.argmax(-1) == targets
-        if topk and teacher.hidden is not None:
-            top = log_t.topk(topk, dim=-1)
-            ids, logps = top.indices.to(torch.int32), top.values
-            out["topk_ids"], out["topk_logps"] = ids, logps
-            out["topk_divergence"] = _coarse(_coarse_student(log_q, ids), torch.cat([logps, _log_tail(logps)], -1),
-                                             beta)
+    out = {"ce": ce.detach(), "divergence": div.detach(), **stats}
+    if topk and teacher.hidden is not None:
+        out.update(_topk_outputs(log_t, log_q.detach(), topk, beta))
     return total.detach(), dz, out
 
 
