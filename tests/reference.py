@@ -17,6 +17,11 @@ def divergence(student_logits, teacher_logits, beta: float, temperature: float =
     """Per-row D(teacher, student): β=0 KL(t‖s), β=1 KL(s‖t), else β·KL(t‖m) + (1-β)·KL(s‖m), m = β·t + (1-β)·s."""
     log_s = torch.log_softmax(student_logits / temperature, dim=-1)
     log_t = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    return _of_log_probs(log_s, log_t, beta)
+
+
+def _of_log_probs(log_s, log_t, beta: float):
+    """D(teacher, student) of two distributions given as log-probs over the same bins."""
     p_s, p_t = log_s.exp(), log_t.exp()
     if beta == 0.0:
         return (p_t * (log_t - log_s)).sum(-1)
@@ -42,10 +47,4 @@ def topk_divergence(student_logits, teacher_ids, teacher_logps, beta: float, tem
     s_bins = torch.cat([s_top, torch.log1p(-s_top.exp().sum(-1, keepdim=True))], -1)
     t_top = teacher_logps.double()
     t_bins = torch.cat([t_top, torch.log1p(-t_top.exp().sum(-1, keepdim=True))], -1)
-    p_s, p_t = s_bins.exp(), t_bins.exp()
-    if beta == 0.0:
-        return (p_t * (t_bins - s_bins)).sum(-1)
-    if beta == 1.0:
-        return (p_s * (s_bins - t_bins)).sum(-1)
-    log_m = torch.log(beta * p_t + (1 - beta) * p_s)
-    return beta * (p_t * (t_bins - log_m)).sum(-1) + (1 - beta) * (p_s * (s_bins - log_m)).sum(-1)
+    return _of_log_probs(s_bins, t_bins, beta)

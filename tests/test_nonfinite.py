@@ -145,8 +145,9 @@ def test_nan_weights_are_never_saved_and_the_next_ce_stops_training(tmp_path, di
     assert not (Path(args.output_dir) / "model.safetensors").exists()
 
 
-def test_finite_runs_are_unchanged_by_the_checks(tmp_path):
-    """The checks only read: λ=0 still equals SFTTrainer (tests/test_trainer.py), and λ=1 trains and saves."""
+def test_a_finite_run_trains_and_saves_through_the_checks(tmp_path):
+    """A finite λ=1 run is not stopped by the checks and its save is not refused (that they change no value is
+    `tests/test_trainer.py::test_lambda_zero_reproduces_sft_trainer` and `tests/test_sft_options.py`)."""
     args = config(tmp_path, max_steps=2)
     trainer = SelfDistillSFTTrainer(
         tiny_model(), args=args, train_dataset=prompt_completion_dataset(8), processing_class=make_tokenizer()

@@ -15,13 +15,14 @@ DISTILL_SCOPES = ("completion", "all")
 TEACHER_MODES = ("auto", "adapter_disabled", "adapter_copy", "model_copy")
 # Keys of nested dicts (`model_init_kwargs`, ...) whose values are credentials
 SECRET_KEYS = frozenset({"token", "hub_token", "use_auth_token", "api_key", "password"})
-_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+# A Hugging Face access token (also what the model card redacts)
+HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 def _without_secrets(value):
     """`value` with credentials dropped: secret dict keys set to None, Hugging Face tokens inside strings redacted."""
     if isinstance(value, str):
-        return _HF_TOKEN.sub("[REDACTED]", value)
+        return HF_TOKEN.sub("[REDACTED]", value)
     if isinstance(value, dict):
         return {k: None if k in SECRET_KEYS else _without_secrets(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -31,6 +31,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 from transformers.utils.hub import PushInProgress
 
+from .config import HF_TOKEN
 from .embedded import EMBEDDED_HUB_ID, cache_dir
 from .knowledge.callback import RESULTS_FILE, ForgettingCallback
 from .teacher import causal_lm
@@ -84,7 +85,6 @@ DIVERGENCE_LABELS = {
 SCOPE_LABELS = {"completion": "completion tokens (the tokens the CE loss trains on)", "all": "every non-padding token"}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _SEGMENT = r"[^\s/\\`'\"()<>\[\]|,;]+"
 _POSIX_PATH = re.compile(rf"(?<![\w./~-])~?/(?:{_SEGMENT}/)+({_SEGMENT})/?")
 _WINDOWS_PATH = re.compile(rf"(?<!\w)[A-Za-z]:\\(?:{_SEGMENT}\\)*({_SEGMENT})\\?")
@@ -97,7 +97,7 @@ def sanitize(text: str) -> str:
     for name, value in os.environ.items():
         if _SECRET_ENV.search(name) and len(value) >= 8:
             text = text.replace(value, REDACTED)
-    text = _HF_TOKEN.sub(REDACTED, text)
+    text = HF_TOKEN.sub(REDACTED, text)
     text = _POSIX_PATH.sub(r"\1", text)
     return _WINDOWS_PATH.sub(r"\1", text)
 
@@ -450,7 +450,7 @@ def push_to_hub(
             revision=revision if revision is not None else args.hub_revision,
         )
     except (OSError, httpx2.HTTPError) as err:  # huggingface_hub's HTTP and token errors, and connection errors
-        output_dir = _HF_TOKEN.sub(REDACTED, str(args.output_dir))  # as configured, so the hint works
+        output_dir = HF_TOKEN.sub(REDACTED, str(args.output_dir))  # as configured, so the hint works
         repo_id = trainer.hub_model_id or args.hub_model_id or Path(output_dir).name
         raise RuntimeError(
             f"Uploading to the Hub repo {repo_id!r} failed ({type(err).__name__}). Nothing is lost: the model, the "

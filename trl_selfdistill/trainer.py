@@ -98,6 +98,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
             if self.is_world_process_zero():
                 print(f"[trl_selfdistill] {self.freeze_report.summary()}")
         self._tokens_seen = 0  # the `num_tokens` metric of the distillation path (SFTTrainer counts its own)
+        # `logits_to_keep=1` where the forward takes it: the model's own LM head then projects one position per row
+        forward = inspect.signature(type(causal_lm(unwrap(self.model))).forward)
+        self._head_skip = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
         if args.distill_coef > 0:
             self._check_loss_options()
         self.teacher = self._make_teacher(given_peft_model) if args.distill_coef > 0 else None
@@ -317,7 +320,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         label_mask = labels != -100
         rows = positions | label_mask  # positions the CE or the divergence covers
         use_cache = self.teacher_cache is not None and mode == "train"
-        keys = self._row_keys(inputs, positions) if self.teacher_cache is not None else None
+        keys = self._row_keys(inputs, positions) if use_cache else None
         cached = self._cached_teacher(keys) if use_cache else None
         model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         if cached is None:
@@ -331,7 +334,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         # The student's forward runs through the wrapped model (DDP/FSDP/DeepSpeed hooks); its LM head projects one
         # position per row only, and the losses project the selected hidden states once, below
         student = causal_lm(unwrap(model))
-        forward_kwargs = {"use_cache": False, **self._head_skip_kwargs}
+        forward_kwargs = {"use_cache": False, **self._head_skip}
         if self.aux_loss_enabled:
             forward_kwargs["output_router_logits"] = True
         with capture_outputs(student.base_model) as backbone_outputs:
@@ -381,14 +384,6 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 outputs = model(**model_inputs)
             return loss, outputs
         return loss
-
-    @property
-    def _head_skip_kwargs(self) -> dict:
-        """`logits_to_keep=1` where the model's forward takes it: its own LM head then projects one position per row."""
-        if not hasattr(self, "_head_skip"):
-            forward = inspect.signature(type(causal_lm(unwrap(self.model))).forward)
-            self._head_skip = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
-        return self._head_skip
 
     def _loss_scales(self, label_mask, positions, num_items_in_batch):
         """Per-token weights of the CE and of the divergence, with SFTTrainer's normalisation of the CE.
