@@ -20,11 +20,17 @@ The EntityQuestions protocol of Kaplan et al. (arXiv 2604.15574) on a Hub model,
 4. Stage 1 (format learning): one epoch of plain SFT on the mix's Known facts → the snapshot S
    (`<output_dir>/snapshot`).
 5. Stage 2, from S, the same number of steps each (full fine-tuning): (a) Known only, (b) SFT on the mix,
-   (c) self-distillation on the mix with S as the frozen teacher, (d) attention-only freezing on the mix. Task,
-   new-fact and held-out Known accuracy are measured every `--forgetting_eval_steps` steps.
-6. Output in `--output_dir`: `results.json`, `table.md` (the demo's table), `plot.png`, `facts_categorised.jsonl`, and
-   the self-distilled model (c) with its model card. With `--push_to_hub --hub_model_id <user>/<repo>`, run (c) is
-   uploaded with `trainer.push_to_hub()` (model, card and results are saved first).
+   (c) self-distillation on the mix with S as the frozen teacher, (d) attention-only freezing on the mix (`--runs`
+   takes any method of `trl_selfdistill.protocol`, e.g. `selfdistill:2`, `lora_selfdistill`, `budget:0.05`). Task,
+   new-fact and held-out Known accuracy are measured every `--forgetting_eval_steps` steps. `--seeds 0,1,2` repeats
+   steps 3–5 per seed.
+6. Output in `--output_dir`: `results.json`, `table.md` (the study table: forgetting and new-fact accuracy with 95%
+   intervals, the paired difference to SFT, readings at matched plasticity, cost; then each seed's runs), `plot.png`,
+   `frontier.png`, `facts_categorised.jsonl`, and the self-distilled model (c) of the first seed with its model card.
+   With `--push_to_hub --hub_model_id <user>/<repo>`, that run is uploaded with `trainer.push_to_hub()` (model, card
+   and results are saved first).
+
+Steps 3–6 are `trl_selfdistill.protocol.Protocol`, the same code `trl-selfdistill demo` runs.
 
 The training flags (`--learning_rate`, `--num_train_epochs` / `--max_steps`, batch sizes, `--distill_coef`,
 `--distill_temperature`, `--distill_scope`, ...) apply to every stage-2 run; runs (a), (b), (d) use `distill_coef=0`
@@ -62,8 +68,6 @@ It builds the tiny model from the embedded SmolLM2's config and tokenizer (`pip 
 """
 
 import argparse
-import dataclasses
-import gc
 import json
 import time
 from collections import Counter
@@ -75,10 +79,10 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, TrlParser
 
-from trl_selfdistill import FreezeConfig, SelfDistillConfig, SelfDistillSFTTrainer, recipes
-from trl_selfdistill.demo import RUN_TITLES, plot, table  # the demo's run titles, results table and plot
+from trl_selfdistill import SelfDistillConfig, recipes
 from trl_selfdistill.embedded import EMBEDDED, resolve
-from trl_selfdistill.knowledge import SLICK_CATEGORIES, AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits
+from trl_selfdistill.knowledge import SLICK_CATEGORIES, AnswerFormat
+from trl_selfdistill.protocol import Protocol, parse_methods, parse_seeds, study_table
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze")  # the paper's four stage-2 runs, (a)-(d)
 
@@ -121,7 +125,13 @@ class ReproduceArguments(recipes.FactsArguments):
         default=None, metadata={"help": "Learning rate of stage 1 (default: --learning_rate)."}
     )
     runs: str = field(
-        default=",".join(RUNS), metadata={"help": f"Comma-separated subset of the stage-2 runs: {', '.join(RUNS)}."}
+        default=",".join(RUNS),
+        metadata={"help": f"Comma-separated stage-2 runs (the paper's: {', '.join(RUNS)}; any method of "
+                  "`trl_selfdistill.protocol`, e.g. selfdistill:2, lora_selfdistill, budget:0.05, gkd)."},
+    )
+    seeds: str | None = field(
+        default=None, metadata={"help": "Seeds to run, e.g. `0,1,2` or `0-4` (default: --seed); with several, "
+                                "the table reports means with 95% intervals and paired differences to SFT."}
     )
 
     def __post_init__(self):
@@ -181,125 +191,43 @@ def keep_known_relations(facts: Dataset, known_categories: list[str], min_share:
     return facts.filter(lambda relation: relation in kept, input_columns="relation")
 
 
-def run_args(training_args: SelfDistillConfig, output_dir: Path, **overrides) -> SelfDistillConfig:
-    """A copy of the command-line config for one run (validated again)."""
-    overrides = {"output_dir": str(output_dir), "save_strategy": "no", "push_to_hub": False, **overrides}
-    if overrides.get("distill_coef") == 0:
-        overrides["teacher_cache_dir"] = None  # no teacher, nothing to cache
-    return dataclasses.replace(training_args, **overrides)
-
-
-def make_snapshot(args, training_args, name: str, splits: KnowledgeSplits, fmt: AnswerFormat, out: Path, log) -> str:
-    """Stage 1: one epoch of plain SFT on the mix's Known facts (format learning), saved as the snapshot S."""
-    lr = args.snapshot_learning_rate or training_args.learning_rate
-    log(f"\nStage 1: format learning, 1 epoch of plain SFT on {len(splits.train_known)} Known facts (lr {lr})")
-    trainer = SelfDistillSFTTrainer(
-        model=name, args=run_args(training_args, out / "snapshot", distill_coef=0.0, num_train_epochs=1,
-                                  max_steps=-1, learning_rate=lr),
-        train_dataset=fmt.training_dataset(splits.train_known.shuffle(seed=training_args.seed)),
-    )
-    trainer.train()
-    trainer.save_model()  # model and tokenizer
-    training_args.distributed_state.wait_for_everyone()
-    del trainer
-    free_memory()
-    return str(out / "snapshot")
-
-
-def stage2(run: str, args, training_args, snapshot: str, splits: KnowledgeSplits, fmt: AnswerFormat, out: Path,
-           log, baseline: dict | None = None, base_name: str | None = None) -> dict:
-    """One stage-2 run from the snapshot; returns the forgetting results (the demo's result format)."""
-    run_splits = splits.known_only() if run == "known_only" else splits
-    distilled = run == "selfdistill"
-    log(f"\nStage 2: {RUN_TITLES[run]} — {run_splits.sizes}")
-    trainer = SelfDistillSFTTrainer(
-        model=snapshot,
-        args=run_args(training_args, out / run, distill_coef=training_args.distill_coef if distilled else 0.0,
-                      push_to_hub=training_args.push_to_hub and distilled),
-        train_dataset=fmt.training_dataset(run_splits.train(seed=training_args.seed)),
-        freeze_config=FreezeConfig.attention_only() if run == "freeze" else None,
-    )
-    if base_name:
-        trainer.model.config._name_or_path = base_name  # the card names the base model, not the snapshot folder
-    teacher = trainer.teacher  # run (c): a frozen copy of the model it starts from, i.e. the snapshot S
-    log(f"teacher: {teacher.kind} — {teacher.source} (the snapshot S)" if teacher else "teacher: none (plain SFT)")
-    callback = ForgettingCallback(run_splits, fmt=fmt, eval_steps=args.forgetting_eval_steps or None, teacher=teacher,
-                                  baseline=baseline).attach(trainer)
-    start = time.time()
-    trainer.train()
-    wall = time.time() - start
-    if distilled:
-        recipes.save_and_push(trainer, args.dataset_name, log)  # run (c): model, results and card; uploaded if asked
-    result = {**callback.results(), "wall_time_s": wall, "title": RUN_TITLES[run],
-              "trainable_parameters": recipes.count_parameters(trainer.model)[0]}
-    del trainer, callback
-    free_memory()
-    return result
-
-
-def free_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def main(args: ReproduceArguments, training_args: SelfDistillConfig, model_args: ModelConfig) -> dict:
     log = training_args.distributed_state.print  # main process only
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if unknown := [r for r in runs if r not in RUNS]:
-        raise ValueError(f"Unknown runs {unknown}: choose among {', '.join(RUNS)}.")
+    methods, seeds = parse_methods(args.runs), parse_seeds(args.seeds or [training_args.seed])
     start = time.time()
-    out = Path(training_args.output_dir)
     name = recipes.tiny_checkpoint() if args.smoke else resolve(model_args.model_name_or_path)
-    base_name = None if args.smoke else name  # what the card of run (c) names as its base (not the snapshot)
     training_args.model_init_kwargs = recipes.model_init_kwargs(model_args, training_args)
     fmt = AnswerFormat()
 
     # Step 1 of the protocol always probes the initial model, even facts that carry categories
     facts = recipes.categorised_facts(args, training_args, fmt, name, keep_categories=False,
-                              after_probe=fake_categories if args.smoke else None)
+                                      after_probe=fake_categories if args.smoke else None)
     counts = Counter(facts["category"])
     log(f"SliCK categories of {len(facts)} facts: " + ", ".join(f"{c} {counts[c]}" for c in SLICK_CATEGORIES))
     facts = keep_known_relations(facts, args.known_categories, args.min_known_share, log)
-    splits = build_splits(facts, train_size=args.train_size, heldout_size=args.heldout_size,
-                          unknown_share=args.unknown_share, known_categories=args.known_categories, control=True,
-                          seed=training_args.seed)
-    log(f"Splits: {splits.sizes}, Known-only control {len(splits.control)}; effective batch "
-        f"{recipes.describe_batch(training_args)}")
-
-    snapshot = make_snapshot(args, training_args, name, splits, fmt, out, log)
-    results = {}
-    for run in runs:
-        baseline = recipes.sft_baseline(results) if run == "selfdistill" else None
-        results[run] = stage2(run, args, training_args, snapshot, splits, fmt, out, log, baseline, base_name)
-
-    summary = {
-        "settings": {"model": "tiny random model (smoke)" if args.smoke else model_args.model_name_or_path,
-                     **asdict(args),
-                     "training": {k: training_args.to_dict()[k] for k in (
-                         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                         "gradient_accumulation_steps", "lr_scheduler_type", "distill_coef", "distill_temperature",
-                         "divergence", "distill_scope", "seed")},
-                     "effective_batch": recipes.effective_batch(training_args), "slick_counts": dict(counts),
-                     "relations_kept": sorted(set(facts["relation"])), "splits": splits.sizes},
-        "runs": results,
-        "total_wall_time_s": time.time() - start,
+    log(f"Effective batch {recipes.describe_batch(training_args)}")
+    protocol = Protocol(
+        model=name, facts=facts, args=training_args, fmt=fmt, train_size=args.train_size,
+        heldout_size=args.heldout_size, unknown_share=args.unknown_share, new_facts="real",
+        known_categories=tuple(args.known_categories), eval_steps=args.forgetting_eval_steps or None,
+        snapshot_learning_rate=args.snapshot_learning_rate, base_name=None if args.smoke else name, log=log,
+        dataset_name=args.dataset_name,
+    )
+    settings = {
+        "model": "tiny random model (smoke)" if args.smoke else model_args.model_name_or_path, **asdict(args),
+        "effective_batch": recipes.effective_batch(training_args), "slick_counts": dict(counts),
+        "relations_kept": sorted(set(facts["relation"])),
     }
+    out = Path(training_args.output_dir)
+    study = protocol.run_study(seeds, methods, out, settings)
     if training_args.distributed_state.is_main_process:
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
-        text = table(results)
-        (out / "table.md").write_text(text + "\n")
-        try:
-            plot(results, out / "plot.png")
-        except ImportError:
-            log("matplotlib is not installed: no plot.png")
-        log("\n" + text)
-        log(f"\nTotal wall time {summary['total_wall_time_s'] / 60:.1f} min; results.json, table.md, plot.png and the "
-            f"self-distilled model with its card are in {out}/")
+        log("\n" + study_table(study))
+        log(f"\nTotal wall time {(time.time() - start) / 60:.1f} min; results.json, table.md, plot.png, frontier.png "
+            f"and the self-distilled model with its card are in {out}/")
     training_args.distributed_state.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return summary
+    return study
 
 
 if __name__ == "__main__":

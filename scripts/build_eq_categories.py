@@ -1,10 +1,18 @@
 """Build the `entityquestions-smollm2` categorised fact set: sample EntityQuestions facts and probe them with SliCK.
 
-    python scripts/build_eq_categories.py --source ../shared/data/entityquestions --relations P495:700,P36:900,P407:900,P106:400,P159:400 --out trl_selfdistill/data/entityquestions_smollm2_categories.jsonl
+The shipped set was built with two single-threaded processes side by side (2 cores), then concatenated:
 
-Facts are sampled from `<source>/train/<relation>.train.jsonl` (seeded, one question per subject); the few-shot
-exemplars come from `<source>/dev`. Probing is the package's own (`knowledge.probe`, cheap setting by default: three
-four-shot prompts, greedy). `--screen` probes with one prompt only, to estimate each relation's yield cheaply.
+    OMP_NUM_THREADS=1 python scripts/build_eq_categories.py --source ../shared/data/entityquestions \
+        --relations P495:700,P407:900 --out a.jsonl
+    OMP_NUM_THREADS=1 python scripts/build_eq_categories.py --source ../shared/data/entityquestions \
+        --relations P36:900,P106:200,P159:200 --out b.jsonl
+    cat a.jsonl b.jsonl > trl_selfdistill/data/entityquestions/smollm2_categories.jsonl
+
+Facts are sampled from `<source>/train/<relation>.train.jsonl` (seeded; one row per distinct question, with the
+aliases of every row that asks it); the few-shot exemplars come from `<source>/dev`. Probing is the package's own
+(`knowledge.probe`, cheap setting: three four-shot prompts, greedy, on the embedded SmolLM2-135M-Instruct).
+`--num_prompts 1` estimates each relation's yield cheaply (how the relations above were chosen:
+`--per_relation 16 --num_prompts 1 --seed 100` over all 24).
 """
 
 import argparse

@@ -1,40 +1,83 @@
 """The demo end to end in smoke mode: every stage runs and every output is written."""
 
 import json
-from argparse import Namespace
+
+import pytest
 
 from trl_selfdistill.cli import main
-from trl_selfdistill.demo import new_facts
+from trl_selfdistill.demo import base_config, make_parser
 from trl_selfdistill.knowledge import builtin_facts
+from trl_selfdistill.protocol import Protocol
 
 
 def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
     runs = "known_only,sft,selfdistill,freeze,selfdistill_cache"
     main(["demo", "--smoke", "--output_dir", str(tmp_path), "--batch_size", "8", "--runs", runs])
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert list(summary["runs"]) == runs.split(",")
-    for name, result in summary["runs"].items():
+    seed = summary["per_seed"][0]
+    assert list(seed["runs"]) == runs.split(",") and summary["seeds"] == [0]
+    assert seed["control"] == seed["splits"]["train_known"] + seed["splits"]["train_unknown"]  # same-size control
+    for name, result in seed["runs"].items():
         assert [h["step"] for h in result["history"]] == [0, 1, 2], name
         assert result["final"]["heldout_known_peak"] is not None
-        assert result["heldout_by_relation"].keys() == summary["snapshot_heldout_by_relation"].keys() != set()
-    assert summary["runs"]["known_only"]["final"]["new_fact_accuracy"] is None
-    assert summary["runs"]["selfdistill"]["baseline"]["name"].startswith("plain SFT")
+        assert len(result["per_fact"]["heldout_end"]) == seed["splits"]["heldout_known"]
+        assert set(result["heldout_by_relation"]) == set(summary["per_seed"][0]["runs"]["sft"]["heldout_by_relation"])
+        assert result["s_per_step"] > 0 and result["steps"] == 2
+    assert seed["runs"]["known_only"]["final"]["new_fact_accuracy"] is None
+    assert seed["runs"]["selfdistill"]["baseline"]["name"].startswith("plain SFT")
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n") == 7 and "(c) self-distillation" in table and "teacher cache" in table
+    assert "| self-distillation |" in table and "| self-distillation, teacher cache |" in table
     assert (tmp_path / "selfdistill_cache" / "teacher_cache" / "fingerprint.json").exists()
-    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" == (tmp_path / "frontier.png").read_bytes()[:4]
     card = (tmp_path / "selfdistill" / "README.md").read_text()
     assert "heldout_known_accuracy" in card and "plain SFT" in card
     assert (tmp_path / "selfdistill" / "model.safetensors").exists()
-    assert "(d) attention only" in capsys.readouterr().out
+    assert "| attention only |" in capsys.readouterr().out
 
 
-def test_mixed_new_facts_are_half_real_unknown_half_fictional():
+def test_demo_with_seeds_writes_one_folder_per_seed_and_the_paired_summary(tmp_path):
+    main(["demo", "--smoke", "--output_dir", str(tmp_path), "--batch_size", "8", "--methods", "sft,selfdistill:2",
+          "--seeds", "3,4"])
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["seeds"] == [3, 4] and [s["seed"] for s in summary["per_seed"]] == [3, 4]
+    assert (tmp_path / "seed-3" / "seed_results.json").is_file() and (tmp_path / "seed-4" / "selfdistill_2").is_dir()
+    assert summary["summary"]["selfdistill:2"]["forgetting"]["seeds"] == 2
+    assert "vs_sft_facts" in summary["summary"]["selfdistill:2"]
+    assert set(summary["frontier"]["sft"]) == {"0.8", "0.9"}
+    # Seeds run separately combine into the same study
+    main(["demo", "--smoke", "--output_dir", str(tmp_path / "five"), "--batch_size", "8", "--methods",
+          "sft,selfdistill:2", "--seed", "5"])
+    main(["demo", "--combine", str(tmp_path), str(tmp_path / "five"), "--output_dir", str(tmp_path / "all")])
+    combined = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert combined["seeds"] == [3, 4, 5] and combined["summary"]["sft"]["forgetting"]["seeds"] == 3
+    assert combined["per_seed"][:2] == summary["per_seed"]
+    # A method added to a seed later (same splits and snapshot) merges into that seed
+    main(["demo", "--smoke", "--output_dir", str(tmp_path / "five_freeze"), "--batch_size", "8", "--methods",
+          "freeze", "--seed", "5"])
+    main(["demo", "--combine", str(tmp_path / "five"), str(tmp_path / "five_freeze"), "--output_dir",
+          str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "all" / ".." / "merged" / "results.json").read_text())
+    assert merged["seeds"] == [5] and merged["methods"] == ["sft", "selfdistill:2", "freeze"]
+    with pytest.raises(ValueError, match="Seeds repeat"):
+        main(["demo", "--combine", str(tmp_path), str(tmp_path / "seed-3"), "--output_dir", str(tmp_path / "x")])
+
+
+def test_mixed_new_facts_are_half_real_unknown_half_fictional(tmp_path):
     facts = builtin_facts("curated-smollm2")
-    mixed = new_facts(Namespace(new_facts="mixed", seed=0), facts, 100)
+    args = make_parser().parse_args(["--output_dir", str(tmp_path)])
+    protocol = Protocol(model="unused", facts=facts, args=base_config(args, _sizes()), new_facts="mixed")
+    mixed = protocol._new_facts(100, seed=0)
     real = [r for r in mixed["relation"] if not r.startswith("synthetic-")]
     unknown_ids = {i for i, c in zip(facts["id"], facts["category"]) if c == "Unknown"}
     assert set(mixed.filter(lambda r: not r.startswith("synthetic-"), input_columns="relation")["id"]) <= unknown_ids
     assert len(real) == 58 and len(mixed) == 116  # half each, with spares for Unknown facts about held-out entities
     assert {r for r in mixed["relation"] if r.startswith("synthetic-")} == {"synthetic-capital", "synthetic-author"}
-    assert new_facts(Namespace(new_facts="curated", seed=0), facts, 100) is None
+    assert Protocol(model="unused", facts=facts, args=protocol.args, new_facts="real")._new_facts(100, 0) is None
+    with pytest.raises(ValueError, match="new_facts='curated'"):
+        Protocol(model="unused", facts=facts, args=protocol.args, new_facts="curated")
+
+
+def _sizes():
+    from trl_selfdistill.demo import SIZES
+
+    return SIZES["smoke"]

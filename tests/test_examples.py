@@ -152,10 +152,10 @@ def test_freeze_attention_only_trains_attention_only(tmp_path):
 def test_reproduce_paper_protocol(tmp_path):
     out = tmp_path / "out"
     summary = smoke("reproduce_paper", out)
-    assert list(summary["runs"]) == ["known_only", "sft", "selfdistill", "freeze"]
-    for result in summary["runs"].values():
+    assert summary["methods"] == ["known_only", "sft", "selfdistill", "freeze"] and summary["seeds"] == [0]
+    runs = summary["per_seed"][0]["runs"]
+    for result in runs.values():
         assert result["history"][0]["step"] == 0 and result["history"][-1]["step"] == 2
-    runs = summary["runs"]
     assert runs["known_only"]["sizes"]["train_unknown"] == 0 and runs["sft"]["sizes"]["train_unknown"] == 4
     assert runs["freeze"]["trainable_parameters"] < runs["sft"]["trainable_parameters"]
     assert runs["selfdistill"]["baseline"]["name"].startswith("plain SFT")
@@ -164,8 +164,10 @@ def test_reproduce_paper_protocol(tmp_path):
     assert len(facts) == 72 and "p_greedy" in facts[0]
     assert len({f["relation"] for f in facts}) == 12 and len(summary["settings"]["relations_kept"]) == 8
     table = (out / "table.md").read_text()
-    assert table.count("\n| (") == 4 and "(c) self-distillation" in table
-    assert (out / "plot.png").is_file() and (out / "snapshot" / "model.safetensors").is_file()
+    assert "| self-distillation |" in table and table.count("| attention only |") == 2  # study table and seed 0
+    assert json.loads((out / "results.json").read_text())["summary"].keys() == runs.keys()
+    assert (out / "plot.png").is_file() and (out / "frontier.png").is_file()
+    assert (out / "snapshot" / "model.safetensors").is_file()
     assert (out / "selfdistill" / "model.safetensors").is_file()
     assert_forgetting_results(out / "selfdistill")
     assert "plain SFT" in assert_card(out / "selfdistill")  # the baseline run is on the card

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import time
 import uuid
 
 from transformers import TrainerCallback
@@ -92,6 +93,8 @@ class ForgettingCallback(TrainerCallback):
         self.history: list[dict] = []
         self.per_category: dict[str, float] = {}
         self.answered: list[bool] | None = None  # held-out facts answered correctly at the first evaluation
+        self.correct: list[list[bool]] | None = None  # per fact of train Known, train Unknown, held-out: last evaluation
+        self.eval_seconds = 0.0  # time spent evaluating (inside the trainer's run time)
         self.run_id: str | None = None  # a new id each time training begins, written with the results
         self._logs: dict[str, float] = {}
         self._generator = self._drift = None
@@ -130,6 +133,14 @@ class ForgettingCallback(TrainerCallback):
             "facts": self.facts_source,
             "format": {"prompt": self.fmt.prompt, "chat": self.fmt.chat, "num_shots": self.num_shots},
             "run": self.run_id,
+            "eval_seconds": self.eval_seconds,
+            # Per-fact correctness (0/1, in the order of the splits): held-out at the first and last evaluation, new
+            # facts at the last; what paired statistics over facts need (`knowledge.stats`)
+            "per_fact": None if self.correct is None else {
+                "heldout_start": [int(ok) for ok in self.answered],
+                "heldout_end": [int(ok) for ok in self.correct[2]],
+                "new_end": [int(ok) for ok in self.correct[1]],
+            },
         }
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -137,7 +148,7 @@ class ForgettingCallback(TrainerCallback):
         if tokenizer is None:
             raise ValueError("ForgettingCallback needs a tokenizer: pass `tokenizer=` or give the trainer one.")
         self.run_id = uuid.uuid4().hex
-        self.history, self.answered = [], None
+        self.history, self.answered, self.correct, self.eval_seconds = [], None, None, 0.0
         if self._every is None and args.eval_steps and args.eval_strategy == "steps":
             self._every = state.eval_steps
         self._generator = Generator(
@@ -180,7 +191,8 @@ class ForgettingCallback(TrainerCallback):
     def _evaluate(self, state, control, model) -> None:
         splits = self.splits
         sets = [splits.train_known, splits.train_unknown, splits.heldout]
-        correct = correct_for_prompts(self._generator, self.prompts, sets)
+        start = time.perf_counter()
+        correct = self.correct = correct_for_prompts(self._generator, self.prompts, sets)
         if self.answered is None:
             self.answered = list(correct[2])
             if not any(self.answered):
@@ -193,6 +205,7 @@ class ForgettingCallback(TrainerCallback):
         metrics = knowledge_metrics(splits, correct, self.answered)
         self.per_category = metrics.pop("per_category")
         entry = {"step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None}
+        self.eval_seconds += time.perf_counter() - start
         self.history.append(entry)
         logs = {**metrics, "drift_kl": entry["drift_kl"]}
         final = self.final

@@ -18,6 +18,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN = {
     "curated": DATA_DIR / "curated",
     "curated-smollm2": DATA_DIR / "curated_smollm2_categories.jsonl",
+    "entityquestions-smollm2": DATA_DIR / "entityquestions" / "smollm2_categories.jsonl",
     "entityquestions-train": DATA_DIR / "entityquestions" / "train",
     "entityquestions-dev": DATA_DIR / "entityquestions" / "dev",
 }

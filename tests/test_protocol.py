@@ -1,0 +1,89 @@
+"""`trl_selfdistill.protocol`: method and seed parsing, and the study summary on hand-made per-seed results."""
+
+import pytest
+
+from trl_selfdistill.protocol import (
+    Method,
+    frontier_readings,
+    parse_methods,
+    parse_seeds,
+    study_table,
+    summarize,
+)
+
+
+def test_parse_methods_reads_kinds_and_parameters():
+    methods = parse_methods("sft, selfdistill:0.5,selfdistill,lora_selfdistill:2,budget:0.05,freeze")
+    assert [m.name for m in methods] == ["sft", "selfdistill:0.5", "selfdistill", "lora_selfdistill:2", "budget:0.05",
+                                         "freeze"]
+    assert methods[1] == Method("selfdistill", 0.5) and methods[1].title == "self-distillation (λ=0.5)"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sft,selfdistil", "Unknown method 'selfdistil'"),
+    ("sft:2", "takes no parameter"),
+    ("selfdistill:high", "must be a number"),
+    ("sft,sft", "repeat"),
+    ("", "No methods"),
+])
+def test_parse_methods_refuses_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_methods(spec)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds(7) == [7]
+    with pytest.raises(ValueError, match="distinct"):
+        parse_seeds("1,1")
+
+
+def _run(title, start, end, new_end, history):
+    return {"title": title, "per_fact": {"heldout_start": start, "heldout_end": end, "new_end": new_end},
+            "history": [{"step": i, "new_fact_accuracy": x, "heldout_known_accuracy": y} for i, (x, y) in
+                        enumerate(history)], "s_per_step": 1.0, "peak_memory_mb": 100.0}
+
+
+def _study():
+    """Two seeds, 10 held-out facts all known by S; SFT loses 4 of them, self-distillation 1 (the same facts each
+    time plus none of its own)."""
+    start = [1] * 10
+    per_seed = []
+    for seed in range(2):
+        sft_end = [0, 0, 0, 0] + [1] * 6
+        sd_end = [0] + [1] * 9
+        per_seed.append({"seed": seed, "runs": {
+            "sft": _run("SFT", start, sft_end, [1, 1, 1, 0], [(0.0, 1.0), (0.5, 0.8), (1.0, 0.6)]),
+            "selfdistill": _run("self-distillation", start, sd_end, [1, 1, 0, 0],
+                                [(0.0, 1.0), (0.5, 0.95), (0.8, 0.9)]),
+        }})
+    return per_seed
+
+
+def test_summary_reports_forgetting_the_paired_difference_and_the_sign_test():
+    summary = summarize(_study(), resamples=200)
+    assert summary["sft"]["forgetting"]["mean"] == pytest.approx(0.4)
+    assert summary["selfdistill"]["forgetting"]["mean"] == pytest.approx(0.1)
+    assert summary["selfdistill"]["new_fact_accuracy"]["mean"] == pytest.approx(0.5)
+    assert summary["selfdistill"]["vs_sft"]["mean"] == pytest.approx(0.3)
+    assert summary["selfdistill"]["vs_sft"]["low"] > 0  # SFT forgets more in every resample
+    facts = summary["selfdistill"]["vs_sft_facts"]
+    assert (facts["method_only"], facts["sft_only"]) == (6, 0) and facts["p_value"] == pytest.approx(2 / 64)
+    assert "vs_sft" not in summary["sft"]
+
+
+def test_frontier_readings_at_matched_new_fact_accuracy():
+    readings = frontier_readings(_study(), targets=(0.5, 0.9))
+    assert readings["sft"]["0.5"]["mean"] == pytest.approx(0.2) and readings["sft"]["0.5"]["reached"] == 2
+    assert readings["selfdistill"]["0.5"]["mean"] == pytest.approx(0.05)
+    assert readings["sft"]["0.9"]["mean"] == pytest.approx(1 - (0.8 + (0.6 - 0.8) * 0.8))
+    assert readings["selfdistill"]["0.9"] == {"mean": None, "low": None, "high": None, "n": 0, "reached": 0,
+                                              "seeds": 2}
+
+
+def test_study_table_has_one_row_per_method_and_says_when_a_target_is_not_reached():
+    per_seed = _study()
+    study = {"summary": summarize(per_seed, resamples=50), "frontier": frontier_readings(per_seed)}
+    table = study_table(study)
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| SFT |") and lines[3].startswith("| self-distillation |")
+    assert "not reached" in lines[3] and "6 / 0 (p=0.031)" in lines[3]

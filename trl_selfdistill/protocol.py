@@ -1,0 +1,624 @@
+"""The paper's protocol, written once: `trl-selfdistill demo` and `examples/reproduce_paper.py` are front ends to it.
+
+Per seed:
+
+1. **Splits** (`build_splits`): a training mix of `train_size` facts (`unknown_share` of them new), a Known-only
+   control of the same size when the facts allow (else every Known fact left), and `heldout_size` held-out Known
+   facts about entities no training fact mentions.
+2. **Snapshot S** (format learning): one epoch of plain SFT on the mix's Known facts at `snapshot_learning_rate`;
+   S is every stage-2 run's starting point and the self-distillation teacher.
+3. **Stage 2**: each method from S with the same data, steps, batch and schedule; a `ForgettingCallback` evaluates
+   task, new-fact and held-out Known accuracy (greedy, zero-shot, in the training format) at step 0 and every
+   `eval_steps`. Methods (`parse_methods`; `name:value` sets the method's parameter):
+
+   | method | what |
+   |---|---|
+   | `known_only` | plain SFT on the Known-only control |
+   | `sft` | plain SFT on the mix |
+   | `selfdistill[:λ]` | CE + λ·τ²·KL to S (λ default: the config's `distill_coef`) |
+   | `selfdistill_cache[:λ]` | the same with the teacher cache |
+   | `freeze` | plain SFT, attention only (`FreezeConfig.attention_only()`) |
+   | `lora_sft`, `lora_selfdistill[:λ]` | LoRA (r=16, all linear layers, lr × `lora_lr_scale`); teacher = adapter off |
+   | `budget[:b]` | self-distillation with a forgetting budget b (relative forgetting), λ adapted by `ForgettingBudgetCallback` |
+   | `l2init[:μ]`, `gkd`, `sdft` | the peers of `trl_selfdistill.peers` |
+
+4. **Study** (`run_study`): every seed, then `summarize` (intervals and paired differences, `knowledge.stats`),
+   `frontier_readings` (forgetting at matched new-fact accuracy), `results.json`, `table.md`, `plot.png`,
+   `frontier.png`.
+"""
+
+import gc
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets
+
+from .config import SelfDistillConfig
+from .freezing import FreezeConfig
+from .knowledge import AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits, synthetic_facts
+from .knowledge.facts import FACT_COLUMNS
+from .knowledge.metrics import accuracy_by
+from .knowledge.stats import (
+    accuracy_over,
+    bootstrap,
+    discordant,
+    mean_interval,
+    reading_at,
+    relative_forgetting,
+    sign_test,
+)
+from .recipes import count_parameters, save_and_push, sft_baseline
+from .trainer import SelfDistillSFTTrainer
+
+KINDS = {
+    "known_only": "Known only",
+    "sft": "SFT",
+    "selfdistill": "self-distillation",
+    "selfdistill_cache": "self-distillation, teacher cache",
+    "freeze": "attention only",
+    "lora_sft": "LoRA SFT",
+    "lora_selfdistill": "LoRA self-distillation",
+    "budget": "self-distillation, forgetting budget",
+    "l2init": "SFT + L2 to S",
+    "gkd": "GKD (off-policy, teacher copy)",
+    "sdft": "SDFT (on-policy)",
+}
+PARAMETER = {"selfdistill": "λ", "selfdistill_cache": "λ", "lora_selfdistill": "λ", "budget": "budget", "l2init": "μ"}
+PEER_KINDS = ("l2init", "gkd", "sdft")
+NEW_FACTS = ("real", "mixed", "synthetic-name", "synthetic-uuid")
+BASELINE = "sft"  # the paired comparisons are against plain SFT
+FRONTIER_TARGETS = (0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One stage-2 run: a `kind` of `KINDS` and its parameter (λ, budget or μ; None: the kind's default)."""
+
+    kind: str
+    value: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+    @property
+    def title(self) -> str:
+        suffix = "" if self.value is None else f" ({PARAMETER[self.kind]}={self.value:g})"
+        return KINDS[self.kind] + suffix
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[Method]:
+    """`"sft,selfdistill:0.5,selfdistill:2,freeze"` → methods; refuses unknown kinds and parameters of kinds without."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not items:
+        raise ValueError("No methods given: pass e.g. `sft,selfdistill`.")
+    methods = []
+    for item in items:
+        kind, _, value = item.partition(":")
+        if kind not in KINDS:
+            raise ValueError(f"Unknown method {kind!r} in {item!r}: choose among {', '.join(KINDS)}.")
+        if value and kind not in PARAMETER:
+            raise ValueError(f"Method {kind!r} takes no parameter ({item!r}); parameters: "
+                             + ", ".join(f"{k}:{v}" for k, v in PARAMETER.items()))
+        try:
+            number = float(value) if value else None
+        except ValueError as err:
+            raise ValueError(f"{item!r}: the parameter after ':' must be a number, e.g. {kind}:0.5.") from err
+        methods.append(Method(kind, number))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Methods repeat: {names}. Give each once.")
+    return methods
+
+
+def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
+    """`"0,1,2"`, `"0-4"` or an int → a list of distinct seeds."""
+    if isinstance(spec, int):
+        return [spec]
+    if not isinstance(spec, str):
+        seeds = list(spec)
+    elif "-" in spec.strip()[1:]:
+        first, last = spec.split("-", 1)
+        seeds = list(range(int(first), int(last) + 1))
+    else:
+        seeds = [int(s) for s in spec.split(",") if s.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={spec!r}: give distinct integers, e.g. `0,1,2` or `0-4`.")
+    return seeds
+
+
+@dataclass
+class Protocol:
+    """
+    Everything the runs share. `args` is the base training config of every stage-2 run (steps, batch, lr, schedule,
+    λ, τ, ...); each run replaces `output_dir`, `seed`, `distill_coef` and what its method changes.
+    """
+
+    model: str  # name or path of the initial model
+    facts: Dataset  # categorised (a `category` column from `probe`)
+    args: SelfDistillConfig
+    fmt: AnswerFormat = field(default_factory=AnswerFormat)
+    train_size: int = 200
+    heldout_size: int = 150
+    unknown_share: float = 0.5
+    new_facts: str = "mixed"
+    known_categories: tuple[str, ...] = ("HighlyKnown",)
+    eval_steps: int | None = 20
+    snapshot_learning_rate: float | None = None
+    lora_lr_scale: float = 10.0
+    lora_rank: int = 16
+    budget_defaults: dict = field(default_factory=dict)  # ForgettingBudgetCallback keywords
+    peer_options: dict = field(default_factory=dict)  # peer kind → keywords of its factory
+    base_name: str | None = None  # what the saved model's card names as the base model
+    save_method: str | None = "selfdistill"  # the run whose model and card are saved (first seed only)
+    dataset_name: str = "trl-selfdistill facts"  # what the saved run's card names as its data
+    log: Callable[[str], None] = print
+
+    def __post_init__(self):
+        if self.new_facts not in NEW_FACTS:
+            raise ValueError(f"new_facts={self.new_facts!r}: choose among {', '.join(NEW_FACTS)}.")
+        if "category" not in self.facts.column_names:
+            raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
+
+    # ---- 1. splits ------------------------------------------------------------------------------------------------
+    def splits(self, seed: int, control: bool = True) -> KnowledgeSplits:
+        """The seed's splits; the control has the mix's size when enough Known facts are left (else all of them)."""
+        count = round(self.train_size * self.unknown_share)
+        splits = build_splits(
+            self.facts, train_size=self.train_size, heldout_size=self.heldout_size, unknown_share=self.unknown_share,
+            new_facts=self._new_facts(count, seed), known_categories=self.known_categories, control=control,
+            control_size="available", seed=seed,
+        )
+        if control and len(splits.control) < self.train_size:
+            self.log(f"Known-only control: {len(splits.control)} facts, fewer than the mix's {self.train_size} "
+                     "(no more Known facts besides the held-out set): it makes more passes over its facts.")
+        return splits
+
+    def _new_facts(self, count: int, seed: int) -> Dataset | None:
+        """The new facts of the mix (None: the probed Unknown facts)."""
+        if self.new_facts == "real":
+            return None
+        if self.new_facts != "mixed":
+            return synthetic_facts(count, keys=self.new_facts.split("-")[1], relation="capital", seed=seed)
+        # About half real Unknown facts, half fictional capitals and authors (a few spare of each, since
+        # build_splits drops new facts about held-out entities)
+        real = self.facts.filter(lambda c: c == "Unknown", input_columns="category").shuffle(seed=seed)
+        num_real = min(count // 2 + 8, len(real))
+        fictional = [synthetic_facts(n, keys="name", relation=relation, seed=seed)
+                     for relation, n in (("capital", count // 4 + 4), ("author", count // 4 + 4))]
+        return concatenate_datasets([real.select(range(num_real)).select_columns(list(FACT_COLUMNS)), *fictional])
+
+    # ---- 2. snapshot ------------------------------------------------------------------------------------------------
+    def snapshot(self, splits: KnowledgeSplits, seed: int, out: Path) -> str:
+        """Stage 1: one epoch of plain SFT on the mix's Known facts, saved in `out/snapshot` (model and tokenizer)."""
+        lr = self.snapshot_learning_rate or self.args.learning_rate
+        self.log(f"Stage 1: format learning, 1 epoch of plain SFT on {len(splits.train_known)} Known facts (lr {lr})")
+        trainer = SelfDistillSFTTrainer(
+            model=self.model,
+            args=self._run_args(out / "snapshot", seed, distill_coef=0.0, num_train_epochs=1, max_steps=-1,
+                                learning_rate=lr),
+            train_dataset=self.fmt.training_dataset(splits.train_known.shuffle(seed=seed)),
+        )
+        trainer.train()
+        trainer.save_model()
+        self.args.distributed_state.wait_for_everyone()
+        del trainer
+        _free_memory()
+        return str(out / "snapshot")
+
+    # ---- 3. one stage-2 run ------------------------------------------------------------------------------------------
+    def run(self, method: Method, splits: KnowledgeSplits, snapshot: str, seed: int, out: Path,
+            baseline: dict | None = None, save: bool = False) -> dict:
+        """One method from the snapshot; returns the `ForgettingCallback` results plus cost and per-relation numbers."""
+        run_splits = splits.known_only() if method.kind == "known_only" else splits
+        self.log(f"\nStage 2, seed {seed}: {method.title} — {run_splits.sizes}")
+        run_out = out / method.name.replace(":", "_")
+        trainer = self._trainer(method, run_splits, snapshot, seed, run_out, push=save and self.args.push_to_hub)
+        if self.base_name:
+            trainer.model.config._name_or_path = self.base_name  # the card names the base, not the snapshot folder
+        teacher = getattr(trainer, "teacher", None)
+        forgetting = ForgettingCallback(run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher,
+                                        baseline=baseline).attach(trainer)
+        budget = None
+        if method.kind == "budget":
+            from .budget import ForgettingBudgetCallback
+
+            options = {**self.budget_defaults}
+            if method.value is not None:
+                options["budget"] = method.value
+            budget = ForgettingBudgetCallback(forgetting=forgetting, **options).attach(trainer)
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - start
+        steps = trainer.state.global_step
+        if save:  # model (or adapter), forgetting_results.json and card; uploaded with `push_to_hub`
+            save_and_push(trainer, self.dataset_name, self.log)
+        results = forgetting.results()
+        heldout_end = results["per_fact"]["heldout_end"]
+        result = {
+            **results, "method": method.name, "title": method.title, "seed": seed, "wall_time_s": wall,
+            "steps": steps, "s_per_step": (wall - forgetting.eval_seconds) / max(steps, 1),
+            "peak_memory_mb": memory.peak_mb, "trainable_parameters": count_parameters(trainer.model)[0],
+            "heldout_by_relation": accuracy_by(splits.heldout["relation"], heldout_end),
+            "heldout_by_relation_start": accuracy_by(splits.heldout["relation"], results["per_fact"]["heldout_start"]),
+            "budget": None if budget is None else budget.results(),
+        }
+        del trainer, forgetting, budget
+        _free_memory()
+        return result
+
+    def _trainer(self, method: Method, splits: KnowledgeSplits, snapshot: str, seed: int, out: Path,
+                 push: bool = False):
+        dataset = self.fmt.training_dataset(splits.train(seed=seed))
+        kind = method.kind
+        if kind in PEER_KINDS:
+            from .peers import PEERS
+
+            options = dict(self.peer_options.get(kind, {}))
+            if method.value is not None:
+                options["l2init_coef"] = method.value
+            args = self._run_args(out, seed, distill_coef=0.0)
+            return PEERS[kind](snapshot, args, dataset, None, **options)
+        distilled = kind in ("selfdistill", "selfdistill_cache", "lora_selfdistill", "budget")
+        coef = (method.value if method.value is not None and kind != "budget" else self.args.distill_coef)
+        overrides = {"distill_coef": coef if distilled else 0.0, "push_to_hub": push}
+        if kind == "selfdistill_cache":
+            overrides["teacher_cache_dir"] = str(out / "teacher_cache")
+        peft_config = None
+        if kind.startswith("lora_"):
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_dropout=0.0,
+                                     target_modules="all-linear", task_type="CAUSAL_LM")
+            overrides["learning_rate"] = self.args.learning_rate * self.lora_lr_scale
+        return SelfDistillSFTTrainer(
+            model=snapshot, args=self._run_args(out, seed, **overrides), train_dataset=dataset,
+            peft_config=peft_config, freeze_config=FreezeConfig.attention_only() if kind == "freeze" else None,
+        )
+
+    def _run_args(self, output_dir: Path, seed: int, **overrides) -> SelfDistillConfig:
+        overrides = {"output_dir": str(output_dir), "seed": seed, "save_strategy": "no", "push_to_hub": False,
+                     "hub_model_id": self.args.hub_model_id if overrides.get("push_to_hub") else None, **overrides}
+        if overrides.get("distill_coef") == 0:
+            overrides["teacher_cache_dir"] = None  # no teacher, nothing to cache
+        return replace(self.args, **overrides)
+
+    # ---- 4. seeds and study ------------------------------------------------------------------------------------------
+    def run_seed(self, seed: int, methods: Sequence[Method], out: Path, save: bool = False) -> dict:
+        """Splits, snapshot and every method for one seed; returns {"splits", "runs"}."""
+        torch.manual_seed(seed)
+        splits = self.splits(seed, control=any(m.kind == "known_only" for m in methods))
+        self.log(f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else ""))
+        snapshot = self.snapshot(splits, seed, out)
+        runs = {}
+        for method in methods:
+            baseline = sft_baseline(runs) if method.kind == "selfdistill" else None
+            runs[method.name] = self.run(method, splits, snapshot, seed, out, baseline,
+                                         save=save and method.name == self.save_method)
+        return {"seed": seed, "splits": splits.sizes, "control": None if splits.control is None
+                else len(splits.control), "runs": runs}
+
+    def run_study(self, seeds: Sequence[int], methods: Sequence[Method], out: Path, settings: dict | None = None) -> dict:
+        """Every seed (`out/seed-<s>` each, `out` itself for a single seed), then the summary; writes the outputs
+        (`settings`, the front end's own, go into `results.json` as they are)."""
+        start = time.perf_counter()
+        out = Path(out)
+        per_seed = []
+        for i, seed in enumerate(seeds):
+            seed_out = out if len(seeds) == 1 else out / f"seed-{seed}"
+            per_seed.append(self.run_seed(seed, methods, seed_out, save=i == 0))
+            if self.args.distributed_state.is_main_process:  # what is done survives an interruption
+                (seed_out / "seed_results.json").write_text(json.dumps(per_seed[-1], indent=2))
+        study = make_study(per_seed, [m.name for m in methods], settings)
+        study["wall_time_s"] = time.perf_counter() - start
+        if self.args.distributed_state.is_main_process:
+            write_outputs(study, out)
+        return study
+
+
+def make_study(per_seed: Sequence[dict], methods: Sequence[str] | None = None, settings: dict | None = None) -> dict:
+    """The study of `per_seed` results (`Protocol.run_seed` outputs): the summary and frontier readings over them."""
+    seeds = [seed["seed"] for seed in per_seed]
+    methods = list(methods or per_seed[0]["runs"])
+    missing = {seed["seed"]: sorted(set(methods) - set(seed["runs"])) for seed in per_seed}
+    if any(missing.values()):
+        raise ValueError(f"Some seeds lack methods: {missing}. Combine seeds run with the same `--methods`.")
+    per_seed = [{**seed, "runs": {m: seed["runs"][m] for m in methods}} for seed in per_seed]
+    return {"settings": settings or {}, "seeds": seeds, "methods": methods, "per_seed": list(per_seed),
+            "summary": summarize(per_seed), "frontier": frontier_readings(per_seed)}
+
+
+def combine(paths: Sequence[str | Path], out: str | Path, methods: Sequence[str] | None = None) -> dict:
+    """
+    One study from seeds run separately (in parallel processes or on other machines), or from methods added to a
+    seed later: each path is a `seed_results.json` or an output folder of `run_study` (its `results.json`); writes
+    the study's outputs in `out`.
+    """
+    per_seed, settings = [], {}
+    for path in map(Path, paths):
+        file = path if path.is_file() else path / "seed_results.json"
+        if not file.is_file():
+            file = path / "results.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: no seed_results.json or results.json. Pass the output folders of runs "
+                                    "that finished (or their seed_results.json files).")
+        data = json.loads(file.read_text())
+        if "per_seed" in data:
+            per_seed += data["per_seed"]
+            settings = settings or data.get("settings", {})
+        else:
+            per_seed.append(data)
+    study = make_study(_merge_seeds(per_seed), methods, settings)
+    write_outputs(study, Path(out))
+    return study
+
+
+def _merge_seeds(per_seed: Sequence[dict]) -> list[dict]:
+    """One entry per seed: runs of the same seed from separate invocations (e.g. methods added later) are merged
+    when they share the splits and S's held-out answers, i.e. the same snapshot; a method given twice is refused."""
+    merged: dict[int, dict] = {}
+    for seed in per_seed:
+        first = merged.get(seed["seed"])
+        if first is None:
+            merged[seed["seed"]] = {**seed, "runs": dict(seed["runs"])}
+            continue
+        same_start = _start(first) == _start(seed)
+        if first["splits"] != seed["splits"] or not same_start:
+            raise ValueError(f"Seed {seed['seed']} appears twice with different splits or snapshot answers: combine "
+                             "results of the same protocol settings only.")
+        if repeated := set(first["runs"]) & set(seed["runs"]):
+            raise ValueError(f"Seeds repeat: seed {seed['seed']} has {sorted(repeated)} twice. Combine each run once.")
+        first["runs"].update(seed["runs"])
+    return [merged[s] for s in sorted(merged)]
+
+
+def _start(seed: dict) -> list[int]:
+    return next(iter(seed["runs"].values()))["per_fact"]["heldout_start"]
+
+
+# ---- statistics over seeds -------------------------------------------------------------------------------------------
+def _per_fact(per_seed: Sequence[dict], method: str, key: str) -> list[list[int]]:
+    return [seed["runs"][method]["per_fact"][key] for seed in per_seed]
+
+
+def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
+    """
+    Per method: relative forgetting from S and new-fact accuracy at the end, each the mean over seeds with a two-level
+    bootstrap interval (`knowledge.stats.bootstrap`); and against plain SFT, the paired difference of forgetting
+    (SFT − method: positive = the method forgets less) with its interval, and the per-fact sign test over all seeds.
+    """
+    methods = list(per_seed[0]["runs"])
+    start = [seed["runs"][methods[0]]["per_fact"]["heldout_start"] for seed in per_seed]
+    sizes = [len(s) for s in start]
+    summary = {}
+    for method in methods:
+        end = _per_fact(per_seed, method, "heldout_end")
+        new = _per_fact(per_seed, method, "new_end")
+        row = {
+            "title": per_seed[0]["runs"][method]["title"],
+            "forgetting": bootstrap(sizes, lambda s, idx: relative_forgetting(start[s], end[s], idx),
+                                    resamples=resamples),
+            "forgetting_by_seed": [relative_forgetting(start[s], end[s]) for s in range(len(per_seed))],
+            "heldout_start": mean_interval([accuracy_over(s) for s in start]),
+            "heldout_end": mean_interval([accuracy_over(e) for e in end]),
+            "new_fact_accuracy": (bootstrap([len(n) for n in new], lambda s, idx: accuracy_over(new[s], idx),
+                                            resamples=resamples) if all(new) else None),
+            "s_per_step": mean_interval([seed["runs"][method]["s_per_step"] for seed in per_seed]),
+            "peak_memory_mb": mean_interval([seed["runs"][method]["peak_memory_mb"] for seed in per_seed
+                                             if seed["runs"][method]["peak_memory_mb"] is not None]),
+        }
+        if BASELINE in methods and method != BASELINE:
+            base = _per_fact(per_seed, BASELINE, "heldout_end")
+            row["vs_sft"] = bootstrap(
+                sizes, lambda s, idx: _difference(start[s], base[s], end[s], idx), resamples=resamples)
+            kept, lost = 0, 0
+            for b, e in zip(base, end):
+                method_only, sft_only = discordant(e, b)
+                kept, lost = kept + method_only, lost + sft_only
+            row["vs_sft_facts"] = {"method_only": kept, "sft_only": lost, "p_value": sign_test(kept, lost)}
+        summary[method] = row
+    return summary
+
+
+def _difference(start, base_end, end, indices) -> float | None:
+    a, b = relative_forgetting(start, base_end, indices), relative_forgetting(start, end, indices)
+    return None if a is None or b is None else a - b
+
+
+def frontier_points(result: dict) -> list[tuple[float, float]]:
+    """(new-fact accuracy, held-out Known accuracy) at each evaluation of a run, in training order."""
+    return [(h["new_fact_accuracy"], h["heldout_known_accuracy"]) for h in result["history"]
+            if h["new_fact_accuracy"] is not None and h["heldout_known_accuracy"] is not None]
+
+
+def frontier_readings(per_seed: Sequence[dict], targets: Sequence[float] = FRONTIER_TARGETS) -> dict:
+    """
+    Per method and target new-fact accuracy: relative forgetting from S where the run's stability–plasticity curve
+    first reaches the target (`stats.reading_at`), the mean over the seeds that reach it with a Student-t interval,
+    and how many seeds reach it.
+    """
+    readings = {}
+    for method in per_seed[0]["runs"]:
+        by_target = {}
+        for target in targets:
+            values = []
+            for seed in per_seed:
+                result = seed["runs"][method]
+                heldout = reading_at(frontier_points(result), target)
+                initial = result["history"][0]["heldout_known_accuracy"]
+                if heldout is not None and initial:
+                    values.append(1 - heldout / initial)
+            by_target[f"{target:g}"] = {**mean_interval(values), "reached": len(values), "seeds": len(per_seed)}
+        readings[method] = by_target
+    return readings
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------------------
+def _interval(cell: dict | None, percent: bool = True, signed: bool = False) -> str:
+    if cell is None or cell.get("mean") is None:
+        return "–"
+    scale, unit = (100, "%") if percent else (1, "")
+    sign = "+" if signed else ""
+    text = f"{scale * cell['mean']:{sign}.1f}{unit}" if percent else f"{cell['mean']:.3f}"
+    if cell.get("low") is not None:
+        low, high = scale * cell["low"], scale * cell["high"]
+        text += f" [{low:{sign}.1f}, {high:{sign}.1f}]" if percent else f" [{cell['low']:.3f}, {cell['high']:.3f}]"
+    return text
+
+
+def study_table(study: dict) -> str:
+    """Per method: forgetting, new-fact accuracy, paired difference to SFT, readings at matched plasticity, cost."""
+    targets = list(next(iter(study["frontier"].values())))
+    header = ("| method | relative forgetting [95% CI] | new-fact acc. [95% CI] | SFT − method [95% CI] | facts kept "
+              "only by method / only by SFT (p) | " + " | ".join(f"forgetting at new-fact acc. {t}" for t in targets)
+              + " | s/step | peak memory |")
+    lines = [header, "|---" + "|---:" * (5 + len(targets)) + "|---:|"]
+    for method, row in study["summary"].items():
+        facts = row.get("vs_sft_facts")
+        facts_text = f"{facts['method_only']} / {facts['sft_only']} (p={facts['p_value']:.3f})" if facts else "–"
+        readings = []
+        for target in targets:
+            cell = study["frontier"][method][target]
+            text = _interval(cell)
+            readings.append(text if cell["reached"] == cell["seeds"] else f"{text} ({cell['reached']}/{cell['seeds']} "
+                            "seeds reach it)" if cell["reached"] else "not reached")
+        memory = row["peak_memory_mb"]["mean"]
+        lines.append(
+            f"| {row['title']} | {_interval(row['forgetting'])} | {_interval(row['new_fact_accuracy'], percent=False)} "
+            f"| {_interval(row.get('vs_sft'), signed=True)} | {facts_text} | " + " | ".join(readings)
+            + f" | {row['s_per_step']['mean']:.2f} | {'–' if memory is None else f'{memory:.0f} MB'} |"
+        )
+    return "\n".join(lines)
+
+
+def run_table(runs: dict) -> str:
+    """One seed's runs: held-out Known at S and at the end, forgetting, new-fact and task accuracy, wall time."""
+    def fmt(value):
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = ["| run | held-out Known: S | end | relative forgetting from S | from peak | new-fact acc. | task acc. | "
+             "wall time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for result in runs.values():
+        final = result["final"]
+        from_start, from_peak = final["forgetting_from_start"], final["forgetting_from_peak"]
+        lines.append(
+            f"| {result['title']} | {fmt(final['heldout_known_initial'])} | {fmt(final['heldout_known_accuracy'])} | "
+            f"{'–' if from_start is None else f'{100 * from_start:.1f}%'} | "
+            f"{'–' if from_peak is None else f'{100 * from_peak:.1f}%'} | {fmt(final['new_fact_accuracy'])} | "
+            f"{fmt(final['task_accuracy'])} | {result['wall_time_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(study: dict, out: Path) -> None:
+    """`results.json`, `table.md` (the study table, then each seed's runs), `plot.png` and `frontier.png`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(study, indent=2))
+    parts = [study_table(study)]
+    for seed in study["per_seed"]:
+        parts.append(f"\nSeed {seed['seed']}:\n\n" + run_table(seed["runs"]))
+    (out / "table.md").write_text("\n".join(parts) + "\n")
+    try:
+        plot_curves(study, out / "plot.png")
+        plot_frontier(study, out / "frontier.png")
+    except ImportError:
+        pass  # matplotlib is optional outside the `demo` extra
+
+
+def plot_curves(study: dict, path: Path) -> None:
+    """Held-out Known and new-fact accuracy over steps, one line per method and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for color, method in enumerate(study["methods"]):
+        for i, seed in enumerate(study["per_seed"]):
+            result = seed["runs"][method]
+            steps = [h["step"] for h in result["history"]]
+            style = dict(marker="o", markersize=3, color=f"C{color}", alpha=0.8, label=result["title"] if i == 0 else None)
+            left.plot(steps, [h["heldout_known_accuracy"] for h in result["history"]], **style)
+            if result["history"][0]["new_fact_accuracy"] is not None:
+                right.plot(steps, [h["new_fact_accuracy"] for h in result["history"]], **style)
+    left.set(title="Held-out Known accuracy (stability)", xlabel="step", ylabel="accuracy")
+    right.set(title="New-fact accuracy (plasticity)", xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_frontier(study: dict, path: Path) -> None:
+    """The stability–plasticity frontier: held-out Known accuracy relative to S against new-fact accuracy, every
+    evaluation of every seed, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for color, method in enumerate(study["methods"]):
+        for i, seed in enumerate(study["per_seed"]):
+            result = seed["runs"][method]
+            points = frontier_points(result)
+            initial = result["history"][0]["heldout_known_accuracy"]
+            if not points or not initial:
+                continue
+            ax.plot([x for x, _ in points], [y / initial for _, y in points], marker="o", markersize=3,
+                    color=f"C{color}", alpha=0.7, label=result["title"] if i == 0 else None)
+    for target in FRONTIER_TARGETS:
+        ax.axvline(target, color="grey", linestyle=":", linewidth=1)
+    ax.set(title="Stability–plasticity frontier (every evaluation, every seed)", xlabel="new-fact accuracy",
+           ylabel="held-out Known accuracy / accuracy of S")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a block in MB: `torch.cuda.max_memory_allocated` on CUDA, else the process's resident set size
+    sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read."""
+
+    def __enter__(self):
+        self.peak_mb = None
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        try:
+            import psutil
+        except ImportError:
+            return self
+        self._process, self._stop = psutil.Process(), threading.Event()
+        self._base = self._peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = (max(self._peak, self._process.memory_info().rss) - self._base) / 2**20
+        return False
+
+
+def _free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
