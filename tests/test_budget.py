@@ -23,11 +23,12 @@ class ScriptedForgetting(ForgettingCallback):
         self._append(state)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.eval_steps == 0:
+        if self.eval_steps and state.global_step % self.eval_steps == 0:
             self._append(state)
 
-    def on_evaluate(self, *args, **kwargs):
-        pass
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.history[-1]["step"] != state.global_step:
+            self._append(state)
 
     def on_train_end(self, *args, **kwargs):
         pass
@@ -38,16 +39,16 @@ class ScriptedForgetting(ForgettingCallback):
                              "heldout_known_accuracy": heldout, "drift_kl": drift})
 
 
-def make_trainer(tmp_path, **overrides):
+def make_trainer(tmp_path, eval_dataset=None, **overrides):
     return SelfDistillSFTTrainer(
         model=tiny_model(), args=config(tmp_path, **overrides), train_dataset=prompt_completion_dataset(),
-        processing_class=make_tokenizer(),
+        eval_dataset=eval_dataset, processing_class=make_tokenizer(),
     )
 
 
-def run(tmp_path, budget_kwargs, heldout, drift=None, max_steps=None, **trainer_overrides):
-    trainer = make_trainer(tmp_path, max_steps=max_steps or len(heldout) - 1, **trainer_overrides)
-    forgetting = ScriptedForgetting(heldout, drift).attach(trainer)
+def run(tmp_path, budget_kwargs, heldout, drift=None, max_steps=None, eval_dataset=None, eval_steps=1, **overrides):
+    trainer = make_trainer(tmp_path, max_steps=max_steps or len(heldout) - 1, eval_dataset=eval_dataset, **overrides)
+    forgetting = ScriptedForgetting(heldout, drift, eval_steps).attach(trainer)
     budget = ForgettingBudgetCallback(forgetting=forgetting, **budget_kwargs).attach(trainer)
     trainer.train()
     return trainer, budget
@@ -101,6 +102,13 @@ def test_stop_mode_stops_plain_sft_at_the_budget(tmp_path):
     trainer, budget = run(tmp_path, dict(budget=0.1, mode="stop"), [0.8, 0.8, 0.6, 0.6], distill_coef=0.0)
     assert trainer.teacher is None and budget.stopped_at == 2 == trainer.state.global_step
     assert [entry["distill_coef"] for entry in budget.history] == [0.0, 0.0, 0.0]
+
+
+def test_budget_acts_on_evaluations_run_by_trainer_evaluate(tmp_path):
+    # No `eval_steps` on the ForgettingCallback: it evaluates inside each epoch-end `Trainer.evaluate` (4 steps/epoch)
+    trainer, budget = run(tmp_path, dict(budget=0.1), [0.8, 0.6, 0.8], max_steps=8, eval_strategy="epoch",
+                          eval_dataset=prompt_completion_dataset(4), eval_steps=None)
+    assert [(entry["step"], entry["distill_coef"]) for entry in budget.history] == [(0, 1.0), (4, 2.0), (8, 1.0)]
 
 
 def test_drift_budget_from_the_forgetting_callback(tmp_path):

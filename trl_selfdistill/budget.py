@@ -245,19 +245,20 @@ class ForgettingBudgetCallback(TrainerCallback):
         """Whether the ForgettingCallback holds an evaluation this callback has not read yet."""
         return self.forgetting is not None and self.forgetting.history[-1]["step"] != self.history[-1]["step"]
 
-    def _signal(self, model) -> float:
+    def _evaluation(self, state, model) -> tuple[int, float]:
+        """The step and signal of the latest evaluation: the ForgettingCallback's, or one of the drift meter now."""
         if self._meter is not None:
-            return self._meter(model)
+            return state.global_step, self._meter(model)
+        latest = self.forgetting.history[-1]
         if self.metric == "forgetting":
-            return self.forgetting.final["forgetting_from_start"]
-        return self.forgetting.history[-1]["drift_kl"]
+            return latest["step"], self.forgetting.final["forgetting_from_start"]
+        return latest["step"], latest["drift_kl"]
 
     def _record(self, state, control, model) -> None:
         """Read the signal of the latest evaluation, update λ or stop (except at the reference), log, keep history."""
-        signal = [self._signal(model)]
+        step, signal = self._evaluation(state, model)
         if self.trainer.accelerator.num_processes > 1:
-            broadcast_object_list(signal)  # the main process's value everywhere: one decision for all
-        signal = signal[0]
+            signal = broadcast_object_list([signal])[0]  # the main process's value everywhere: one decision for all
         coef = getattr(self.trainer, "distill_coef", 0.0)
         exceeded = signal > self.budget
         if self.history:  # not the reference
@@ -270,7 +271,7 @@ class ForgettingBudgetCallback(TrainerCallback):
                 coef = max(coef / self.factor, self.min_coef)
             if self.adapts:
                 self.trainer.distill_coef = coef
-        entry = {"step": state.global_step, "signal": signal, "distill_coef": coef, "exceeded": exceeded}
+        entry = {"step": step, "signal": signal, "distill_coef": coef, "exceeded": exceeded}
         self.history.append(entry)
         logs = {"signal": signal, "distill_coef": coef, "exceeded": float(exceeded)}
         log_between_steps(self.trainer, model, control, {LOG_PREFIX + key: value for key, value in logs.items()})
