@@ -12,7 +12,7 @@ from trl_selfdistill import ForgettingBudgetCallback, ForgettingCallback, SelfDi
 
 
 class ScriptedForgetting(ForgettingCallback):
-    """A ForgettingCallback whose evaluations (every `eval_steps`) read held-out accuracies and drifts from a script."""
+    """A ForgettingCallback whose evaluations (every `eval_steps`) read held-out accuracies and drifts from a list."""
 
     def __init__(self, heldout, drift=None, eval_steps=1):
         super().__init__(make_splits(), eval_steps=eval_steps, drift_size=1)
@@ -167,6 +167,8 @@ def test_drift_budget_on_prompts_measures_the_model_every_eval_steps(tmp_path):
         ({"metric": "drift_kl", "forgetting": None, "prompts": ["Q"]}, ValueError, "pass an integer ≥ 1, got None"),
         ({"metric": "drift_kl", "forgetting": None, "prompts": [], "eval_steps": 2}, ValueError, "`prompts` is empty"),
         ({"metric": "drift_kl", "forgetting": "no drift"}, ValueError, "built with `drift_size=0`"),
+        ({"metric": "drift_kl", "forgetting": None, "prompts": ["Q"], "eval_steps": 2, "batch_size": 0}, ValueError,
+         "`batch_size` (prompts per forward of the drift meter) must be an integer ≥ 1, got 0"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, error, message):

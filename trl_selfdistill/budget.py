@@ -42,8 +42,9 @@ class ForgettingBudgetCallback(TrainerCallback):
     - `"drift_kl"`, when no fact set is at hand: the mean KL(reference ‖ model) of the next-token distribution at the
       end of prompts (the first answer token), in nats. Either the `drift_kl` that `forgetting` measures (its
       reference: its `teacher` when given, else the model as training began) or, with `prompts` instead of
-      `forgetting`, a `DriftMeter` of this callback on those prompts every `eval_steps` optimizer steps, against the
-      model as training began.
+      `forgetting`, a `DriftMeter` of this callback on those prompts (strings or chat messages, in the training
+      format) every `eval_steps` optimizer steps, against the model as training began; `tokenizer` (default: the
+      trainer's) and `batch_size` serve that meter.
 
     The controller acts after each new evaluation k ≥ 1 (evaluation 0, at the start, is the reference: recorded,
     never acted on), with B = `budget`, f = `factor`, ℓ = `low`, λ_k the λ of the steps after evaluation k:
@@ -112,7 +113,7 @@ class ForgettingBudgetCallback(TrainerCallback):
                 f"Need 0 < min_coef ≤ max_coef, got min_coef={min_coef}, max_coef={max_coef}: λ moves by a factor "
                 "between them (at 0 it could never rise again). Use e.g. min_coef=0.125, max_coef=8.0."
             )
-        self._check_source(metric, forgetting, prompts, eval_steps)
+        self._check_source(metric, forgetting, prompts, eval_steps, batch_size)
         self.budget, self.metric, self.mode = budget, metric, mode
         self.forgetting, self.prompts, self.eval_steps = forgetting, prompts, eval_steps
         self.tokenizer, self.batch_size = tokenizer, batch_size
@@ -122,7 +123,7 @@ class ForgettingBudgetCallback(TrainerCallback):
         self._meter: DriftMeter | None = None
 
     @staticmethod
-    def _check_source(metric, forgetting, prompts, eval_steps) -> None:
+    def _check_source(metric, forgetting, prompts, eval_steps, batch_size) -> None:
         """Where the signal comes from: a `ForgettingCallback`, or (drift only) prompts measured every `eval_steps`."""
         if forgetting is not None and not isinstance(forgetting, ForgettingCallback):
             raise TypeError(
@@ -163,6 +164,9 @@ class ForgettingBudgetCallback(TrainerCallback):
             raise ValueError(
                 f"`prompts` are measured every `eval_steps` optimizer steps: pass an integer ≥ 1, got {eval_steps!r}."
             )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` (prompts per forward of the drift meter) must be an integer ≥ 1, got "
+                             f"{batch_size!r}. Use e.g. 16.")
 
     @property
     def adapts(self) -> bool:
