@@ -103,6 +103,23 @@ def test_loss_is_sft_plus_scaled_kl(tmp_path):
     assert loss.item() == pytest.approx(metrics["sft_loss"][0] + metrics["distill_loss"][0], rel=1e-5)
 
 
+def test_runtime_distill_coef_scales_the_term_and_is_logged(tmp_path):
+    """`trainer.distill_coef` set between steps is the λ of the next loss; `args.distill_coef` is left alone."""
+    trainer = full_ft_trainer(tmp_path, distill_coef=2.0, distill_temperature=0.7)
+    trainer.model.train()
+    inputs = one_batch(trainer)
+    losses = []
+    for coef in (2.0, 5.0):
+        trainer.distill_coef = coef
+        losses.append(trainer.compute_loss(trainer.model, dict(inputs)).item())
+    metrics = trainer._metrics["train"]
+    assert metrics["distill_coef"] == [2.0, 5.0] and trainer.args.distill_coef == 2.0
+    assert metrics["kl"][0] > 0.01 and metrics["kl"][0] == metrics["kl"][1]  # same batch, same weights
+    assert metrics["distill_loss"][1] == pytest.approx(5.0 / 2.0 * metrics["distill_loss"][0], rel=1e-6)
+    # Only the distillation term changed: by (5 − 2)·τ²·KL
+    assert losses[1] - losses[0] == pytest.approx(3.0 * 0.7**2 * metrics["kl"][0], rel=1e-5)
+
+
 def test_distill_term_keeps_student_closer_to_teacher(tmp_path):
     """Same data and steps: a large λ ends with a smaller KL to the teacher than a negligible one."""
 

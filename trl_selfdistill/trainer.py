@@ -3,6 +3,7 @@
 import hashlib
 import inspect
 import math
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -72,6 +73,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
     hidden states per chunk of the selected positions (`losses.fused_token_losses`), chunks sized to a memory budget.
     The teacher is picked by `args.teacher_mode` (see `trl_selfdistill.teacher`). With `distill_coef=0` this is
     exactly SFTTrainer. `freeze_config` restricts what trains (full fine-tuning) or where adapters go (PEFT).
+
+    λ is `args.distill_coef` when the trainer is built and `trainer.distill_coef` afterwards: a callback may change it
+    between steps (e.g. `ForgettingBudgetCallback`); `args` keeps the configured value.
     """
 
     _tag_names = ["trl", "sft", "self-distillation", "trl-selfdistill"]
@@ -104,9 +108,33 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if args.distill_coef > 0:
             self._check_loss_options()
         self.teacher = self._make_teacher(given_peft_model) if args.distill_coef > 0 else None
+        self._distill_coef = args.distill_coef
         if self.teacher is not None:
             self._check_teacher_weights()
         self.teacher_cache = self._make_teacher_cache() if args.teacher_cache_dir and self.teacher else None
+
+    @property
+    def distill_coef(self) -> float:
+        """λ, the weight of the distillation term in the loss of the next steps (and logged as `distill_coef`)."""
+        return self._distill_coef
+
+    @distill_coef.setter
+    def distill_coef(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`distill_coef` (λ) must be a number, got the {type(value).__name__} {value!r}.")
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"`distill_coef` (λ) must be a finite number ≥ 0, got {value}: the loss would be "
+                f"{'NaN' if math.isnan(value) else 'unbounded'}. Use a float ≥ 0, e.g. 1.0 (paper)."
+            )
+        if self.teacher is None and value != self._distill_coef:
+            raise ValueError(
+                f"Cannot set `distill_coef` to {value}: this trainer was built with `distill_coef=0`, so it has no "
+                "teacher and trains plain SFT. Build it with `SelfDistillConfig(distill_coef > 0)` (e.g. 1.0) to change "
+                "λ during training."
+            )
+        self._distill_coef = value
 
     # ----------------------------------------------------------------------------------------------------------------
     # Teacher
@@ -398,7 +426,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         across = args.average_tokens_across_devices and num_items_in_batch is not None
         denominator = label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         ce_scale = (processes if across else 1) / torch.as_tensor(denominator).clamp(min=1)
-        scale = args.distill_coef * args.distill_temperature**2
+        scale = self.distill_coef * args.distill_temperature**2
         if args.distill_scope == "completion" and num_items_in_batch is not None:
             distill_scale = scale * (processes if across else 1) / torch.as_tensor(num_items_in_batch).clamp(min=1)
         else:
@@ -433,7 +461,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         """SFTTrainer's metrics (entropy, mean_token_accuracy, num_tokens, aux_loss) and the distillation ones."""
         gather = self.accelerator.gather_for_metrics
         num_valid = gather(valid.sum()).sum()
-        scale = self.args.distill_coef * self.args.distill_temperature**2
+        scale = self.distill_coef * self.args.distill_temperature**2
         metrics = self._metrics[mode]
         metrics["entropy"].append((gather(fused.entropy[valid].sum()).sum() / num_valid).item() if num_valid else 0.0)
         metrics["mean_token_accuracy"].append(
@@ -452,6 +480,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         kl = (gather(fused.divergence[covered].sum()).sum() / gather(covered.sum()).sum().clamp(min=1)).item()
         metrics["kl"].append(kl)
         metrics["distill_loss"].append(scale * kl)
+        metrics["distill_coef"].append(self.distill_coef)
         if use_cache:
             metrics["teacher_cache_hit"].append(float(cached is not None))
 

@@ -22,6 +22,20 @@ RESULTS_FILE = "forgetting_results.json"
 LOG_PREFIX = "knowledge/"
 
 
+def log_between_steps(trainer, model, control, logs: dict) -> None:
+    """
+    `trainer.log(logs)` from a callback, between optimizer steps, without disturbing the step's regular training log.
+
+    TRL's `log` folds in (and clears) the metrics of the mode the model is in: in eval mode those are empty here, so
+    the training metrics stay with the regular training log. `on_log` clears `should_log`, which would skip the
+    step's regular training log: it is kept.
+    """
+    should_log = control.should_log
+    with eval_mode(model):
+        trainer.log(logs)
+    control.should_log = should_log
+
+
 class ForgettingCallback(TrainerCallback):
     """
     Evaluates the model on `splits` (greedy, zero-shot, in the training format `fmt`) at the start of training, every
@@ -110,6 +124,12 @@ class ForgettingCallback(TrainerCallback):
         callbacks = trainer.callback_handler.callbacks
         callbacks.insert(0, callbacks.pop(callbacks.index(self)))
         return self
+
+    @property
+    def eval_steps(self) -> int | None:
+        """Optimizer steps between evaluations (None: at the start, the end and each `Trainer.evaluate` only); when
+        not given, the trainer's `eval_steps` under `eval_strategy="steps"`, known once training has begun."""
+        return self._every
 
     @property
     def peak(self) -> dict | None:
@@ -217,10 +237,4 @@ class ForgettingCallback(TrainerCallback):
         if self.trainer is None:
             state.log_history.append({**logs, "step": state.global_step})
             return
-        # TRL's `log` folds in (and clears) the metrics of the mode the model is in: in eval mode those are empty
-        # here, so the training metrics stay with the regular training log. `on_log` clears `should_log`, which would
-        # skip the step's regular training log: keep it.
-        should_log = control.should_log
-        with eval_mode(model):
-            self.trainer.log(logs)
-        control.should_log = should_log
+        log_between_steps(self.trainer, model, control, logs)
