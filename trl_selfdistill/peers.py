@@ -16,6 +16,7 @@ table. See docs/peers.md for what each peer is, the settings chosen and why, and
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -134,7 +135,7 @@ class L2InitSFTTrainer(SelfDistillSFTTrainer):
     _tag_names = ["trl", "sft", "l2-init", "trl-selfdistill"]
 
     def __init__(self, model, args: SelfDistillConfig, l2init_coef: float, **kwargs):
-        if isinstance(l2init_coef, bool) or not isinstance(l2init_coef, (int, float)) or not l2init_coef >= 0:
+        if isinstance(l2init_coef, bool) or not isinstance(l2init_coef, (int, float)) or not 0 <= l2init_coef < math.inf:
             raise ValueError(f"`l2init_coef` (μ) must be a finite number ≥ 0, got {l2init_coef!r}. Use 0 for plain SFT.")
         if args.distill_coef != 0:
             raise ValueError(
@@ -291,7 +292,7 @@ def sdft(model: str, args: SelfDistillConfig, train_dataset, processing_class, *
         distillation_alpha=opts["distillation_alpha"],
         teacher_model_kind="base",
     )
-    student = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+    stop_ids = []
     if opts["stop"] is not None:
         stop_ids = processing_class(opts["stop"], add_special_tokens=False)["input_ids"]
         if len(stop_ids) != 1:
@@ -300,9 +301,11 @@ def sdft(model: str, args: SelfDistillConfig, train_dataset, processing_class, *
                 "single token. Pass a one-token `stop`, or `stop=None` to stop at EOS only (then raise "
                 "`max_completion_length`)."
             )
-        eos = student.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        student.generation_config.eos_token_id = [*eos, *[i for i in stop_ids if i not in eos]]
+    student = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+    # SDFTTrainer stops generation, and ends the completion it distills on, at every EOS id of the generation config
+    eos = student.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    student.generation_config.eos_token_id = [*eos, *[i for i in stop_ids if i not in eos]] or None
     return SDFTTrainer(
         model=student,
         args=config,
