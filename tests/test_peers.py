@@ -85,6 +85,20 @@ def test_l2init_keeps_weights_closer_to_the_start(snapshot, tmp_path):
     assert 0 < distances[10.0] < distances[0.0]
 
 
+def test_l2init_penalty_counts_once_per_optimizer_step(snapshot, tmp_path):
+    """Batch 4 in one micro-batch or in two accumulated ones: the same weights after 3 steps (the penalty is not
+    counted twice with accumulation)."""
+    final = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        args = config(tmp_path, max_steps=3, learning_rate=1e-2, optim="sgd", per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=accumulation)
+        trainer = PEERS["l2init"](snapshot, args, facts_dataset(), make_tokenizer(), l2init_coef=5.0)
+        trainer.train()
+        final.append(params(trainer.model))
+    for name, value in final[0].items():
+        torch.testing.assert_close(final[1][name], value, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("coef", [-1.0, math.nan, math.inf, "0.1", True])
 def test_l2init_refuses_a_bad_coef(snapshot, tmp_path, coef):
     with pytest.raises(ValueError, match="l2init_coef"):
