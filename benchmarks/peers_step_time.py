@@ -3,7 +3,6 @@ batch 16, CPU, fp32: `python benchmarks/peers_step_time.py sft,l2init,gkd,sdft 4
 step's time (on_step_end to on_step_end), the mean after the first step, the peak RSS and the logged losses."""
 import sys, time, tempfile, resource
 sys.path.insert(0, "tests")
-from pathlib import Path
 from transformers import TrainerCallback, AutoTokenizer
 from conftest import FACTS
 from datasets import Dataset
@@ -25,7 +24,8 @@ steps = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 for name in sys.argv[1].split(","):
     args = SelfDistillConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=16,
                              learning_rate=1e-5, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                             logging_steps=1, seed=0, gradient_checkpointing=False, disable_tqdm=True, distill_coef=0.0)
+                             logging_steps=1, seed=0, gradient_checkpointing=False, disable_tqdm=True,
+                             distill_coef=0.0)
     start = time.perf_counter()
     if name == "sft":
         tr = SelfDistillSFTTrainer(path, args, train_dataset=ds, processing_class=tok)

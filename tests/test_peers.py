@@ -1,4 +1,4 @@
-"""The peer methods (`trl_selfdistill.peers`): each factory builds a trainer that trains, with the settings it states."""
+"""The peer methods (`trl_selfdistill.peers`): each factory builds a trainer that trains as it states."""
 
 import math
 
@@ -32,14 +32,14 @@ def losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # l2init
 
 
 def test_l2init_with_zero_coef_is_plain_sft(snapshot, tmp_path):
     tokenizer = make_tokenizer()
-    sft = SelfDistillSFTTrainer(snapshot, config(tmp_path, distill_coef=0.0, max_steps=2), train_dataset=facts_dataset(),
-                                processing_class=tokenizer)
+    sft_args = config(tmp_path, distill_coef=0.0, max_steps=2)
+    sft = SelfDistillSFTTrainer(snapshot, sft_args, train_dataset=facts_dataset(), processing_class=tokenizer)
     sft.train()
     l2 = PEERS["l2init"](snapshot, config(tmp_path, max_steps=2), facts_dataset(), tokenizer, l2init_coef=0.0)
     l2.train()
@@ -55,7 +55,8 @@ def test_l2init_penalty_value_and_gradient(snapshot, tmp_path):
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    naive = sum(((p.double() - trainer.initial_weights[n].double()) ** 2).sum() for n, p in trainer.model.named_parameters())
+    start = trainer.initial_weights
+    naive = sum(((p.double() - start[n].double()) ** 2).sum() for n, p in trainer.model.named_parameters())
     distance = trainer.squared_distance()
     assert distance.item() == pytest.approx(naive.item(), rel=1e-5)
     (coef * distance).backward()
@@ -105,7 +106,7 @@ def test_l2init_refuses_a_bad_coef(snapshot, tmp_path, coef):
         PEERS["l2init"](snapshot, config(tmp_path), facts_dataset(), make_tokenizer(), l2init_coef=coef)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # gkd
 
 
@@ -157,7 +158,7 @@ def test_gkd_trains_on_the_tokens_sft_trains_on(snapshot, tmp_path):
         assert torch.equal(gkd_targets, sft_targets)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # sdft
 
 
@@ -188,7 +189,7 @@ def test_sdft_trains_with_a_frozen_base_teacher(snapshot, tmp_path):
     assert any(not torch.equal(before_student[n], p) for n, p in trainer.model.named_parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Registry and bad inputs
 
 

@@ -5,10 +5,11 @@ Every factory has the signature
     factory(model: str, args: SelfDistillConfig, train_dataset, processing_class, **options) -> transformers.Trainer
 
 `model` is the path of the snapshot S (a saved causal LM + tokenizer folder), `args` the run's common settings (output
-folder, steps, batch, learning rate, scheduler, seed, device, logging), `train_dataset` plain-text TRL prompt/completion
-rows (`AnswerFormat.training_dataset`: prompt ``"Q: <question>\\nA:"``, completion ``" <answer>\\n"``) and
-`processing_class` the tokenizer. The trainer returned is ready for ``ForgettingCallback(...).attach(trainer)`` and
-``trainer.train()``. Options a factory does not know are refused with the list of those it knows.
+folder, steps, batch, learning rate, scheduler, seed, device, logging), `train_dataset` plain-text TRL
+prompt/completion rows (`AnswerFormat.training_dataset`: prompt ``"Q: <question>\\nA:"``, completion
+``" <answer>\\n"``) and `processing_class` the tokenizer. The trainer returned is ready for
+``ForgettingCallback(...).attach(trainer)`` and ``trainer.train()``. Options a factory does not know are refused with
+the list of those it knows.
 
 `PEERS` maps each name to its factory; `peer_settings(name, **options)` gives the settings of a run for a results
 table. See docs/peers.md for what each peer is, the settings chosen and why, and what cannot run.
@@ -27,7 +28,7 @@ from trl import SFTConfig
 from .config import SelfDistillConfig
 from .trainer import SelfDistillSFTTrainer
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Shared pieces
 
 
@@ -111,7 +112,7 @@ FIXED: dict[str, dict] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # l2init: SFT + μ·‖θ − θ₀‖²
 
 
@@ -135,8 +136,11 @@ class L2InitSFTTrainer(SelfDistillSFTTrainer):
     _tag_names = ["trl", "sft", "l2-init", "trl-selfdistill"]
 
     def __init__(self, model, args: SelfDistillConfig, l2init_coef: float, **kwargs):
-        if isinstance(l2init_coef, bool) or not isinstance(l2init_coef, (int, float)) or not 0 <= l2init_coef < math.inf:
-            raise ValueError(f"`l2init_coef` (μ) must be a finite number ≥ 0, got {l2init_coef!r}. Use 0 for plain SFT.")
+        number = isinstance(l2init_coef, (int, float)) and not isinstance(l2init_coef, bool)
+        if not number or not 0 <= l2init_coef < math.inf:
+            raise ValueError(
+                f"`l2init_coef` (μ) must be a finite number ≥ 0, got {l2init_coef!r}. Use 0 for plain SFT."
+            )
         if args.distill_coef != 0:
             raise ValueError(
                 f"L2InitSFTTrainer is SFT plus an L2 pull, but `distill_coef={args.distill_coef}` would add the "
@@ -198,7 +202,7 @@ def l2init(model: str, args: SelfDistillConfig, train_dataset, processing_class,
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # gkd: TRL's GKDTrainer, off-policy, forward KL
 
 
@@ -244,7 +248,7 @@ def gkd(model: str, args: SelfDistillConfig, train_dataset, processing_class, **
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # sdft: TRL's SDFTTrainer, on-policy self-distillation with the answer shown to the teacher
 
 
@@ -254,7 +258,10 @@ def sdft_dataset(train_dataset: Dataset, shot_separator: str = "\n") -> Dataset:
     teacher template ``"{privileged_context}{prompt}"`` puts before the question: the few-shot format of
     `AnswerFormat.prompt_for` with one shot."""
     return train_dataset.map(
-        lambda row: {"prompt": row["prompt"], "privileged_context": row["prompt"] + row["completion"] + shot_separator},
+        lambda row: {
+            "prompt": row["prompt"],
+            "privileged_context": row["prompt"] + row["completion"] + shot_separator,
+        },
         remove_columns=train_dataset.column_names,
     )
 
@@ -314,7 +321,7 @@ def sdft(model: str, args: SelfDistillConfig, train_dataset, processing_class, *
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Registry
 
 PeerFactory = Callable[..., Trainer]
