@@ -7,7 +7,7 @@ import torch
 from conftest import FACTS, assert_params_unchanged, config, make_tokenizer, params, tiny_model
 from datasets import Dataset
 
-from trl_selfdistill import SelfDistillSFTTrainer
+from trl_selfdistill import ForgettingCallback, SelfDistillSFTTrainer
 from trl_selfdistill.knowledge.formats import AnswerFormat
 from trl_selfdistill.peers import DEFAULTS, PEERS, peer_settings, sdft_dataset, tokenize_like_sft
 
@@ -187,6 +187,21 @@ def test_sdft_trains_with_a_frozen_base_teacher(snapshot, tmp_path):
     assert len(logs) == 2 and all(h["completions/max_length"] <= 8 for h in logs)
     assert_params_unchanged(before_teacher, teacher)
     assert any(not torch.equal(before_student[n], p) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("peer", sorted(PEERS))
+def test_peers_run_with_the_forgetting_callback(snapshot, tmp_path, peer):
+    """What the protocol does with every trainer: attach the callback, train, read the results."""
+    from test_knowledge_callback import make_splits
+
+    splits, fmt = make_splits(), AnswerFormat()
+    trainer = PEERS[peer](snapshot, config(tmp_path, max_steps=2), fmt.training_dataset(splits.train()),
+                          make_tokenizer())
+    callback = ForgettingCallback(splits, fmt=fmt, eval_steps=2, drift_size=0, max_new_tokens=4).attach(trainer)
+    trainer.train()
+    assert [entry["step"] for entry in callback.history] == [0, 2]
+    assert (tmp_path / "out" / "forgetting_results.json").is_file()
+    assert any("knowledge/heldout_known_accuracy" in h for h in trainer.state.log_history)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
