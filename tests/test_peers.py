@@ -124,8 +124,10 @@ def test_gkd_beta_zero_is_forward_kl():
 
 
 def test_gkd_teacher_is_a_separate_frozen_copy_and_starts_at_zero_kl(snapshot, tmp_path):
-    args = config(tmp_path, max_steps=2, learning_rate=1e-3, lr_scheduler_type="constant", seed=3)
+    args = config(tmp_path, max_steps=2, learning_rate=1e-3, lr_scheduler_type="constant", seed=3,
+                  dataset_kwargs={"kept": True})
     trainer = PEERS["gkd"](snapshot, args, facts_dataset(), make_tokenizer())
+    assert args.dataset_kwargs == {"kept": True}  # GKD edits its own copy
     teacher = trainer.teacher_model
     student_storage = {p.data_ptr() for p in trainer.model.parameters()}
     assert teacher is not trainer.model and not any(p.data_ptr() in student_storage for p in teacher.parameters())

@@ -34,8 +34,13 @@ from .trainer import SelfDistillSFTTrainer
 
 def common_fields(args: TrainingArguments, base: type[TrainingArguments]) -> dict:
     """Every `__init__` field of `base` (TrainingArguments or SFTConfig) as set on `args`: steps, batch, learning
-    rate, scheduler, seed, device, precision, logging, saving... carried over unchanged to a peer's own config."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if f.init and hasattr(args, f.name)}
+    rate, scheduler, seed, device, precision, logging, saving... carried over unchanged to a peer's own config. The
+    values are copies: a peer that edits its config (GKD sets `dataset_kwargs`) leaves `args` as it was."""
+    return {
+        f.name: copy.deepcopy(getattr(args, f.name))
+        for f in dataclasses.fields(base)
+        if f.init and hasattr(args, f.name)
+    }
 
 
 def _check_args(args, peer: str) -> None:
