@@ -144,6 +144,20 @@ def test_gkd_teacher_is_a_separate_frozen_copy_and_starts_at_zero_kl(snapshot, t
     assert_params_unchanged(before, teacher)
 
 
+def test_gkd_with_another_teacher_moves_toward_it(snapshot, tmp_path):
+    teacher_path = tmp_path / "teacher"
+    teacher = tiny_model(seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # a peaked teacher, far from the near-uniform student
+    teacher.save_pretrained(teacher_path)
+    one_fact = facts_dataset(1).select([0] * 16)  # the same row every step: its KL must fall
+    args = config(tmp_path, max_steps=4, learning_rate=1e-2, lr_scheduler_type="constant")
+    trainer = PEERS["gkd"](snapshot, args, one_fact, make_tokenizer(), teacher_model=str(teacher_path))
+    trainer.train()
+    kl = losses(trainer)
+    assert kl[0] > 1 and kl[-1] < 0.75 * kl[0], kl
+
+
 def test_gkd_trains_on_the_tokens_sft_trains_on(snapshot, tmp_path):
     tokenizer = make_tokenizer()
     sft = SelfDistillSFTTrainer(snapshot, config(tmp_path, distill_coef=0.0), train_dataset=facts_dataset(),
