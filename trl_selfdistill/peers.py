@@ -275,13 +275,14 @@ def sdft_dataset(train_dataset: Dataset, shot_separator: str = "\n") -> Dataset:
 def sdft(model: str, args: SelfDistillConfig, train_dataset, processing_class, **options) -> Trainer:
     """
     TRL's `SDFTTrainer` (`trl.experimental.sdft`): the student samples a completion for the plain prompt, the teacher
-    (the frozen S, `teacher_model_kind="base"`, the paper's and TRL's default) scores the same tokens with the fact
+    (the frozen S, `teacher_model_kind="base"`, TRL's default, "matching the paper" per its docs) scores the same tokens with the fact
     shown before the question, and the student is distilled toward it. No CE term, no PEFT needed (full fine-tuning
     keeps a second frozen copy of S, loaded from `model`).
 
     Settings (TRL's defaults unless said): `distillation_mode="topk_logits"`, `distillation_topk=100`,
-    `distillation_alpha=0.5`, `distillation_is_clip=2.0`, sampling temperature 1.0; `num_generations` 1 instead of
-    TRL's 8 (so a step of batch B sees B different facts, as every other method does; with 8, B/8 facts per step),
+    `distillation_alpha=0.5`, `distillation_is_clip=2.0`, temperature 1.0 (it divides the logits of sampling and of
+    both sides of the divergence, so τ cannot be set alone); `num_generations` 1 instead of TRL's 8 (so a step of
+    batch B sees B different facts, as every other method does; with 8, B/8 facts per step),
     `max_completion_length` 16 instead of 256 (answers are a few tokens) and generation stops at the answer format's
     end of line as well as at EOS (the `stop` option). Every `TrainingArguments` field of `args` is carried over.
 
