@@ -275,9 +275,9 @@ def sdft_dataset(train_dataset: Dataset, shot_separator: str = "\n") -> Dataset:
 def sdft(model: str, args: SelfDistillConfig, train_dataset, processing_class, **options) -> Trainer:
     """
     TRL's `SDFTTrainer` (`trl.experimental.sdft`): the student samples a completion for the plain prompt, the teacher
-    (the frozen S, `teacher_model_kind="base"`, TRL's default, "matching the paper" per its docs) scores the same tokens with the fact
-    shown before the question, and the student is distilled toward it. No CE term, no PEFT needed (full fine-tuning
-    keeps a second frozen copy of S, loaded from `model`).
+    (the frozen S, `teacher_model_kind="base"`, TRL's default, "matching the paper" per its docs) scores the same
+    tokens with the fact shown before the question, and the student is distilled toward it. No CE term, no PEFT
+    needed (full fine-tuning keeps a second frozen copy of S, loaded from `model`).
 
     Settings (TRL's defaults unless said): `distillation_mode="topk_logits"`, `distillation_topk=100`,
     `distillation_alpha=0.5`, `distillation_is_clip=2.0`, temperature 1.0 (it divides the logits of sampling and of
