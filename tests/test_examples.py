@@ -152,7 +152,7 @@ def test_freeze_attention_only_trains_attention_only(tmp_path):
 def test_reproduce_paper_protocol(tmp_path):
     out = tmp_path / "out"
     summary = smoke("reproduce_paper", out)
-    assert summary["methods"] == ["known_only", "sft", "selfdistill", "freeze"] and summary["seeds"] == [0]
+    assert summary["methods"] == ["known_only", "sft", "selfdistill", "freeze"] and len(summary["seeds"]) == 1
     runs = summary["per_seed"][0]["runs"]
     for result in runs.values():
         assert result["history"][0]["step"] == 0 and result["history"][-1]["step"] == 2

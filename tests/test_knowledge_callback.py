@@ -56,7 +56,11 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
     trainer.train()
 
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
-    assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "facts", "format", "run"}
+    assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "facts", "format", "run",
+                            "eval_seconds", "per_fact"}
+    assert results["per_fact"]["heldout_start"] == [int(ok) for ok in callback.answered]
+    assert results["per_fact"]["heldout_end"] == [int(ok) for ok in callback.correct[2]]
+    assert len(results["per_fact"]["new_end"]) == 2 and 0 < results["eval_seconds"] < 600
     assert results["run"] == callback.run_id and len(results["run"]) == 32
     initial = results["history"][0]["heldout_known_accuracy"]
     assert results["answered_known"] == sum(callback.answered) == round(3 * initial)

@@ -87,3 +87,24 @@ def test_study_table_has_one_row_per_method_and_says_when_a_target_is_not_reache
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| SFT |") and lines[3].startswith("| self-distillation |")
     assert "not reached" in lines[3] and "6 / 0 (p=0.031)" in lines[3]
+
+
+def test_budget_monitor_facts_are_known_and_about_entities_the_splits_do_not_mention(tmp_path):
+    from trl_selfdistill.demo import SIZES, base_config, make_parser
+    from trl_selfdistill.knowledge import builtin_facts
+    from trl_selfdistill.knowledge.splits import entity_of
+    from trl_selfdistill.protocol import Protocol
+
+    facts = builtin_facts("curated-smollm2")
+    args = base_config(make_parser().parse_args(["--output_dir", str(tmp_path)]), SIZES["smoke"])
+    protocol = Protocol(model="unused", facts=facts, args=args, train_size=40, heldout_size=60, new_facts="real",
+                        budget_monitor_size=50)
+    splits = protocol.splits(seed=1)
+    monitor = protocol.monitor_splits(splits, seed=1).heldout
+    assert len(monitor) == 50 and set(monitor["category"]) == {"HighlyKnown"}
+    used = {entity_of(f) for s in (splits.train_known, splits.train_unknown, splits.heldout, splits.control) for f in s}
+    assert not {entity_of(f) for f in monitor} & used
+    with pytest.raises(ValueError, match="Known facts are left besides the splits"):
+        Protocol(model="unused", facts=facts, args=args, train_size=40, heldout_size=200,
+                 new_facts="real").monitor_splits(Protocol(model="unused", facts=facts, args=args, train_size=40,
+                                                           heldout_size=200, new_facts="real").splits(0), 0)

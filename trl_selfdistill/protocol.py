@@ -19,7 +19,7 @@ Per seed:
    | `selfdistill_cache[:λ]` | the same with the teacher cache |
    | `freeze` | plain SFT, attention only (`FreezeConfig.attention_only()`) |
    | `lora_sft`, `lora_selfdistill[:λ]` | LoRA (r=16, all linear layers, lr × `lora_lr_scale`); teacher = adapter off |
-   | `budget[:b]` | self-distillation with a forgetting budget b (relative forgetting), λ adapted by `ForgettingBudgetCallback` |
+   | `budget[:b]` | self-distillation under a forgetting budget b (relative forgetting, default 0.05): λ adapted by `ForgettingBudgetCallback`, which steers on other Known facts (`monitor_splits`), not the held-out set |
    | `l2init[:μ]`, `gkd`, `sdft` | the peers of `trl_selfdistill.peers` |
 
 4. **Study** (`run_study`): every seed, then `summarize` (intervals and paired differences, `knowledge.stats`),
@@ -29,6 +29,7 @@ Per seed:
 
 import gc
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,12 +38,14 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
+from transformers import AutoTokenizer
 
 from .config import SelfDistillConfig
 from .freezing import FreezeConfig
 from .knowledge import AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits, synthetic_facts
 from .knowledge.facts import FACT_COLUMNS
 from .knowledge.metrics import accuracy_by
+from .knowledge.splits import entity_of
 from .knowledge.stats import (
     accuracy_over,
     bootstrap,
@@ -73,6 +76,8 @@ PEER_KINDS = ("l2init", "gkd", "sdft")
 NEW_FACTS = ("real", "mixed", "synthetic-name", "synthetic-uuid")
 BASELINE = "sft"  # the paired comparisons are against plain SFT
 FRONTIER_TARGETS = (0.8, 0.9)
+DEFAULT_BUDGET = 0.05  # relative forgetting a `budget` run allows when no value is given
+MIN_MONITOR = 20
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class Protocol:
     lora_lr_scale: float = 10.0
     lora_rank: int = 16
     budget_defaults: dict = field(default_factory=dict)  # ForgettingBudgetCallback keywords
+    budget_monitor_size: int = 150  # Known facts the budget steers on (`monitor_splits`)
     peer_options: dict = field(default_factory=dict)  # peer kind → keywords of its factory
     base_name: str | None = None  # what the saved model's card names as the base model
     save_method: str | None = "selfdistill"  # the run whose model and card are saved (first seed only)
@@ -193,6 +199,25 @@ class Protocol:
                      for relation, n in (("capital", count // 4 + 4), ("author", count // 4 + 4))]
         return concatenate_datasets([real.select(range(num_real)).select_columns(list(FACT_COLUMNS)), *fictional])
 
+    def monitor_splits(self, splits: KnowledgeSplits, seed: int) -> KnowledgeSplits:
+        """
+        Known facts for a forgetting budget to steer on: up to `budget_monitor_size` of them, about entities that
+        neither the training facts, the control nor the held-out set mention, so the held-out set still measures
+        the budget run without bias.
+        """
+        used = {entity_of(f) for facts in (splits.train_known, splits.train_unknown, splits.heldout,
+                                           splits.control if splits.control is not None else splits.heldout)
+                for f in facts.select_columns(["subject", "question"])}
+        known = self.facts.filter(lambda c: c in self.known_categories, input_columns="category")
+        free = [i for i, f in enumerate(known.select_columns(["subject", "question"])) if entity_of(f) not in used]
+        random.Random(f"monitor:{seed}").shuffle(free)
+        if len(free) < MIN_MONITOR:
+            raise ValueError(f"Only {len(free)} Known facts are left besides the splits for the budget to steer on "
+                             f"(at least {MIN_MONITOR} are needed): lower `heldout_size` or `train_size`, or probe more "
+                             "facts.")
+        monitor = known.select(free[: self.budget_monitor_size])
+        return KnowledgeSplits(monitor.select([]), monitor.select([]), monitor)
+
     # ---- 2. snapshot ------------------------------------------------------------------------------------------------
     def snapshot(self, splits: KnowledgeSplits, seed: int, out: Path) -> str:
         """Stage 1: one epoch of plain SFT on the mix's Known facts, saved in `out/snapshot` (model and tokenizer)."""
@@ -224,14 +249,17 @@ class Protocol:
         teacher = getattr(trainer, "teacher", None)
         forgetting = ForgettingCallback(run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher,
                                         baseline=baseline).attach(trainer)
-        budget = None
+        budget = monitor = None
         if method.kind == "budget":
+            # The budget steers on its own Known facts, disjoint from the held-out set it is judged on
             from .budget import ForgettingBudgetCallback
 
-            options = {**self.budget_defaults}
+            monitor = ForgettingCallback(self.monitor_splits(splits, seed), fmt=self.fmt, drift_size=0,
+                                         eval_steps=max(1, (self.eval_steps or 16) // 2)).attach(trainer)
+            options = {"budget": DEFAULT_BUDGET, **self.budget_defaults}
             if method.value is not None:
                 options["budget"] = method.value
-            budget = ForgettingBudgetCallback(forgetting=forgetting, **options).attach(trainer)
+            budget = ForgettingBudgetCallback(forgetting=monitor, **options).attach(trainer)
         with PeakMemory() as memory:
             start = time.perf_counter()
             trainer.train()
@@ -247,9 +275,11 @@ class Protocol:
             "peak_memory_mb": memory.peak_mb, "trainable_parameters": count_parameters(trainer.model)[0],
             "heldout_by_relation": accuracy_by(splits.heldout["relation"], heldout_end),
             "heldout_by_relation_start": accuracy_by(splits.heldout["relation"], results["per_fact"]["heldout_start"]),
-            "budget": None if budget is None else budget.results(),
+            "budget": None if budget is None else {
+                "budget": budget.budget, "history": budget.history, "stopped_at": budget.stopped_at,
+                "monitor_size": len(monitor.splits.heldout), "monitor_final": monitor.final},
         }
-        del trainer, forgetting, budget
+        del trainer, forgetting, budget, monitor
         _free_memory()
         return result
 
@@ -264,7 +294,7 @@ class Protocol:
             if method.value is not None:
                 options["l2init_coef"] = method.value
             args = self._run_args(out, seed, distill_coef=0.0)
-            return PEERS[kind](snapshot, args, dataset, None, **options)
+            return PEERS[kind](snapshot, args, dataset, AutoTokenizer.from_pretrained(snapshot), **options)
         distilled = kind in ("selfdistill", "selfdistill_cache", "lora_selfdistill", "budget")
         coef = (method.value if method.value is not None and kind != "budget" else self.args.distill_coef)
         overrides = {"distill_coef": coef if distilled else 0.0, "push_to_hub": push}
@@ -577,7 +607,8 @@ def plot_frontier(study: dict, path: Path) -> None:
         ax.axvline(target, color="grey", linestyle=":", linewidth=1)
     ax.set(title="Stability–plasticity frontier (every evaluation, every seed)", xlabel="new-fact accuracy",
            ylabel="held-out Known accuracy / accuracy of S")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
