@@ -78,6 +78,7 @@ BASELINE = "sft"  # the paired comparisons are against plain SFT
 FRONTIER_TARGETS = (0.8, 0.9)
 DEFAULT_BUDGET = 0.05  # relative forgetting a `budget` run allows when no value is given
 MIN_MONITOR = 20
+SEED_RESULTS = "seed_results.json"
 
 
 @dataclass(frozen=True)
@@ -321,30 +322,31 @@ class Protocol:
 
     # ---- 4. seeds and study ------------------------------------------------------------------------------------------
     def run_seed(self, seed: int, methods: Sequence[Method], out: Path, save: bool = False) -> dict:
-        """Splits, snapshot and every method for one seed; returns {"splits", "runs"}."""
+        """
+        Splits, snapshot and every method for one seed; returns {"seed", "splits", "control", "runs"}, also written
+        to `out/seed_results.json` after each run, so an interrupted seed keeps the runs it finished.
+        """
         torch.manual_seed(seed)
         splits = self.splits(seed, control=any(m.kind == "known_only" for m in methods))
         self.log(f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else ""))
         snapshot = self.snapshot(splits, seed, out)
-        runs = {}
+        result = {"seed": seed, "splits": splits.sizes,
+                  "control": None if splits.control is None else len(splits.control), "runs": {}}
         for method in methods:
-            baseline = sft_baseline(runs) if method.kind == "selfdistill" else None
-            runs[method.name] = self.run(method, splits, snapshot, seed, out, baseline,
-                                         save=save and method.name == self.save_method)
-        return {"seed": seed, "splits": splits.sizes, "control": None if splits.control is None
-                else len(splits.control), "runs": runs}
+            baseline = sft_baseline(result["runs"]) if method.kind == "selfdistill" else None
+            result["runs"][method.name] = self.run(method, splits, snapshot, seed, out, baseline,
+                                                   save=save and method.name == self.save_method)
+            if self.args.distributed_state.is_main_process:
+                (out / SEED_RESULTS).write_text(json.dumps(result, indent=2))
+        return result
 
     def run_study(self, seeds: Sequence[int], methods: Sequence[Method], out: Path, settings: dict | None = None) -> dict:
         """Every seed (`out/seed-<s>` each, `out` itself for a single seed), then the summary; writes the outputs
         (`settings`, the front end's own, go into `results.json` as they are)."""
         start = time.perf_counter()
         out = Path(out)
-        per_seed = []
-        for i, seed in enumerate(seeds):
-            seed_out = out if len(seeds) == 1 else out / f"seed-{seed}"
-            per_seed.append(self.run_seed(seed, methods, seed_out, save=i == 0))
-            if self.args.distributed_state.is_main_process:  # what is done survives an interruption
-                (seed_out / "seed_results.json").write_text(json.dumps(per_seed[-1], indent=2))
+        per_seed = [self.run_seed(seed, methods, out if len(seeds) == 1 else out / f"seed-{seed}", save=i == 0)
+                    for i, seed in enumerate(seeds)]
         study = make_study(per_seed, [m.name for m in methods], settings)
         study["wall_time_s"] = time.perf_counter() - start
         if self.args.distributed_state.is_main_process:
@@ -353,14 +355,18 @@ class Protocol:
 
 
 def make_study(per_seed: Sequence[dict], methods: Sequence[str] | None = None, settings: dict | None = None) -> dict:
-    """The study of `per_seed` results (`Protocol.run_seed` outputs): the summary and frontier readings over them."""
+    """The study of `per_seed` results (`Protocol.run_seed` outputs): the summary and frontier readings over them.
+    `methods` defaults to those every seed has, in the first seed's order."""
     seeds = [seed["seed"] for seed in per_seed]
-    methods = list(methods or per_seed[0]["runs"])
+    if methods is None:
+        methods = [m for m in per_seed[0]["runs"] if all(m in seed["runs"] for seed in per_seed)]
+        if not methods:
+            raise ValueError(f"Seeds {seeds} have no method in common: combine runs of the same methods.")
     missing = {seed["seed"]: sorted(set(methods) - set(seed["runs"])) for seed in per_seed}
     if any(missing.values()):
         raise ValueError(f"Some seeds lack methods: {missing}. Combine seeds run with the same `--methods`.")
     per_seed = [{**seed, "runs": {m: seed["runs"][m] for m in methods}} for seed in per_seed]
-    return {"settings": settings or {}, "seeds": seeds, "methods": methods, "per_seed": list(per_seed),
+    return {"settings": settings or {}, "seeds": seeds, "methods": list(methods), "per_seed": list(per_seed),
             "summary": summarize(per_seed), "frontier": frontier_readings(per_seed)}
 
 
@@ -368,16 +374,16 @@ def combine(paths: Sequence[str | Path], out: str | Path, methods: Sequence[str]
     """
     One study from seeds run separately (in parallel processes or on other machines), or from methods added to a
     seed later: each path is a `seed_results.json` or an output folder of `run_study` (its `results.json`); writes
-    the study's outputs in `out`.
+    the study's outputs in `out`. `methods` defaults to those every seed has.
     """
     per_seed, settings = [], {}
     for path in map(Path, paths):
-        file = path if path.is_file() else path / "seed_results.json"
+        file = path if path.is_file() else path / SEED_RESULTS
         if not file.is_file():
             file = path / "results.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{path}: no seed_results.json or results.json. Pass the output folders of runs "
-                                    "that finished (or their seed_results.json files).")
+            raise FileNotFoundError(f"{path}: no {SEED_RESULTS} or results.json. Pass the output folders of runs "
+                                    f"that finished at least one method (or their {SEED_RESULTS} files).")
         data = json.loads(file.read_text())
         if "per_seed" in data:
             per_seed += data["per_seed"]
