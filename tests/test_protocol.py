@@ -4,6 +4,7 @@ import pytest
 
 from trl_selfdistill.protocol import (
     Method,
+    make_study,
     frontier_readings,
     parse_methods,
     parse_seeds,
@@ -85,7 +86,7 @@ def test_study_table_has_one_row_per_method_and_says_when_a_target_is_not_reache
     study = {"summary": summarize(per_seed, resamples=50), "frontier": frontier_readings(per_seed)}
     table = study_table(study)
     lines = table.splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| SFT |") and lines[3].startswith("| self-distillation |")
+    assert len(lines) == 4 and lines[2].startswith("| SFT | 2 |") and lines[3].startswith("| self-distillation | 2 |")
     assert "not reached" in lines[3] and "6 / 0 (p=0.031)" in lines[3]
 
 
@@ -108,3 +109,17 @@ def test_budget_monitor_facts_are_known_and_about_entities_the_splits_do_not_men
         Protocol(model="unused", facts=facts, args=args, train_size=40, heldout_size=200,
                  new_facts="real").monitor_splits(Protocol(model="unused", facts=facts, args=args, train_size=40,
                                                            heldout_size=200, new_facts="real").splits(0), 0)
+
+
+def test_a_method_run_on_some_seeds_is_summarised_over_those_and_paired_with_sft_there():
+    per_seed = _study()
+    start = [1] * 10
+    per_seed[1]["runs"]["freeze"] = _run("attention only", start, [1] * 10, [0, 0, 0, 0], [(0.0, 1.0), (0.1, 1.0)])
+    study = make_study(per_seed)
+    assert study["methods"] == ["sft", "selfdistill", "freeze"]
+    row = study["summary"]["freeze"]
+    assert row["seeds"] == [1] and row["forgetting"]["mean"] == 0 and row["vs_sft"]["mean"] == pytest.approx(0.4)
+    assert row["vs_sft_facts"]["method_only"] == 4 and study["frontier"]["freeze"]["0.8"]["seeds"] == 1
+    assert "| attention only | 1 |" in study_table(study)
+    with pytest.raises(ValueError, match="No seed ran"):
+        make_study(per_seed, ["lora_sft"])

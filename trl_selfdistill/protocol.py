@@ -356,17 +356,14 @@ class Protocol:
 
 def make_study(per_seed: Sequence[dict], methods: Sequence[str] | None = None, settings: dict | None = None) -> dict:
     """The study of `per_seed` results (`Protocol.run_seed` outputs): the summary and frontier readings over them.
-    `methods` defaults to those every seed has, in the first seed's order."""
+    `methods` defaults to every method any seed ran; a method run on some seeds only is summarised over those (the
+    table says over how many)."""
     seeds = [seed["seed"] for seed in per_seed]
-    if methods is None:
-        methods = [m for m in per_seed[0]["runs"] if all(m in seed["runs"] for seed in per_seed)]
-        if not methods:
-            raise ValueError(f"Seeds {seeds} have no method in common: combine runs of the same methods.")
-    missing = {seed["seed"]: sorted(set(methods) - set(seed["runs"])) for seed in per_seed}
-    if any(missing.values()):
-        raise ValueError(f"Some seeds lack methods: {missing}. Combine seeds run with the same `--methods`.")
-    per_seed = [{**seed, "runs": {m: seed["runs"][m] for m in methods}} for seed in per_seed]
-    return {"settings": settings or {}, "seeds": seeds, "methods": list(methods), "per_seed": list(per_seed),
+    methods = list(methods or _methods(per_seed))
+    if unknown := [m for m in methods if not any(m in seed["runs"] for seed in per_seed)]:
+        raise ValueError(f"No seed ran {unknown}: choose among {_methods(per_seed)}.")
+    per_seed = [{**seed, "runs": {m: seed["runs"][m] for m in methods if m in seed["runs"]}} for seed in per_seed]
+    return {"settings": settings or {}, "seeds": seeds, "methods": methods, "per_seed": list(per_seed),
             "summary": summarize(per_seed), "frontier": frontier_readings(per_seed)}
 
 
@@ -374,7 +371,7 @@ def combine(paths: Sequence[str | Path], out: str | Path, methods: Sequence[str]
     """
     One study from seeds run separately (in parallel processes or on other machines), or from methods added to a
     seed later: each path is a `seed_results.json` or an output folder of `run_study` (its `results.json`); writes
-    the study's outputs in `out`. `methods` defaults to those every seed has.
+    the study's outputs in `out`. `methods` defaults to every method any seed ran.
     """
     per_seed, settings = [], {}
     for path in map(Path, paths):
@@ -425,34 +422,37 @@ def _per_fact(per_seed: Sequence[dict], method: str, key: str) -> list[list[int]
 
 def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
     """
-    Per method: relative forgetting from S and new-fact accuracy at the end, each the mean over seeds with a two-level
-    bootstrap interval (`knowledge.stats.bootstrap`); and against plain SFT, the paired difference of forgetting
-    (SFT − method: positive = the method forgets less) with its interval, and the per-fact sign test over all seeds.
+    Per method, over the seeds that ran it: relative forgetting from S and new-fact accuracy at the end, each the mean
+    over seeds with a two-level bootstrap interval (`knowledge.stats.bootstrap`); and against plain SFT, over the
+    seeds that ran both, the paired difference of forgetting (SFT − method: positive = the method forgets less) with
+    its interval, and the per-fact sign test over those seeds.
     """
-    methods = list(per_seed[0]["runs"])
-    start = [seed["runs"][methods[0]]["per_fact"]["heldout_start"] for seed in per_seed]
-    sizes = [len(s) for s in start]
     summary = {}
-    for method in methods:
-        end = _per_fact(per_seed, method, "heldout_end")
-        new = _per_fact(per_seed, method, "new_end")
+    for method in _methods(per_seed):
+        seeds = [seed for seed in per_seed if method in seed["runs"]]
+        start = [_start(seed) for seed in seeds]
+        end = _per_fact(seeds, method, "heldout_end")
+        new = _per_fact(seeds, method, "new_end")
+        runs = [seed["runs"][method] for seed in seeds]
         row = {
-            "title": per_seed[0]["runs"][method]["title"],
-            "forgetting": bootstrap(sizes, lambda s, idx: relative_forgetting(start[s], end[s], idx),
-                                    resamples=resamples),
-            "forgetting_by_seed": [relative_forgetting(start[s], end[s]) for s in range(len(per_seed))],
+            "title": runs[0]["title"], "seeds": [seed["seed"] for seed in seeds],
+            "forgetting": bootstrap([len(s) for s in start],
+                                    lambda s, idx: relative_forgetting(start[s], end[s], idx), resamples=resamples),
+            "forgetting_by_seed": [relative_forgetting(start[s], end[s]) for s in range(len(seeds))],
             "heldout_start": mean_interval([accuracy_over(s) for s in start]),
             "heldout_end": mean_interval([accuracy_over(e) for e in end]),
             "new_fact_accuracy": (bootstrap([len(n) for n in new], lambda s, idx: accuracy_over(new[s], idx),
                                             resamples=resamples) if all(new) else None),
-            "s_per_step": mean_interval([seed["runs"][method]["s_per_step"] for seed in per_seed]),
-            "peak_memory_mb": mean_interval([seed["runs"][method]["peak_memory_mb"] for seed in per_seed
-                                             if seed["runs"][method]["peak_memory_mb"] is not None]),
+            "s_per_step": mean_interval([run["s_per_step"] for run in runs]),
+            "peak_memory_mb": mean_interval([run["peak_memory_mb"] for run in runs
+                                             if run["peak_memory_mb"] is not None]),
         }
-        if BASELINE in methods and method != BASELINE:
-            base = _per_fact(per_seed, BASELINE, "heldout_end")
-            row["vs_sft"] = bootstrap(
-                sizes, lambda s, idx: _difference(start[s], base[s], end[s], idx), resamples=resamples)
+        paired = [seed for seed in seeds if BASELINE in seed["runs"]]
+        if method != BASELINE and paired:
+            start = [_start(seed) for seed in paired]
+            base, end = _per_fact(paired, BASELINE, "heldout_end"), _per_fact(paired, method, "heldout_end")
+            row["vs_sft"] = bootstrap([len(s) for s in start],
+                                      lambda s, idx: _difference(start[s], base[s], end[s], idx), resamples=resamples)
             kept, lost = 0, 0
             for b, e in zip(base, end):
                 method_only, sft_only = discordant(e, b)
@@ -460,6 +460,11 @@ def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
             row["vs_sft_facts"] = {"method_only": kept, "sft_only": lost, "p_value": sign_test(kept, lost)}
         summary[method] = row
     return summary
+
+
+def _methods(per_seed: Sequence[dict]) -> list[str]:
+    """Every method of any seed, in the order they first appear."""
+    return list(dict.fromkeys(method for seed in per_seed for method in seed["runs"]))
 
 
 def _difference(start, base_end, end, indices) -> float | None:
@@ -480,17 +485,18 @@ def frontier_readings(per_seed: Sequence[dict], targets: Sequence[float] = FRONT
     and how many seeds reach it.
     """
     readings = {}
-    for method in per_seed[0]["runs"]:
+    for method in _methods(per_seed):
+        seeds = [seed for seed in per_seed if method in seed["runs"]]
         by_target = {}
         for target in targets:
             values = []
-            for seed in per_seed:
+            for seed in seeds:
                 result = seed["runs"][method]
                 heldout = reading_at(frontier_points(result), target)
                 initial = result["history"][0]["heldout_known_accuracy"]
                 if heldout is not None and initial:
                     values.append(1 - heldout / initial)
-            by_target[f"{target:g}"] = {**mean_interval(values), "reached": len(values), "seeds": len(per_seed)}
+            by_target[f"{target:g}"] = {**mean_interval(values), "reached": len(values), "seeds": len(seeds)}
         readings[method] = by_target
     return readings
 
@@ -511,10 +517,10 @@ def _interval(cell: dict | None, percent: bool = True, signed: bool = False) -> 
 def study_table(study: dict) -> str:
     """Per method: forgetting, new-fact accuracy, paired difference to SFT, readings at matched plasticity, cost."""
     targets = list(next(iter(study["frontier"].values())))
-    header = ("| method | relative forgetting [95% CI] | new-fact acc. [95% CI] | SFT − method [95% CI] | facts kept "
+    header = ("| method | seeds | relative forgetting [95% CI] | new-fact acc. [95% CI] | SFT − method [95% CI] | facts kept "
               "only by method / only by SFT (p) | " + " | ".join(f"forgetting at new-fact acc. {t}" for t in targets)
               + " | s/step | peak memory |")
-    lines = [header, "|---" + "|---:" * (5 + len(targets)) + "|---:|"]
+    lines = [header, "|---" + "|---:" * (6 + len(targets)) + "|---:|"]
     for method, row in study["summary"].items():
         facts = row.get("vs_sft_facts")
         facts_text = f"{facts['method_only']} / {facts['sft_only']} (p={facts['p_value']:.3f})" if facts else "–"
@@ -526,7 +532,7 @@ def study_table(study: dict) -> str:
                             "seeds reach it)" if cell["reached"] else "not reached")
         memory = row["peak_memory_mb"]["mean"]
         lines.append(
-            f"| {row['title']} | {_interval(row['forgetting'])} | {_interval(row['new_fact_accuracy'], percent=False)} "
+            f"| {row['title']} | {len(row['seeds'])} | {_interval(row['forgetting'])} | {_interval(row['new_fact_accuracy'], percent=False)} "
             f"| {_interval(row.get('vs_sft'), signed=True)} | {facts_text} | " + " | ".join(readings)
             + f" | {row['s_per_step']['mean']:.2f} | {'–' if memory is None else f'{memory:.0f} MB'} |"
         )
@@ -576,7 +582,7 @@ def plot_curves(study: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for color, method in enumerate(study["methods"]):
-        for i, seed in enumerate(study["per_seed"]):
+        for i, seed in enumerate(s for s in study["per_seed"] if method in s["runs"]):
             result = seed["runs"][method]
             steps = [h["step"] for h in result["history"]]
             style = dict(marker="o", markersize=3, color=f"C{color}", alpha=0.8, label=result["title"] if i == 0 else None)
@@ -601,7 +607,7 @@ def plot_frontier(study: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for color, method in enumerate(study["methods"]):
-        for i, seed in enumerate(study["per_seed"]):
+        for i, seed in enumerate(s for s in study["per_seed"] if method in s["runs"]):
             result = seed["runs"][method]
             points = frontier_points(result)
             initial = result["history"][0]["heldout_known_accuracy"]
