@@ -123,3 +123,17 @@ def test_a_method_run_on_some_seeds_is_summarised_over_those_and_paired_with_sft
     assert "| attention only | 1 |" in study_table(study)
     with pytest.raises(ValueError, match="No seed ran"):
         make_study(per_seed, ["lora_sft"])
+
+
+def test_peak_memory_sees_a_block_allocation_that_is_freed_before_the_block_ends():
+    import time
+
+    import torch
+
+    from trl_selfdistill.protocol import PeakMemory
+
+    with PeakMemory() as memory:
+        block = torch.ones(64, 2**20)  # 256 MiB, written so the pages are resident
+        time.sleep(0.2)
+        del block
+    assert memory.peak_mb is not None and memory.peak_mb > 200
