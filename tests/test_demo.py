@@ -23,6 +23,7 @@ def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
         assert len(result["per_fact"]["heldout_end"]) == seed["splits"]["heldout_known"]
         assert set(result["heldout_by_relation"]) == set(summary["per_seed"][0]["runs"]["sft"]["heldout_by_relation"])
         assert result["s_per_step"] > 0 and result["steps"] == 2
+        assert sum(result["heldout_relation_counts"].values()) == seed["splits"]["heldout_known"]
     assert seed["runs"]["known_only"]["final"]["new_fact_accuracy"] is None
     assert seed["runs"]["selfdistill"]["baseline"]["name"].startswith("plain SFT")
     table = (tmp_path / "table.md").read_text()

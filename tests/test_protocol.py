@@ -137,3 +137,15 @@ def test_peak_memory_sees_a_block_allocation_that_is_freed_before_the_block_ends
         time.sleep(0.2)
         del block
     assert memory.peak_mb is not None and memory.peak_mb > 200
+
+
+def test_relation_table_pools_the_held_out_answers_of_every_seed_per_relation():
+    from trl_selfdistill.protocol import relation_table
+
+    per_seed = _study()
+    for seed in per_seed:  # facts 0-4 are capitals, 5-9 languages; SFT loses capitals 0-3, self-distillation 0
+        seed["heldout_relations"] = ["capital"] * 5 + ["language"] * 5
+    table = relation_table(make_study(per_seed))
+    assert "| capital | 10 | 1.00 | 0.20 | 0.80 |" in table and "| language | 10 | 1.00 | 1.00 | 1.00 |" in table
+    del per_seed[0]["heldout_relations"]
+    assert relation_table(make_study(per_seed)) is None

@@ -331,7 +331,8 @@ class Protocol:
         self.log(f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else ""))
         snapshot = self.snapshot(splits, seed, out)
         result = {"seed": seed, "splits": splits.sizes,
-                  "control": None if splits.control is None else len(splits.control), "runs": {}}
+                  "control": None if splits.control is None else len(splits.control),
+                  "heldout_relations": splits.heldout["relation"], "runs": {}}
         for method in methods:
             baseline = sft_baseline(result["runs"]) if method.kind == "selfdistill" else None
             result["runs"][method.name] = self.run(method, splits, snapshot, seed, out, baseline,
@@ -408,6 +409,7 @@ def _merge_seeds(per_seed: Sequence[dict]) -> list[dict]:
         if repeated := set(first["runs"]) & set(seed["runs"]):
             raise ValueError(f"Seeds repeat: seed {seed['seed']} has {sorted(repeated)} twice. Combine each run once.")
         first["runs"].update(seed["runs"])
+        first["heldout_relations"] = first.get("heldout_relations") or seed.get("heldout_relations")
     return [merged[s] for s in sorted(merged)]
 
 
@@ -539,6 +541,39 @@ def study_table(study: dict) -> str:
     return "\n".join(lines)
 
 
+def relation_table(study: dict) -> str | None:
+    """
+    Held-out Known accuracy per relation, pooled over the seeds (facts answered / facts): at S and at the end of each
+    method; where forgetting concentrates (e.g. the relations whose template the new facts share). None when the
+    seeds do not record their held-out relations.
+    """
+    if not all(seed.get("heldout_relations") for seed in study["per_seed"]):
+        return None
+    relations = sorted({r for seed in study["per_seed"] for r in seed["heldout_relations"]})
+
+    def pooled(method: str | None, relation: str) -> str:
+        correct = total = 0
+        for seed in study["per_seed"]:
+            if method is not None and method not in seed["runs"]:
+                continue
+            run = seed["runs"][method or next(iter(seed["runs"]))]
+            answers = run["per_fact"]["heldout_start" if method is None else "heldout_end"]
+            for rel, ok in zip(seed["heldout_relations"], answers):
+                if rel == relation:
+                    correct, total = correct + ok, total + 1
+        return "–" if not total else f"{correct / total:.2f}"
+
+    counts = {r: sum(seed["heldout_relations"].count(r) for seed in study["per_seed"]) for r in relations}
+    methods = study["methods"]
+    titles = [study["summary"][m]["title"] for m in methods]
+    lines = ["| relation | held-out facts (all seeds) | S | " + " | ".join(titles) + " |",
+             "|---|---:|---:|" + "---:|" * len(methods)]
+    for relation in relations:
+        lines.append(f"| {relation} | {counts[relation]} | {pooled(None, relation)} | "
+                     + " | ".join(pooled(m, relation) for m in methods) + " |")
+    return "\n".join(lines)
+
+
 def run_table(runs: dict) -> str:
     """One seed's runs: held-out Known at S and at the end, forgetting, new-fact and task accuracy, wall time."""
     def fmt(value):
@@ -563,6 +598,9 @@ def write_outputs(study: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(study, indent=2))
     parts = [study_table(study)]
+    if (relations := relation_table(study)) is not None:
+        parts.append("\nHeld-out Known accuracy per relation, pooled over the seeds (a method's column: the seeds that "
+                     "ran it):\n\n" + relations)
     for seed in study["per_seed"]:
         parts.append(f"\nSeed {seed['seed']}:\n\n" + run_table(seed["runs"]))
     (out / "table.md").write_text("\n".join(parts) + "\n")
