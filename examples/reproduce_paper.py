@@ -131,7 +131,7 @@ class ReproduceArguments(recipes.FactsArguments):
     )
     seeds: str | None = field(
         default=None, metadata={"help": "Seeds to run, e.g. `0,1,2` or `0-4` (default: --seed); with several, "
-                                "the table reports means with 95% intervals and paired differences to SFT."}
+                                "the table reports means with 95%% intervals and paired differences to SFT."}
     )
 
     def __post_init__(self):

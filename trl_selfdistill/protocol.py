@@ -332,7 +332,7 @@ class Protocol:
         snapshot = self.snapshot(splits, seed, out)
         result = {"seed": seed, "splits": splits.sizes,
                   "control": None if splits.control is None else len(splits.control),
-                  "heldout_relations": splits.heldout["relation"], "runs": {}}
+                  "heldout_relations": list(splits.heldout["relation"]), "runs": {}}
         for method in methods:
             baseline = sft_baseline(result["runs"]) if method.kind == "selfdistill" else None
             result["runs"][method.name] = self.run(method, splits, snapshot, seed, out, baseline,
