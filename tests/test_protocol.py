@@ -4,6 +4,7 @@ import pytest
 
 from trl_selfdistill.protocol import (
     Method,
+    frontier_table,
     make_study,
     frontier_readings,
     parse_methods,
@@ -78,16 +79,24 @@ def test_frontier_readings_at_matched_new_fact_accuracy():
     assert readings["selfdistill"]["0.5"]["mean"] == pytest.approx(0.05)
     assert readings["sft"]["0.9"]["mean"] == pytest.approx(1 - (0.8 + (0.6 - 0.8) * 0.8))
     assert readings["selfdistill"]["0.9"] == {"mean": None, "low": None, "high": None, "n": 0, "reached": 0,
-                                              "seeds": 2}
+                                              "seeds": 2, "vs_sft": {"mean": None, "low": None, "high": None, "n": 0}}
 
 
 def test_study_table_has_one_row_per_method_and_says_when_a_target_is_not_reached():
     per_seed = _study()
     study = {"summary": summarize(per_seed, resamples=50), "frontier": frontier_readings(per_seed)}
-    table = study_table(study)
-    lines = table.splitlines()
+    lines = study_table(study).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| SFT | 2 |") and lines[3].startswith("| self-distillation | 2 |")
-    assert "not reached" in lines[3] and "6 / 0 (p=0.031)" in lines[3]
+    assert "6 / 0 (p=0.031)" in lines[3]
+    frontier = frontier_table(study).splitlines()
+    assert "not reached (0/2 seeds)" in frontier[3] and "+22.0% [+22.0, +22.0] (n=2)" in frontier[3]
+
+
+def test_frontier_paired_difference_uses_the_seeds_where_both_reach_the_target():
+    readings = frontier_readings(_study(), targets=(0.5,))
+    # at new-fact accuracy 0.5: SFT 0.8 → 20% forgetting, self-distillation 0.95 → 5%, in both seeds
+    assert readings["selfdistill"]["0.5"]["vs_sft"]["mean"] == pytest.approx(0.15)
+    assert readings["selfdistill"]["0.5"]["vs_sft"]["n"] == 2 and "vs_sft" not in readings["sft"]["0.5"]
 
 
 def test_budget_monitor_facts_are_known_and_about_entities_the_splits_do_not_mention(tmp_path):
@@ -120,7 +129,7 @@ def test_a_method_run_on_some_seeds_is_summarised_over_those_and_paired_with_sft
     row = study["summary"]["freeze"]
     assert row["seeds"] == [1] and row["forgetting"]["mean"] == 0 and row["vs_sft"]["mean"] == pytest.approx(0.4)
     assert row["vs_sft_facts"]["method_only"] == 4 and study["frontier"]["freeze"]["0.8"]["seeds"] == 1
-    assert "| attention only | 1 |" in study_table(study)
+    assert "| attention only | 1 |" in study_table(study) and "| attention only |" in frontier_table(study)
     with pytest.raises(ValueError, match="No seed ran"):
         make_study(per_seed, ["lora_sft"])
 

@@ -26,7 +26,7 @@ from .config import SelfDistillConfig
 from .embedded import EMBEDDED, load_model, resolve
 from .knowledge import AnswerFormat, ProbeConfig, builtin_facts, probe
 from .knowledge.facts import FACT_COLUMNS
-from .protocol import KINDS, NEW_FACTS, Protocol, combine, parse_methods, parse_seeds, study_table
+from .protocol import KINDS, NEW_FACTS, Protocol, combine, frontier_table, parse_methods, parse_seeds, study_table
 from .recipes import tiny_checkpoint
 
 DEFAULT_METHODS = "known_only,sft,selfdistill,freeze"
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     if args.combine:
         study = combine(args.combine, args.output_dir)
-        print(study_table(study) + f"\n\nSeeds {study['seeds']} combined in {args.output_dir}/")
+        print(study_table(study) + "\n\n" + frontier_table(study) + f"\n\nSeeds {study['seeds']} combined in "
+              f"{args.output_dir}/")
         return
     sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "default"]
     sizes = Sizes(
@@ -163,6 +164,6 @@ def main(argv: list[str] | None = None) -> None:
         base_name="HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == EMBEDDED else args.model,
     )
     study = protocol.run_study(seeds, methods, out)
-    print("\n" + study_table(study))
+    print("\n" + study_table(study) + "\n\n" + frontier_table(study))
     print(f"\nTotal wall time {(time.time() - start) / 60:.1f} min ({', '.join(str(s) for s in seeds)}). results.json, "
           f"table.md, plot.png, frontier.png and the self-distilled model with its card are in {out}/")

@@ -272,7 +272,8 @@ class Protocol:
         heldout_end = results["per_fact"]["heldout_end"]
         result = {
             **results, "method": method.name, "title": method.title, "seed": seed, "wall_time_s": wall,
-            "steps": steps, "s_per_step": (wall - forgetting.eval_seconds) / max(steps, 1),
+            "steps": steps,
+            "s_per_step": (wall - forgetting.eval_seconds - (monitor.eval_seconds if monitor else 0)) / max(steps, 1),
             "peak_memory_mb": memory.peak_mb, "trainable_parameters": count_parameters(trainer.model)[0],
             "heldout_by_relation": accuracy_by(splits.heldout["relation"], heldout_end),
             "heldout_by_relation_start": accuracy_by(splits.heldout["relation"], results["per_fact"]["heldout_start"]),
@@ -484,23 +485,31 @@ def frontier_readings(per_seed: Sequence[dict], targets: Sequence[float] = FRONT
     """
     Per method and target new-fact accuracy: relative forgetting from S where the run's stability–plasticity curve
     first reaches the target (`stats.reading_at`), the mean over the seeds that reach it with a Student-t interval,
-    and how many seeds reach it.
+    how many seeds reach it, and `vs_sft`: the paired difference SFT − method over the seeds where both reach it
+    (mean and Student-t interval; positive = the method forgets less at the same plasticity).
     """
     readings = {}
     for method in _methods(per_seed):
         seeds = [seed for seed in per_seed if method in seed["runs"]]
         by_target = {}
         for target in targets:
-            values = []
-            for seed in seeds:
-                result = seed["runs"][method]
-                heldout = reading_at(frontier_points(result), target)
-                initial = result["history"][0]["heldout_known_accuracy"]
-                if heldout is not None and initial:
-                    values.append(1 - heldout / initial)
-            by_target[f"{target:g}"] = {**mean_interval(values), "reached": len(values), "seeds": len(seeds)}
+            values = {seed["seed"]: _reading(seed["runs"][method], target) for seed in seeds}
+            values = {s: v for s, v in values.items() if v is not None}
+            cell = {**mean_interval(list(values.values())), "reached": len(values), "seeds": len(seeds)}
+            if method != BASELINE:
+                base = {seed["seed"]: _reading(seed["runs"][BASELINE], target) for seed in seeds
+                        if BASELINE in seed["runs"]}
+                cell["vs_sft"] = mean_interval([base[s] - v for s, v in values.items() if base.get(s) is not None])
+            by_target[f"{target:g}"] = cell
         readings[method] = by_target
     return readings
+
+
+def _reading(result: dict, target: float) -> float | None:
+    """Relative forgetting from the run's first evaluation where its curve reaches new-fact accuracy `target`."""
+    heldout = reading_at(frontier_points(result), target)
+    initial = result["history"][0]["heldout_known_accuracy"]
+    return None if heldout is None or not initial else 1 - heldout / initial
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------------
@@ -517,27 +526,40 @@ def _interval(cell: dict | None, percent: bool = True, signed: bool = False) -> 
 
 
 def study_table(study: dict) -> str:
-    """Per method: forgetting, new-fact accuracy, paired difference to SFT, readings at matched plasticity, cost."""
-    targets = list(next(iter(study["frontier"].values())))
-    header = ("| method | seeds | relative forgetting [95% CI] | new-fact acc. [95% CI] | SFT − method [95% CI] | facts kept "
-              "only by method / only by SFT (p) | " + " | ".join(f"forgetting at new-fact acc. {t}" for t in targets)
-              + " | s/step | peak memory |")
-    lines = [header, "|---" + "|---:" * (6 + len(targets)) + "|---:|"]
-    for method, row in study["summary"].items():
+    """Per method, at the end of training: forgetting, new-fact accuracy, paired difference to SFT, cost."""
+    lines = ["| method | seeds | relative forgetting [95% CI] | new-fact acc. [95% CI] | SFT − method [95% CI] | "
+             "facts kept only by method / only by SFT (p) | s/step | peak memory |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in study["summary"].values():
         facts = row.get("vs_sft_facts")
         facts_text = f"{facts['method_only']} / {facts['sft_only']} (p={facts['p_value']:.3f})" if facts else "–"
-        readings = []
-        for target in targets:
-            cell = study["frontier"][method][target]
-            text = _interval(cell)
-            readings.append(text if cell["reached"] == cell["seeds"] else f"{text} ({cell['reached']}/{cell['seeds']} "
-                            "seeds reach it)" if cell["reached"] else "not reached")
         memory = row["peak_memory_mb"]["mean"]
         lines.append(
-            f"| {row['title']} | {len(row['seeds'])} | {_interval(row['forgetting'])} | {_interval(row['new_fact_accuracy'], percent=False)} "
-            f"| {_interval(row.get('vs_sft'), signed=True)} | {facts_text} | " + " | ".join(readings)
-            + f" | {row['s_per_step']['mean']:.2f} | {'–' if memory is None else f'{memory:.0f} MB'} |"
+            f"| {row['title']} | {len(row['seeds'])} | {_interval(row['forgetting'])} | "
+            f"{_interval(row['new_fact_accuracy'], percent=False)} | {_interval(row.get('vs_sft'), signed=True)} | "
+            f"{facts_text} | {row['s_per_step']['mean']:.2f} | {'–' if memory is None else f'{memory:.0f} MB'} |"
         )
+    return "\n".join(lines)
+
+
+def frontier_table(study: dict) -> str:
+    """Per method and target new-fact accuracy: forgetting where the curve reaches it, and SFT − method there."""
+    targets = list(next(iter(study["frontier"].values())))
+    header = "| method | " + " | ".join(f"forgetting at new-fact acc. {t} | SFT − method at {t}" for t in targets) + " |"
+    lines = [header, "|---" + "|---:|---:" * len(targets) + "|"]
+    for method, by_target in study["frontier"].items():
+        cells = []
+        for target in targets:
+            cell = by_target[target]
+            if not cell["reached"]:
+                cells += [f"not reached (0/{cell['seeds']} seeds)", "–"]
+                continue
+            reached = "" if cell["reached"] == cell["seeds"] else f" ({cell['reached']}/{cell['seeds']} seeds)"
+            difference = cell.get("vs_sft")
+            paired = "–" if difference is None or difference["mean"] is None else (
+                _interval(difference, signed=True) + f" (n={difference['n']})")
+            cells += [_interval(cell) + reached, paired]
+        lines.append(f"| {study['summary'][method]['title']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -597,7 +619,8 @@ def write_outputs(study: dict, out: Path) -> None:
     """`results.json`, `table.md` (the study table, then each seed's runs), `plot.png` and `frontier.png`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(study, indent=2))
-    parts = [study_table(study)]
+    parts = [study_table(study), "\nAt matched plasticity (the stability–plasticity curves read at fixed new-fact "
+             "accuracies; Student-t intervals over seeds):\n\n" + frontier_table(study)]
     if (relations := relation_table(study)) is not None:
         parts.append("\nHeld-out Known accuracy per relation, pooled over the seeds (a method's column: the seeds that "
                      "ran it):\n\n" + relations)
