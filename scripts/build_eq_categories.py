@@ -10,7 +10,9 @@ The shipped set was built with two single-threaded processes side by side (2 cor
 
 Facts are sampled from `<source>/train/<relation>.train.jsonl` (seeded; one row per distinct question, with the
 aliases of every row that asks it); the few-shot exemplars come from `<source>/dev`. Probing is the package's own
-(`knowledge.probe`, cheap setting: three four-shot prompts, greedy, on the embedded SmolLM2-135M-Instruct).
+(`knowledge.probe`, cheap setting: three four-shot prompts, greedy, on the embedded SmolLM2-135M-Instruct). Each row
+keeps what the loader cannot derive: question, answers, relation, category and p_greedy (id, subject and template
+come back from the relation's template when the set is loaded).
 `--num_prompts 1` estimates each relation's yield cheaply (how the relations above were chosen:
 `--per_relation 16 --num_prompts 1 --seed 100` over all 24).
 """
@@ -70,7 +72,11 @@ def main():
     probed = probe(facts, model, tokenizer, exemplars=exemplars, config=config)
     seconds = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    probed.to_json(args.out, lines=True)
+    with args.out.open("w") as f:  # what the loader cannot derive (id, subject, template come from these)
+        for row in probed:
+            slim = {key: row[key] for key in ("question", "answers", "relation", "category")}
+            f.write(json.dumps({**slim, "p_greedy": round(row["p_greedy"], 4)}, ensure_ascii=False,
+                               separators=(",", ":")) + "\n")
     counts = Counter(zip(probed["relation"], probed["category"]))
     print(f"probed {len(probed)} facts x {args.num_prompts} prompts in {seconds:.0f} s "
           f"({len(probed) * args.num_prompts / seconds:.2f} prompts/s)")
