@@ -1,11 +1,10 @@
 """`ForgettingBudgetCallback`: hold forgetting to a stated budget by adapting λ during training, or stop at it."""
 
-import math
-import numbers
 
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
+from .data_checks import check_finite, check_real
 from .knowledge.callback import ForgettingCallback, log_between_steps
 from .knowledge.drift import DriftMeter
 
@@ -15,11 +14,7 @@ LOG_PREFIX = "budget/"
 
 
 def _check_number(name: str, value, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got the {type(value).__name__} {value!r}. {fix}")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}. {fix}")
-    return float(value)
+    return check_finite(name, check_real(f"`{name}`", value, fix), fix)
 
 
 class ForgettingBudgetCallback(TrainerCallback):

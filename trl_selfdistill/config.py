@@ -1,14 +1,13 @@
 """Configuration of the self-distillation trainer."""
 
 import copy
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from trl import SFTConfig
 
-from .data_checks import check_numeric_fields
+from .data_checks import check_finite, check_numeric_fields
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DISTILL_SCOPES = ("completion", "all")
@@ -28,12 +27,6 @@ def _without_secrets(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_without_secrets(v) for v in value)
     return value
-
-
-def _check_finite(name: str, value, fix: str) -> None:
-    """Refuse a NaN or an infinity, naming the fix (types are checked by `check_numeric_fields`)."""
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}. {fix}")
 
 
 @dataclass
@@ -139,9 +132,9 @@ class SelfDistillConfig(SFTConfig):
     def __post_init__(self):
         check_numeric_fields(self)  # before any comparison: `distill_coef="1.0"` gets a TypeError naming the field
         super().__post_init__()
-        _check_finite("distill_coef", self.distill_coef, "Use a float ≥ 0, e.g. 1.0 (paper), or 0 for plain SFT.")
-        _check_finite("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")
-        _check_finite("jsd_beta", self.jsd_beta, "Use a float strictly between 0 and 1, e.g. 0.5.")
+        check_finite("distill_coef", self.distill_coef, "Use a float ≥ 0, e.g. 1.0 (paper), or 0 for plain SFT.")
+        check_finite("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")
+        check_finite("jsd_beta", self.jsd_beta, "Use a float strictly between 0 and 1, e.g. 0.5.")
         if self.loss_chunk_rows is not None and (
             isinstance(self.loss_chunk_rows, bool) or not isinstance(self.loss_chunk_rows, int) or self.loss_chunk_rows < 1
         ):

@@ -16,6 +16,7 @@ cheap on large datasets. An `IterableDataset` is only checked for emptiness and,
 
 import dataclasses
 import logging
+import math
 import numbers
 from pathlib import Path
 
@@ -236,6 +237,20 @@ def check_token_ids(trainer) -> None:
     for name, dataset in {"train": trainer.train_dataset, **evals}.items():
         if isinstance(dataset, Dataset) and "input_ids" in dataset.column_names:
             _check_ids(*_token_counter(dataset), vocab_size, name)
+
+
+def check_real(label: str, value, fix: str) -> float:
+    """`value` as a float; a TypeError naming `label` and `fix` for anything but a real number (a bool included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a number, got the {type(value).__name__} {value!r}. {fix}")
+    return float(value)
+
+
+def check_finite(name: str, value, fix: str) -> float:
+    """`value` (a real number) as a float; a ValueError naming `name` and `fix` for a NaN or an infinity."""
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}. {fix}")
+    return float(value)
 
 
 def check_numeric_fields(config) -> None:

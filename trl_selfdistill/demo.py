@@ -20,19 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import concatenate_datasets
 
 from .config import SelfDistillConfig
 from .embedded import EMBEDDED, load_model, resolve
 from .knowledge import AnswerFormat, ProbeConfig, builtin_facts, probe
-from .knowledge.facts import FACT_COLUMNS
+from .knowledge.splits import concatenate_facts
 from .protocol import KINDS, NEW_FACTS, Protocol, combine, frontier_table, parse_methods, parse_seeds, study_table
 from .recipes import tiny_checkpoint
 
 DEFAULT_METHODS = "known_only,sft,selfdistill,freeze"
 # The embedded model's categorised facts: the curated set and the EntityQuestions sample, probed the same way
 EMBEDDED_FACTS = ("curated-smollm2", "entityquestions-smollm2")
-UNCATEGORISED = {"curated-smollm2": "curated", "entityquestions-smollm2": "entityquestions-smollm2"}
+# What to probe again for another model (or `--reprobe`): the uncategorised source of a categorised set, where there
+# is one (the probe replaces the categories of a set that has them)
+UNCATEGORISED = {"curated-smollm2": "curated"}
 
 
 @dataclass
@@ -104,18 +105,13 @@ def categorised_facts(args, model_path: str, fmt: AnswerFormat):
         if all("category" in facts.column_names for facts in sets):
             print(f"Knowledge: shipped SliCK categories of {', '.join(names)} for the embedded model (--reprobe "
                   "to redo)")
-            return _concatenate(sets)
+            return concatenate_facts(sets)
     sets = [builtin_facts(UNCATEGORISED.get(name, name)) for name in names]
     print(f"Knowledge: probing {sum(map(len, sets))} facts (SliCK, 3 four-shot prompts, greedy)")
     model, tokenizer = load_model(model_path)
-    facts = probe(_concatenate(sets), model, tokenizer, fmt=fmt, config=ProbeConfig.cheap(seed=args.seed))
+    facts = probe(concatenate_facts(sets), model, tokenizer, fmt=fmt, config=ProbeConfig.cheap(seed=args.seed))
     del model
     return facts
-
-
-def _concatenate(sets):
-    columns = [*FACT_COLUMNS, "category"]
-    return concatenate_datasets([s.select_columns([c for c in columns if c in s.column_names]) for s in sets])
 
 
 def base_config(args, sizes: Sizes) -> SelfDistillConfig:

@@ -133,9 +133,8 @@ class L2InitSFTTrainer(SelfDistillSFTTrainer):
     μ would have to grow with the model). How μ scales: with SGD the pull shrinks θ − θ₀ by a factor (1 − 2·lr·μ)
     per step; with AdamW (the default) the update is normalised per weight, so what matters is the penalty's gradient,
     norm 2μ‖θ − θ₀‖, against the CE gradient: μ acts on a log scale and is swept (docs/peers.md: 0.1, 1, 10, 100 on
-    SmolLM2-135M, from its measured gradient norms). μ = 0 is exactly
-    `SFTTrainer` (the penalty is not even built). With gradient accumulation the penalty is added once per optimizer
-    step. Logged: `l2init_penalty` (μ·Σ(θ−θ₀)², the term added) and `l2init_sq_distance` (Σ(θ−θ₀)²).
+    SmolLM2-135M, from its measured gradient norms). μ = 0 is exactly `SFTTrainer` (the distance is logged, no
+    penalty is added). With gradient accumulation the penalty is added once per optimizer step. Logged: `l2init_penalty` (μ·Σ(θ−θ₀)², the term added) and `l2init_sq_distance` (Σ(θ−θ₀)²).
     Single process or DDP only: the copy of θ₀ is taken before DeepSpeed/FSDP shard the weights, so those are refused.
     """
 
@@ -176,16 +175,13 @@ class L2InitSFTTrainer(SelfDistillSFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        if self.l2init_coef == 0:
-            with torch.no_grad():
-                distance = self.squared_distance()
-            self._metrics[mode]["l2init_penalty"].append(0.0)
-            self._metrics[mode]["l2init_sq_distance"].append(distance.item())
-            return result
-        distance = self.squared_distance()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.l2init_coef > 0):  # μ = 0: logged, not trained
+            distance = self.squared_distance()
         penalty = self.l2init_coef * distance
         self._metrics[mode]["l2init_penalty"].append(penalty.item())
         self._metrics[mode]["l2init_sq_distance"].append(distance.item())
+        if self.l2init_coef == 0:
+            return result
         # Trainer sums the micro-batch losses of one step when it passes `num_items_in_batch` (and divides them itself
         # otherwise): the penalty is then split over the micro-batches so it counts once per optimizer step
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and model.training else 1

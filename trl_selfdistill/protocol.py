@@ -44,10 +44,9 @@ from .config import SelfDistillConfig
 from .freezing import FreezeConfig
 from .knowledge import AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits, synthetic_facts
 from .knowledge.facts import FACT_COLUMNS
-from .knowledge.metrics import accuracy_by
+from .knowledge.metrics import accuracy, accuracy_by
 from .knowledge.splits import entity_of
 from .knowledge.stats import (
-    accuracy_over,
     bootstrap,
     discordant,
     mean_interval,
@@ -442,9 +441,9 @@ def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
             "forgetting": bootstrap([len(s) for s in start],
                                     lambda s, idx: relative_forgetting(start[s], end[s], idx), resamples=resamples),
             "forgetting_by_seed": [relative_forgetting(start[s], end[s]) for s in range(len(seeds))],
-            "heldout_start": mean_interval([accuracy_over(s) for s in start]),
-            "heldout_end": mean_interval([accuracy_over(e) for e in end]),
-            "new_fact_accuracy": (bootstrap([len(n) for n in new], lambda s, idx: accuracy_over(new[s], idx),
+            "heldout_start": mean_interval([accuracy(s) for s in start]),
+            "heldout_end": mean_interval([accuracy(e) for e in end]),
+            "new_fact_accuracy": (bootstrap([len(n) for n in new], lambda s, idx: accuracy([new[s][i] for i in idx]),
                                             resamples=resamples) if all(new) else None),
             "s_per_step": mean_interval([run["s_per_step"] for run in runs]),
             "peak_memory_mb": mean_interval([run["peak_memory_mb"] for run in runs
@@ -690,7 +689,10 @@ def plot_frontier(study: dict, path: Path) -> None:
 # ---- helpers ---------------------------------------------------------------------------------------------------------
 class PeakMemory:
     """Peak memory of a block in MB: `torch.cuda.max_memory_allocated` on CUDA, else the process's resident set size
-    sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read."""
+    sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read. On CPU it is
+    the growth of the process: memory an earlier block freed to the allocator is reused without growing it, so only a
+    process's first block measures a method's own peak (benchmarks/benchmark.py runs each variant in its own process
+    for that)."""
 
     def __enter__(self):
         self.peak_mb = None

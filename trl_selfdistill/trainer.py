@@ -3,7 +3,6 @@
 import hashlib
 import inspect
 import math
-import numbers
 from contextlib import contextmanager
 
 import torch
@@ -18,6 +17,7 @@ from .data_checks import (
     check_not_empty,
     check_prepared_dataset,
     check_raw_dataset,
+    check_real,
     check_teacher_source,
     check_token_ids,
 )
@@ -120,9 +120,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
     @distill_coef.setter
     def distill_coef(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"`distill_coef` (λ) must be a number, got the {type(value).__name__} {value!r}.")
-        value = float(value)
+        value = check_real("`distill_coef` (λ)", value, "Use a float ≥ 0, e.g. 1.0 (paper).")
         if not math.isfinite(value) or value < 0:
             raise ValueError(
                 f"`distill_coef` (λ) must be a finite number ≥ 0, got {value}: the loss would be "

@@ -64,7 +64,7 @@ class KnowledgeSplits:
 
     def train(self, seed: int = 0) -> Dataset:
         """The training facts (Known and Unknown), shuffled."""
-        return _concatenate([self.train_known, self.train_unknown]).shuffle(seed=seed)
+        return concatenate_facts([self.train_known, self.train_unknown]).shuffle(seed=seed)
 
     def known_only(self) -> "KnowledgeSplits":
         """The splits of the Known-only control run: the control set in place of the mix, the same held-out set."""
@@ -151,7 +151,7 @@ def build_splits(
     )
 
 
-def _concatenate(sets: list[Dataset]) -> Dataset:
+def concatenate_facts(sets: list[Dataset]) -> Dataset:
     """Concatenate fact sets on the columns they share (the fact columns and `category`)."""
     wanted = [*FACT_COLUMNS, "category"]
     columns = [c for c in wanted if all(c in facts.column_names for facts in sets)]

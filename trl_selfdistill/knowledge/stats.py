@@ -31,11 +31,6 @@ def relative_forgetting(start: Correct, end: Correct, indices: Sequence[int] | N
     return None if known == 0 else 1 - sum(end[i] for i in indices) / known
 
 
-def accuracy_over(correct: Correct, indices: Sequence[int] | None = None) -> float:
-    indices = range(len(correct)) if indices is None else indices
-    return sum(correct[i] for i in indices) / max(len(indices), 1)
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-quantile (0 ≤ q ≤ 1) of `values`, linearly interpolated between order statistics."""
     ordered = sorted(values)
