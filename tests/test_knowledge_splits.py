@@ -95,3 +95,13 @@ def test_hand_made_splits_are_validated():
         KnowledgeSplits(known.select(range(4)), unknown.select(range(2)), known.select([]))
     ok = KnowledgeSplits(known.select(range(4)), unknown.select(range(2)), known.select(range(4, 8)))
     assert ok.sizes == {"train_known": 4, "train_unknown": 2, "heldout_known": 4}
+
+
+def test_concatenate_facts_keeps_the_columns_every_set_has():
+    from trl_selfdistill.knowledge import builtin_facts
+    from trl_selfdistill.knowledge.splits import concatenate_facts
+
+    categorised, plain = builtin_facts("entityquestions-smollm2"), builtin_facts("curated")
+    both = concatenate_facts([plain, categorised])  # what the demo probes again for another model
+    assert len(both) == len(plain) + len(categorised) and "category" not in both.column_names
+    assert "category" in concatenate_facts([categorised, builtin_facts("curated-smollm2")]).column_names
