@@ -5,7 +5,7 @@ import json
 import pytest
 
 from trl_selfdistill.cli import main
-from trl_selfdistill.demo import base_config, make_parser
+from trl_selfdistill.demo import SIZES, base_config, make_parser
 from trl_selfdistill.knowledge import builtin_facts
 from trl_selfdistill.protocol import Protocol
 
@@ -80,6 +80,36 @@ def test_mixed_new_facts_are_half_real_unknown_half_fictional(tmp_path):
 
 
 def _sizes():
-    from trl_selfdistill.demo import SIZES
 
     return SIZES["smoke"]
+
+
+def test_budget_methods_adapt_or_stop_as_their_mode_says(tmp_path, monkeypatch):
+    """A signal always over budget: `budget` raises λ to its cap and trains on, `budget_stop` stops at the cap."""
+    from dataclasses import replace
+
+    from trl_selfdistill.budget import ForgettingBudgetCallback
+    from trl_selfdistill.protocol import parse_methods
+    from trl_selfdistill.recipes import tiny_checkpoint
+
+    monkeypatch.setattr(ForgettingBudgetCallback, "_check_forgetting_callback", lambda self, args: None)
+    monkeypatch.setattr(ForgettingBudgetCallback, "_evaluation",
+                        lambda self, state, model: (state.global_step, 1.0))  # a random model knows no facts
+    args = base_config(make_parser().parse_args(["--output_dir", str(tmp_path), "--batch_size", "8"]),
+                       SIZES["smoke"])
+    protocol = Protocol(model=tiny_checkpoint(), facts=builtin_facts("curated-smollm2"), args=replace(args, max_steps=4),
+                        train_size=16, heldout_size=8, eval_steps=2, budget_defaults={"max_coef": 2.0},
+                        budget_monitor_size=20)
+    runs = protocol.run_seed(0, parse_methods("budget:0.2,budget_stop"), tmp_path)["runs"]
+    adapt, stop = runs["budget:0.2"], runs["budget_stop"]
+    assert adapt["budget"]["mode"] == "adapt" and stop["budget"]["mode"] == "adapt_or_stop"
+    assert adapt["budget"]["budget"] == 0.2 and stop["budget"]["budget"] == 0.05  # the protocol's default
+    assert [h["distill_coef"] for h in adapt["budget"]["history"]] == [1.0, 2.0, 2.0, 2.0, 2.0]  # monitor: every step
+    assert adapt["steps"] == 4 and adapt["budget"]["stopped_at"] is None
+    assert stop["budget"]["stopped_at"] == stop["steps"] == 2
+
+
+def test_budget_defaults_leave_the_mode_to_the_method():
+    args = base_config(make_parser().parse_args(["--output_dir", "unused"]), SIZES["smoke"])
+    with pytest.raises(ValueError, match="choose the method instead"):
+        Protocol(model="unused", facts=builtin_facts("curated-smollm2"), args=args, budget_defaults={"mode": "stop"})

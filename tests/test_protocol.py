@@ -26,6 +26,7 @@ def test_parse_methods_reads_kinds_and_parameters():
     ("sft:2", "takes no parameter"),
     ("selfdistill:high", "must be a number"),
     ("sft,sft", "repeat"),
+    ("budget_stop:x", "must be a number"),
     ("", "No methods"),
 ])
 def test_parse_methods_refuses_bad_specs(spec, message):

@@ -19,7 +19,8 @@ Per seed:
    | `selfdistill_cache[:λ]` | the same with the teacher cache |
    | `freeze` | plain SFT, attention only (`FreezeConfig.attention_only()`) |
    | `lora_sft`, `lora_selfdistill[:λ]` | LoRA (r=16, all linear layers, lr × `lora_lr_scale`); teacher = adapter off |
-   | `budget[:b]` | self-distillation under a forgetting budget b (relative forgetting, default 0.05): λ adapted by `ForgettingBudgetCallback`, which steers on other Known facts (`monitor_splits`), not the held-out set |
+   | `budget[:b]` | self-distillation under a forgetting budget b (relative forgetting, default 0.05): λ adapted by `ForgettingBudgetCallback` (`mode="adapt"`), which steers on other Known facts (`monitor_splits`), not the held-out set |
+   | `budget_stop[:b]` | the same with `mode="adapt_or_stop"`: training also stops once the budget is exceeded at the largest λ |
    | `l2init[:μ]`, `gkd`, `sdft` | the peers of `trl_selfdistill.peers` |
 
 4. **Study** (`run_study`): every seed, then `summarize` (intervals and paired differences, `knowledge.stats`),
@@ -66,11 +67,14 @@ KINDS = {
     "lora_sft": "LoRA SFT",
     "lora_selfdistill": "LoRA self-distillation",
     "budget": "self-distillation, forgetting budget",
+    "budget_stop": "self-distillation, forgetting budget or stop",
     "l2init": "SFT + L2 to S",
     "gkd": "GKD (off-policy, teacher copy)",
     "sdft": "SDFT (on-policy)",
 }
-PARAMETER = {"selfdistill": "λ", "selfdistill_cache": "λ", "lora_selfdistill": "λ", "budget": "budget", "l2init": "μ"}
+PARAMETER = {"selfdistill": "λ", "selfdistill_cache": "λ", "lora_selfdistill": "λ", "budget": "budget",
+             "budget_stop": "budget", "l2init": "μ"}
+BUDGET_MODES = {"budget": "adapt", "budget_stop": "adapt_or_stop"}  # kind → `ForgettingBudgetCallback` mode
 PEER_KINDS = ("l2init", "gkd", "sdft")
 NEW_FACTS = ("real", "mixed", "synthetic-name", "synthetic-uuid")
 BASELINE = "sft"  # the paired comparisons are against plain SFT
@@ -157,7 +161,7 @@ class Protocol:
     snapshot_learning_rate: float | None = None
     lora_lr_scale: float = 10.0
     lora_rank: int = 16
-    budget_defaults: dict = field(default_factory=dict)  # ForgettingBudgetCallback keywords
+    budget_defaults: dict = field(default_factory=dict)  # ForgettingBudgetCallback keywords but `mode`
     budget_monitor_size: int = 150  # Known facts the budget steers on (`monitor_splits`)
     peer_options: dict = field(default_factory=dict)  # peer kind → keywords of its factory
     base_name: str | None = None  # what the saved model's card names as the base model
@@ -170,6 +174,9 @@ class Protocol:
             raise ValueError(f"new_facts={self.new_facts!r}: choose among {', '.join(NEW_FACTS)}.")
         if "category" not in self.facts.column_names:
             raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
+        if "mode" in self.budget_defaults:
+            raise ValueError("`budget_defaults` sets no `mode`: the method picks it (`budget`: adapt, `budget_stop`: "
+                             "adapt_or_stop). Remove `mode` and choose the method instead.")
 
     # ---- 1. splits ------------------------------------------------------------------------------------------------
     def splits(self, seed: int, control: bool = True) -> KnowledgeSplits:
@@ -250,13 +257,13 @@ class Protocol:
         forgetting = ForgettingCallback(run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher,
                                         baseline=baseline).attach(trainer)
         budget = monitor = None
-        if method.kind == "budget":
+        if method.kind in BUDGET_MODES:
             # The budget steers on its own Known facts, disjoint from the held-out set it is judged on
             from .budget import ForgettingBudgetCallback
 
             monitor = ForgettingCallback(self.monitor_splits(splits, seed), fmt=self.fmt, drift_size=0,
                                          eval_steps=max(1, (self.eval_steps or 16) // 2)).attach(trainer)
-            options = {"budget": DEFAULT_BUDGET, **self.budget_defaults}
+            options = {"budget": DEFAULT_BUDGET, **self.budget_defaults, "mode": BUDGET_MODES[method.kind]}
             if method.value is not None:
                 options["budget"] = method.value
             budget = ForgettingBudgetCallback(forgetting=monitor, **options).attach(trainer)
@@ -277,7 +284,8 @@ class Protocol:
             "heldout_by_relation": accuracy_by(splits.heldout["relation"], heldout_end),
             "heldout_by_relation_start": accuracy_by(splits.heldout["relation"], results["per_fact"]["heldout_start"]),
             "budget": None if budget is None else {
-                "budget": budget.budget, "history": budget.history, "stopped_at": budget.stopped_at,
+                "budget": budget.budget, "mode": budget.mode, "history": budget.history,
+                "stopped_at": budget.stopped_at,
                 "monitor_size": len(monitor.splits.heldout), "monitor_final": monitor.final},
         }
         del trainer, forgetting, budget, monitor
@@ -296,8 +304,8 @@ class Protocol:
                 options["l2init_coef"] = method.value
             args = self._run_args(out, seed, distill_coef=0.0)
             return PEERS[kind](snapshot, args, dataset, AutoTokenizer.from_pretrained(snapshot), **options)
-        distilled = kind in ("selfdistill", "selfdistill_cache", "lora_selfdistill", "budget")
-        coef = (method.value if method.value is not None and kind != "budget" else self.args.distill_coef)
+        distilled = kind in ("selfdistill", "selfdistill_cache", "lora_selfdistill", *BUDGET_MODES)
+        coef = (method.value if method.value is not None and kind not in BUDGET_MODES else self.args.distill_coef)
         overrides = {"distill_coef": coef if distilled else 0.0, "push_to_hub": push}
         if kind == "selfdistill_cache":
             overrides["teacher_cache_dir"] = str(out / "teacher_cache")
