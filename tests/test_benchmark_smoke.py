@@ -1,4 +1,5 @@
-"""`benchmarks/benchmark.py` runs end to end at toy size and reports every row. No timing assertions."""
+"""`benchmarks/benchmark.py --suite --smoke` runs every table end to end at toy size and reports every row. No timing
+assertions."""
 
 import importlib.util
 import json
@@ -17,6 +18,7 @@ VARIANTS = ("sft", "selfdistill", "selfdistill_cache", "gkd")
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("sd_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
 
@@ -26,13 +28,45 @@ def finite(x, low=0.0, high=math.inf):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300
-    )
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--suite", "--smoke", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    return {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(suite):
+    """The suite's tables as one result: steps (SmolLM2 entry), wall time, scaling, and every target."""
+    entries, stdout = suite
+    results = dict(entries["smollm2-steps"])
+    results["wall"] = entries["smollm2-3-epochs"]["wall"]
+    results["scaling"] = entries["scaling"]["scaling"]
+    results["targets"] = [t for name in ("smollm2-steps", "smollm2-3-epochs", "scaling")
+                          for t in entries[name]["targets"]]
+    return results, stdout
+
+
+def test_suite_runs_each_entry_with_its_own_tables_and_reports_its_wall_time(suite):
+    entries, stdout = suite
+    assert set(entries) == {"suite", "smollm2-steps", "smollm2-3-epochs", "qwen-steps", "scaling"}
+    assert entries["suite"]["smoke"] and set(entries["suite"]["entries"]) == set(entries) - {"suite"}
+    assert entries["smollm2-3-epochs"]["steps"] == [] and entries["scaling"]["wall"] == []
+    assert entries["qwen-steps"]["scaling"] == [] and entries["qwen-steps"]["settings"]["variants"] == [
+        "sft", "selfdistill", "gkd"]
+    assert all(r["result"]["status"] == "ok" for r in entries["qwen-steps"]["steps"])
+    assert entries["smollm2-steps"]["settings"]["repeats"] == 2
+    assert "## Suite wall time" in stdout and "goal on one CUDA GPU" in stdout
+
+
+def test_smoke_alone_runs_every_table_unless_one_is_named():
+    bench = load_benchmark()
+    plain = bench.parse_args(["--smoke"])
+    assert plain.epochs == 2 and plain.scaling and not plain.skip_steps and plain.model == "tiny"
+    named = bench.parse_args(["--smoke", "--scaling", "--skip-steps"])
+    assert named.epochs is None and named.scaling
+    assert bench.parse_args(["--smoke", "--variants", "sft,gkd"]).epochs is None
 
 
 def test_step_table_has_every_row_with_sane_numbers(smoke):
@@ -41,10 +75,12 @@ def test_step_table_has_every_row_with_sane_numbers(smoke):
     rows = {(r["mode"], r["variant"]): r for r in results["steps"]}
     assert set(rows) == {(m, v) for m in ("lora", "full") for v in VARIANTS}
     steps, warmup = results["settings"]["steps"], results["settings"]["warmup"]
+    repeats = results["settings"]["repeats"]
     for (mode, variant), row in rows.items():
         r = row["result"]
         assert r["status"] == "ok", (mode, variant, r)
-        assert r["steps_timed"] == steps - warmup and r["steps_run"] == steps
+        assert r["steps_timed"] == repeats * (steps - warmup) and r["steps_run"] == steps
+        assert r["repeats"] == repeats
         assert finite(r["median_step_s"], 1e-5, 60) and finite(r["wall_s"], 0, 600)
         assert finite(r["peak_mb"], 1, 1e6) and finite(r["train_mem_mb"], -1e3, 1e6)
         assert finite(row["time_ratio"], 1e-3, 1e3)
@@ -66,7 +102,7 @@ def test_wall_time_table(smoke):
     assert set(rows) == {(m, v) for m in ("lora", "full") for v in ("sft", "selfdistill", "selfdistill_cache")}
     for (mode, variant), r in rows.items():
         assert r["status"] == "ok", (mode, variant, r)
-        assert r["steps_run"] == 4  # 2 epochs × 2 batches
+        assert r["steps_run"] == 6  # the suite's 3 epochs × 2 batches of the smoke size
         assert finite(r["wall_s"], 1e-4, 600) and r["wall_s"] >= r["train_s"]
 
 
