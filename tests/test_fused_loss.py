@@ -1,11 +1,16 @@
 """The fused CE + divergence path against the naive fp64 reference: values, gradients, chunking, cached teachers."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from reference import cross_entropy, divergence, logits, topk_divergence
 from test_losses import make_case as divergence_case
 
-from trl_selfdistill.losses import LMHead, TeacherTarget, fused_chunk_rows, fused_token_losses
+from trl_selfdistill.losses import FUSED_BUFFERS, LMHead, TeacherTarget, fused_chunk_rows, fused_token_losses
+
+LIVE_BUFFERS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_live_buffers.py"
 
 BETAS = [0.0, 1.0, 0.5]
 
@@ -126,8 +131,28 @@ def test_no_rows_give_a_connected_zero_and_the_teacher_gets_no_gradient():
 
 
 def test_chunk_rows_follow_the_memory_budget():
-    assert fused_chunk_rows(49152) == 113  # 256 MiB over 12 fp32 buffers of 49,152 logits
+    assert fused_chunk_rows(49152) == 97  # 256 MiB over 14 fp32 buffers of 49,152 logits
     assert fused_chunk_rows(320) > 10_000 and fused_chunk_rows(10**9) == 1
+
+
+def _live_buffer_counter():
+    spec = importlib.util.spec_from_file_location("fused_live_buffers", LIVE_BUFFERS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_buffers_of_every_path_fit_the_budget_and_the_worst_path_sets_it():
+    """The allocator's peak over a few chunks (the last one partial), per loss path, in `[rows, V]` fp32 buffers:
+    none exceeds `FUSED_BUFFERS` (beyond 1 %: the `[rows]` and `[rows, k]` vectors), so the chunk budget holds, and
+    the worst path uses it (the count is not slack)."""
+    counter = _live_buffer_counter()
+    counts = {name: counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, **path)
+              for name, path in counter.PATHS.items()}
+    counts["JSD, trained head"] = counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, beta=0.5, train_head=True)
+    assert max(counts.values()) <= 1.01 * FUSED_BUFFERS, counts
+    assert max(counts.values()) > FUSED_BUFFERS - 1, counts
+    assert counts["closed-form forward KL"] <= 4, counts
 
 
 def test_vocabulary_mismatch_is_refused():
