@@ -152,7 +152,7 @@ def test_live_buffers_of_every_path_fit_the_budget_and_the_worst_path_sets_it():
     counts["JSD, trained head"] = counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, beta=0.5, train_head=True)
     assert max(counts.values()) <= 1.01 * FUSED_BUFFERS, counts
     assert max(counts.values()) > FUSED_BUFFERS - 1, counts
-    assert counts["closed-form forward KL"] <= 4, counts
+    assert counts["closed-form forward KL"] <= 1.01 * 4, counts
 
 
 def test_vocabulary_mismatch_is_refused():

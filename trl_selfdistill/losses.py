@@ -240,25 +240,27 @@ def _forward_kl_chunk(h, head, targets, ce_w, div_w, teacher, tau, dft, topk, wo
 
         ∂/∂s [w·CE + v·KL(p_t ‖ q)] = w·(p - onehot(y)) + v·(q - p_t)/τ,   p = softmax(s), q = softmax(s/τ), s = scale·z
 
-    in the four fp32 `[rows, V]` buffers of `work` (shared by all chunks) and no other: log p then log q, the gradient,
-    q then log p_t, p_t. Returns the gradient with respect to z in `work[1]`.
+    in the four fp32 `[rows, V]` buffers of `work` (shared by all chunks) and no other: s, then log p, then log p_t;
+    log q; q, then p_t; p, then the gradient with respect to z, which is returned. The student's log q and the
+    teacher's log p_t go through the same steps, so a teacher equal to the student gives a divergence of exactly 0.
     """
-    log_p, dz, q, p_t = (buffer[: h.shape[0]] for buffer in work)
-    _log_softmax_(_transform(_project(h, head, log_p), head, 1.0, inplace=True), dz)  # dz holds p for now
+    a, log_q, c, dz = (buffer[: h.shape[0]] for buffer in work)
+    s = _transform(_project(h, head, a), head, 1.0, inplace=True)
+    _log_softmax_(torch.div(s, tau, out=log_q), c)  # c holds q
+    log_p = _log_softmax_(s, dz)  # dz holds p
     ce, log_p_y, stats = _student_stats(log_p, targets, dz)
-    w = ce_w * (targets != -100) * (log_p_y.exp() if dft else 1.0)
-    total = (ce * w).sum()  # w holds DFT's detached p(y)
-    log_q = _log_softmax_(log_p.div_(tau), q)  # log_softmax(log p / τ) = log_softmax(s / τ)
-    # dz = scale·[w·(p - onehot) + v/τ·(q - p_t)]: the student's part first, then q's buffer takes the teacher
+    w = (ce_w * (targets != -100) * (log_p_y.exp() if dft else 1.0)).unsqueeze(1)  # with DFT's detached p(y)
     coef = (div_w / tau).unsqueeze(1)
-    dz.mul_(w.unsqueeze(1)).scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -w.unsqueeze(1)).addcmul_(q, coef)
-    log_t = _log_softmax_(_transform(_project(teacher.hidden, teacher.head, q), teacher.head, tau, inplace=True), p_t)
+    # dz = scale·[w·(p - onehot) + v/τ·(q - p_t)]: the student's part, then the teacher's buffers replace a and c
+    dz.mul_(w).scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -w).addcmul_(c, coef)
+    log_t = _log_softmax_(_transform(_project(teacher.hidden, teacher.head, a), teacher.head, tau, inplace=True), c)
+    p_t = c
     out = _topk_outputs(log_t, log_q, topk, 0.0) if topk else {}
     dz.addcmul_(p_t, -coef)
     if head.logit_scale != 1.0:
         dz.mul_(head.logit_scale)
     div = _row_dot(p_t, log_t.sub_(log_q))
-    total += (div * div_w).sum()
+    total = (ce * w.squeeze(1)).sum() + (div * div_w).sum()
     return total, dz, {"ce": ce, "divergence": div, **stats, **out}
 
 
