@@ -60,16 +60,35 @@ def test_values_and_gradients_match_reference(beta, tau, n, h, v, rows):
 
 
 @pytest.mark.parametrize("dft", [False, True])
-def test_bias_scale_softcap_and_dft_reach_both_terms(dft):
-    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(9, 8, 61, seed=3, bias=True, scale=0.7, softcap=3.0)
-    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, 0.3, 0.5, dft=dft, rows=4)
+@pytest.mark.parametrize("beta,softcap", [(0.3, 3.0), (0.0, None)])  # autograd; closed form
+def test_bias_scale_softcap_and_dft_reach_both_terms(dft, beta, softcap):
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(9, 8, 61, seed=3, bias=True, scale=0.7, softcap=softcap)
+    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, beta, 0.5, dft=dft, rows=4)
     got.loss.backward()
     got_grads = grads(hs, s_head.weight, s_head.bias)
-    want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, 0.3, 0.5, dft=dft)
+    want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, 0.5, dft=dft)
     want.backward()
     torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
     for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias)):
         torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_bf16_hidden_states_and_head_match_the_reference_of_their_values(beta):
+    """bf16 inputs (projected in bf16, then everything in fp32) against the fp64 reference of the same bf16 values."""
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(10, 16, 300, seed=5, bias=True)
+    hs, ht = hs.detach().bfloat16().requires_grad_(), ht.bfloat16()
+    s_head = LMHead(s_head.weight.detach().bfloat16().requires_grad_(), s_head.bias.detach().bfloat16().requires_grad_())
+    t_head = LMHead(t_head.weight.bfloat16(), t_head.bias.bfloat16())
+    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, beta, 0.5, rows=4)
+    got.loss.backward()
+    got_grads = grads(hs, s_head.weight, s_head.bias)
+    assert [g.dtype for g in got_grads] == [torch.bfloat16] * 3
+    want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, 0.5)
+    want.backward()
+    torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-2, atol=1e-3)
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias)):  # the logits' gradient goes through bf16
+        assert (mine.double() - ref).norm() < 2e-2 * ref.norm()
 
 
 def test_metrics_are_the_student_entropy_and_top1_at_temperature_one():
