@@ -34,7 +34,8 @@ def peak_bytes(fn) -> int:
     """Most bytes torch's CPU allocator held at once while `fn()` ran, beyond what it held before."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = prof.profiler.kineto_results.events()
+    events = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--seq", type=int, default=40, help="rows N (several chunks, the last one partial)")
-    parser.add_argument("--rows", type=int, default=None, help="chunk rows (default: the automatic size, capped at 16)")
+    parser.add_argument("--rows", type=int, default=None, help="chunk rows (default: the automatic size, at most 16)")
     parser.add_argument("--train-head", action="store_true", help="the head gets a gradient (full fine-tuning)")
     args = parser.parse_args()
     torch.set_num_threads(1)

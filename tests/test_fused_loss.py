@@ -78,7 +78,7 @@ def test_bf16_hidden_states_and_head_match_the_reference_of_their_values(beta):
     """bf16 inputs (projected in bf16, then everything in fp32) against the fp64 reference of the same bf16 values."""
     hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(10, 16, 300, seed=5, bias=True)
     hs, ht = hs.detach().bfloat16().requires_grad_(), ht.bfloat16()
-    s_head = LMHead(s_head.weight.detach().bfloat16().requires_grad_(), s_head.bias.detach().bfloat16().requires_grad_())
+    s_head = LMHead(*(t.detach().bfloat16().requires_grad_() for t in (s_head.weight, s_head.bias)))
     t_head = LMHead(t_head.weight.bfloat16(), t_head.bias.bfloat16())
     got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, beta, 0.5, rows=4)
     got.loss.backward()

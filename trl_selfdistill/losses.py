@@ -137,8 +137,9 @@ def _coarse(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tens
 # Fused CE + divergence: one student projection per chunk of positions
 
 # fp32 `[rows, V]` buffers the fused loss holds at once on its worst path, as counted from the allocator by
-# `benchmarks/fused_live_buffers.py`: 14 for the autograd path with 0 < β < 1 (the JSD's mixture and the tensors autograd
-# saves); 10 soft-capped, 8 for β = 1, 6 against a cached top-k teacher, 4 in closed form (`_forward_kl_chunk`)
+# `benchmarks/fused_live_buffers.py`: 14 for the autograd path with 0 < β < 1 (the JSD's mixture and the tensors
+# autograd saves); 10 soft-capped, 8 for β = 1, 6 against a cached top-k teacher, 4 in closed form
+# (`_forward_kl_chunk`)
 FUSED_BUFFERS = 14
 # Default budget of those buffers: chunks are as large as fit, one chunk (the full logits) when everything fits
 FUSED_BUDGET_BYTES = 256 * 2**20
@@ -184,7 +185,7 @@ def _coarse_student(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _project(hidden: torch.Tensor, head: LMHead, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 logits `hidden @ weight.T + bias` of `[rows, H]` hidden states (into `out`, a reused buffer, when given)."""
+    """fp32 logits `hidden @ weight.T + bias` of `[rows, H]` hidden states (into `out`, a reused buffer, if given)."""
     weight = head.weight
     if out is not None and hidden.dtype == weight.dtype == torch.float32:
         torch.matmul(hidden, weight.T, out=out)
