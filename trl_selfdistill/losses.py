@@ -91,13 +91,16 @@ def token_divergence(
     return torch.cat(parts)
 
 
-def _transform(z: torch.Tensor, head: LMHead, temperature: float) -> torch.Tensor:
-    """The logits as the model's distribution sees them: scale, soft-capping, then 1/τ (no copy where all are 1)."""
+def _transform(z: torch.Tensor, head: LMHead, temperature: float, inplace: bool = False) -> torch.Tensor:
+    """The logits as the model's distribution sees them: scale, soft-capping, then 1/τ (no copy where all are 1;
+    `inplace`: over `z` itself, for logits nothing else holds)."""
     if head.logit_scale != 1.0:
-        z = z * head.logit_scale
+        z = z.mul_(head.logit_scale) if inplace else z * head.logit_scale
     if head.softcap is not None:
-        z = head.softcap * torch.tanh(z / head.softcap)
-    return z / temperature if temperature != 1.0 else z
+        z = z.div_(head.softcap).tanh_().mul_(head.softcap) if inplace else head.softcap * torch.tanh(z / head.softcap)
+    if temperature != 1.0:
+        z = z.div_(temperature) if inplace else z / temperature
+    return z
 
 
 @torch.no_grad()
@@ -133,8 +136,11 @@ def _coarse(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tens
 # ----------------------------------------------------------------------------------------------------------------------
 # Fused CE + divergence: one student projection per chunk of positions
 
-# fp32 `[rows, V]` buffers the fused chunk holds at once (logits, two log-softmaxes, the teacher's, their gradients)
-FUSED_BUFFERS = 12
+# fp32 `[rows, V]` buffers the fused loss holds at once on its worst path, as counted from the allocator by
+# `benchmarks/fused_live_buffers.py`: 14 for the autograd path with 0 < β < 1 (the JSD's mixture and the tensors
+# autograd saves); 10 soft-capped, 8 for β = 1, 6 against a cached top-k teacher, 4 in closed form
+# (`_forward_kl_chunk`)
+FUSED_BUFFERS = 14
 # Default budget of those buffers: chunks are as large as fit, one chunk (the full logits) when everything fits
 FUSED_BUDGET_BYTES = 256 * 2**20
 
@@ -178,13 +184,36 @@ def _coarse_student(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, _log_tail(top)], -1)
 
 
+def _project(hidden: torch.Tensor, head: LMHead, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits `hidden @ weight.T + bias` of `[rows, H]` hidden states (into `out`, a reused buffer, if given)."""
+    weight = head.weight
+    if out is not None and hidden.dtype == weight.dtype == torch.float32:
+        torch.matmul(hidden, weight.T, out=out)
+        return out if head.bias is None else out.add_(head.bias)
+    z = hidden @ weight.T
+    if head.bias is not None:
+        z = z + head.bias
+    return z.float() if out is None else out.copy_(z)
+
+
 @torch.no_grad()
 def _log_probs(hidden: torch.Tensor, head: LMHead, temperature: float) -> torch.Tensor:
     """fp32 log-softmax at `temperature` of the logits of `[rows, H]` hidden states through `head` (no gradient)."""
-    z = hidden @ head.weight.T
-    if head.bias is not None:
-        z = z + head.bias
-    return torch.log_softmax(_transform(z.float(), head, temperature), -1)
+    return torch.log_softmax(_transform(_project(hidden, head), head, temperature, inplace=True), -1)
+
+
+def _log_softmax_(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the last dim in place over `x`, and its softmax into `probs`, with no other `[rows, V]`
+    buffer (the same steps as `torch.log_softmax`: subtract the max, then the log-sum of the exponentials)."""
+    x.sub_(x.amax(-1, keepdim=True))
+    norm = torch.exp(x, out=probs).sum(-1, keepdim=True)
+    probs.div_(norm)
+    return x.sub_(norm.log_())
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[r, v]·b[r, v] for each row, without an `[rows, V]` product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _student_stats(log_p: torch.Tensor, targets: torch.Tensor, p: torch.Tensor | None = None):
@@ -194,7 +223,7 @@ def _student_stats(log_p: torch.Tensor, targets: torch.Tensor, p: torch.Tensor |
     log_p_y = log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
     ce = torch.where(valid, -log_p_y, torch.zeros_like(log_p_y))
     with torch.no_grad():
-        stats = {"entropy": -((log_p.exp() if p is None else p) * log_p).sum(-1), "is_top1": log_p.argmax(-1) == targets}
+        stats = {"entropy": -_row_dot(log_p.exp() if p is None else p, log_p), "is_top1": log_p.argmax(-1) == targets}
     return ce, log_p_y, stats
 
 
@@ -207,41 +236,42 @@ def _topk_outputs(log_t: torch.Tensor, log_q: torch.Tensor, k: int, beta: float)
     return {"topk_ids": ids, "topk_logps": top.values, "topk_divergence": divergence}
 
 
-def _forward_kl_chunk(z, head, targets, ce_w, div_w, teacher, tau, dft, topk):
-    """`_fused_chunk` for the paper's case (forward KL to an exact teacher, no soft-capping) in closed form:
+def _forward_kl_chunk(h, head, targets, ce_w, div_w, teacher, tau, dft, topk, work):
+    """`_fused_chunk` for the paper's case (forward KL to an exact teacher, no soft-capping) in closed form,
 
         ∂/∂s [w·CE + v·KL(p_t ‖ q)] = w·(p - onehot(y)) + v·(q - p_t)/τ,   p = softmax(s), q = softmax(s/τ), s = scale·z
+
+    in the four fp32 `[rows, V]` buffers of `work` (shared by all chunks) and no other: s, then log p, then log p_t;
+    log q; q, then p_t; p, then the gradient with respect to z, which is returned. The student's log q and the
+    teacher's log p_t go through the same steps, so a teacher equal to the student gives a divergence of exactly 0.
     """
-    s = z * head.logit_scale if head.logit_scale != 1.0 else z
-    log_p = torch.log_softmax(s, -1)
-    p = log_p.exp()
-    ce, log_p_y, stats = _student_stats(log_p, targets, p)
-    w = ce_w * (targets != -100) * (log_p_y.exp() if dft else 1.0)
-    log_q = torch.log_softmax(s / tau, -1)
-    log_t = _log_probs(teacher.hidden, teacher.head, tau)
-    p_t = log_t.exp()
-    div = (p_t * (log_t - log_q)).sum(-1)
-    out = {"ce": ce, "divergence": div, **stats, **(_topk_outputs(log_t, log_q, topk, 0.0) if topk else {})}
-    total = (ce * w).sum() + (div * div_w).sum()  # w holds DFT's detached p(y)
-    # The gradient, in place over the buffers no longer needed: dz = scale·[w·(p - onehot) + v/τ·(q - p_t)]
-    dz = p.mul_(w.unsqueeze(1))
-    dz.scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -w.unsqueeze(1))
-    dz.add_(log_q.exp_().sub_(p_t).mul_((div_w / tau).unsqueeze(1)))
+    a, log_q, c, dz = (buffer[: h.shape[0]] for buffer in work)
+    s = _transform(_project(h, head, a), head, 1.0, inplace=True)
+    _log_softmax_(torch.div(s, tau, out=log_q), c)  # c holds q
+    log_p = _log_softmax_(s, dz)  # dz holds p
+    ce, log_p_y, stats = _student_stats(log_p, targets, dz)
+    w = (ce_w * (targets != -100) * (log_p_y.exp() if dft else 1.0)).unsqueeze(1)  # with DFT's detached p(y)
+    coef = (div_w / tau).unsqueeze(1)
+    # dz = scale·[w·(p - onehot) + v/τ·(q - p_t)]: the student's part, then the teacher's buffers replace a and c
+    dz.mul_(w).scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -w).addcmul_(c, coef)
+    log_t = _log_softmax_(_transform(_project(teacher.hidden, teacher.head, a), teacher.head, tau, inplace=True), c)
+    p_t = c
+    out = _topk_outputs(log_t, log_q, topk, 0.0) if topk else {}
+    dz.addcmul_(p_t, -coef)
     if head.logit_scale != 1.0:
         dz.mul_(head.logit_scale)
-    return total, dz, out
+    div = _row_dot(p_t, log_t.sub_(log_q))
+    total = (ce * w.squeeze(1)).sum() + (div * div_w).sum()
+    return total, dz, {"ce": ce, "divergence": div, **stats, **out}
 
 
-def _fused_chunk(h, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk):
-    """Values and the logits' gradient of one chunk; the student is projected once, the teacher once (no grad)."""
-    z = h @ head.weight.T
-    if head.bias is not None:
-        z = z + head.bias
-    z = z.float()
-    if beta == 0.0 and teacher.hidden is not None and head.softcap is None:
+def _fused_chunk(h, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk, work):
+    """Values and the logits' gradient of one chunk; the student is projected once, the teacher once (no grad).
+    `work`: the closed-form path's buffers (`_forward_kl_chunk`), or None for the autograd path."""
+    if work is not None:
         with torch.no_grad():
-            return _forward_kl_chunk(z, head, targets, ce_w, div_w, teacher, tau, dft, topk)
-    z = z.detach().requires_grad_(True)
+            return _forward_kl_chunk(h, head, targets, ce_w, div_w, teacher, tau, dft, topk, work)
+    z = _project(h, head).requires_grad_(True)
     with torch.enable_grad():
         s = _transform(z, head, 1.0)
         log_p = torch.log_softmax(s, -1)
@@ -274,6 +304,9 @@ class _FusedLossFunction(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
             if bias is not None and ctx.needs_input_grad[2] else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        closed_form = beta == 0.0 and teacher.hidden is not None and head.softcap is None
+        work = torch.empty((4, min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32,
+                           device=hidden.device) if closed_form else None
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
             if teacher.hidden is not None:
@@ -282,7 +315,7 @@ class _FusedLossFunction(torch.autograd.Function):
                 part = TeacherTarget(topk_ids=teacher.topk_ids[chunk], topk_logps=teacher.topk_logps[chunk])
             h = hidden[chunk].detach()
             total, dz, out = _fused_chunk(h, head, targets[chunk], ce_w[chunk], div_w[chunk], part, beta, tau, dft,
-                                          topk)
+                                          topk, work)
             loss += total
             for key, value in out.items():
                 stats.setdefault(key, []).append(value)
@@ -292,6 +325,7 @@ class _FusedLossFunction(torch.autograd.Function):
                 grad_w.addmm_(dz.T, h.float()) if weight.dtype == torch.float32 else grad_w.add_((dz_c.T @ h).float())
             if grad_b is not None:
                 grad_b += dz.sum(0)
+            del dz, dz_c  # not held into the next chunk's peak
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
