@@ -149,6 +149,26 @@ def test_peak_memory_sees_a_block_allocation_that_is_freed_before_the_block_ends
     assert memory.peak_mb is not None and memory.peak_mb > 200
 
 
+def test_peak_memory_of_a_later_block_is_not_hidden_by_memory_an_earlier_block_freed():
+    import time
+
+    import torch
+
+    import trl_selfdistill.protocol as protocol
+
+    def churn():  # 300 × 1 MiB: below glibc's mmap threshold once it has adapted, so freed blocks stay in the heap
+        blocks = [torch.ones(2**18) for _ in range(300)]
+        time.sleep(0.1)
+        del blocks
+
+    churn()
+    with protocol.PeakMemory() as memory:
+        churn()
+    # What the earlier churn freed was handed back first, so this one grows the process (without `malloc_trim` the
+    # allocator reuses the freed blocks and the growth reads ≈ 0 MB: measured 0.004 MB against 300 MB with it)
+    assert memory.peak_mb > 250
+
+
 def test_relation_table_pools_the_held_out_answers_of_every_seed_per_relation():
     from trl_selfdistill.protocol import relation_table
 

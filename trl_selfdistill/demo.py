@@ -126,13 +126,10 @@ def base_config(args, sizes: Sizes) -> SelfDistillConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = make_parser().parse_args(argv)
-    if args.combine:
-        study = combine(args.combine, args.output_dir)
-        print(study_table(study) + "\n\n" + frontier_table(study) + f"\n\nSeeds {study['seeds']} combined in "
-              f"{args.output_dir}/")
-        return
+def build_protocol(args) -> Protocol:
+    """The demo's `Protocol` from its parsed flags (`make_parser`): the model (a tiny random one with `--smoke`), the
+    categorised facts, the sizes of `--smoke`/`--quick`/the defaults under explicit size flags, and the training
+    settings."""
     sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "default"]
     sizes = Sizes(
         *(given if given is not None else default for given, default in zip(
@@ -140,6 +137,26 @@ def main(argv: list[str] | None = None) -> None:
             (sizes.train, sizes.heldout, sizes.steps, sizes.eval_steps),
         ))
     )
+    model_path = tiny_checkpoint() if args.smoke else resolve(args.model)
+    fmt = AnswerFormat()
+    facts = categorised_facts(args, model_path, fmt)
+    counts = {c: facts["category"].count(c) for c in sorted(set(facts["category"]))}
+    print(f"SliCK categories: {counts}")
+    return Protocol(
+        model=model_path, facts=facts, args=base_config(args, sizes), fmt=fmt, train_size=sizes.train,
+        heldout_size=sizes.heldout, unknown_share=args.unknown_share, new_facts=args.new_facts,
+        eval_steps=sizes.eval_steps, snapshot_learning_rate=args.snapshot_learning_rate,
+        base_name="HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == EMBEDDED else args.model,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    if args.combine:
+        study = combine(args.combine, args.output_dir)
+        print(study_table(study) + "\n\n" + frontier_table(study) + f"\n\nSeeds {study['seeds']} combined in "
+              f"{args.output_dir}/")
+        return
     try:
         methods = parse_methods(args.methods)
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
@@ -148,17 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    model_path = tiny_checkpoint() if args.smoke else resolve(args.model)
-    fmt = AnswerFormat()
-    facts = categorised_facts(args, model_path, fmt)
-    counts = {c: facts["category"].count(c) for c in sorted(set(facts["category"]))}
-    print(f"SliCK categories: {counts}")
-    protocol = Protocol(
-        model=model_path, facts=facts, args=base_config(args, sizes), fmt=fmt, train_size=sizes.train,
-        heldout_size=sizes.heldout, unknown_share=args.unknown_share, new_facts=args.new_facts,
-        eval_steps=sizes.eval_steps, snapshot_learning_rate=args.snapshot_learning_rate,
-        base_name="HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == EMBEDDED else args.model,
-    )
+    protocol = build_protocol(args)
     study = protocol.run_study(seeds, methods, out)
     print("\n" + study_table(study) + "\n\n" + frontier_table(study))
     print(f"\nTotal wall time {(time.time() - start) / 60:.1f} min ({', '.join(str(s) for s in seeds)}). results.json, "

@@ -28,6 +28,8 @@ Per seed:
    `frontier.png`.
 """
 
+import contextlib
+import ctypes
 import gc
 import json
 import random
@@ -250,7 +252,8 @@ class Protocol:
         run_splits = splits.known_only() if method.kind == "known_only" else splits
         self.log(f"\nStage 2, seed {seed}: {method.title} — {run_splits.sizes}")
         run_out = out / method.name.replace(":", "_")
-        trainer = self._trainer(method, run_splits, snapshot, seed, run_out, push=save and self.args.push_to_hub)
+        memory = PeakMemory().start()  # from the trainer's construction on: its teacher copy or θ₀ counts
+        trainer = self.trainer(method, run_splits, snapshot, seed, run_out, push=save and self.args.push_to_hub)
         if self.base_name:
             trainer.model.config._name_or_path = self.base_name  # the card names the base, not the snapshot folder
         teacher = getattr(trainer, "teacher", None)
@@ -267,10 +270,10 @@ class Protocol:
             if method.value is not None:
                 options["budget"] = method.value
             budget = ForgettingBudgetCallback(forgetting=monitor, **options).attach(trainer)
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            trainer.train()
-            wall = time.perf_counter() - start
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+        memory.stop()
         steps = trainer.state.global_step
         if save:  # model (or adapter), forgetting_results.json and card; uploaded with `push_to_hub`
             save_and_push(trainer, self.dataset_name, self.log)
@@ -292,8 +295,11 @@ class Protocol:
         _free_memory()
         return result
 
-    def _trainer(self, method: Method, splits: KnowledgeSplits, snapshot: str, seed: int, out: Path,
-                 push: bool = False):
+    def trainer(self, method: Method, splits: KnowledgeSplits, snapshot: str, seed: int, out: Path,
+                push: bool = False):
+        """The untrained trainer of one stage-2 run of `method` from `snapshot` on `splits` (the mix, or for
+        `known_only` the caller's `splits.known_only()`), with the protocol's settings; `run` adds the evaluation
+        callbacks (and a budget's) and trains it. `benchmarks/method_cost.py` times it alone."""
         dataset = self.fmt.training_dataset(splits.train(seed=seed))
         kind = method.kind
         if kind in PEER_KINDS:
@@ -697,13 +703,15 @@ def plot_frontier(study: dict, path: Path) -> None:
 # ---- helpers ---------------------------------------------------------------------------------------------------------
 class PeakMemory:
     """Peak memory of a block in MB: `torch.cuda.max_memory_allocated` on CUDA, else the process's resident set size
-    sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read. On CPU it is
-    the growth of the process: memory an earlier block freed to the allocator is reused without growing it, so only a
-    process's first block measures a method's own peak (benchmarks/benchmark.py runs each variant in its own process
-    for that)."""
+    sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read. A block starts
+    by releasing what earlier blocks freed (`_free_memory`, with glibc's `malloc_trim` on CPU), so a later block's
+    growth is not hidden by memory the allocator kept; on CPU the value still includes allocator slack, and
+    `benchmarks/benchmark.py`, one process per variant, is the reference for memory. Use as a context manager or with
+    `start()` / `stop()`."""
 
-    def __enter__(self):
+    def start(self) -> "PeakMemory":
         self.peak_mb = None
+        _free_memory()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
@@ -722,17 +730,27 @@ class PeakMemory:
         while not self._stop.wait(0.02):
             self._peak = max(self._peak, self._process.memory_info().rss)
 
-    def __exit__(self, *exc):
+    def stop(self) -> float | None:
         if torch.cuda.is_available():
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
         elif hasattr(self, "_thread"):
             self._stop.set()
             self._thread.join()
             self.peak_mb = (max(self._peak, self._process.memory_info().rss) - self._base) / 2**20
+        return self.peak_mb
+
+    __enter__ = start
+
+    def __exit__(self, *exc):
+        self.stop()
         return False
 
 
 def _free_memory():
+    """Collect garbage and hand freed memory back: CUDA's cache, and on glibc the heap pages `malloc_trim` can return
+    (freed blocks the allocator would otherwise keep in the resident set)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

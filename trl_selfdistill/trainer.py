@@ -41,8 +41,9 @@ def nonfinite_parameters(model: torch.nn.Module, trainable_only: bool = False) -
     for name, param in model.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
-        local = local_shard(param)
-        if local.numel() and not torch.isfinite(local.detach()).all():
+        local = local_shard(param).detach()
+        # min and max propagate NaN and ±inf, and need no copy of the tensor (`isfinite` makes ~1.7 of them)
+        if local.numel() and not torch.isfinite(torch.stack(torch.aminmax(local))).all():
             bad.append(name)
     return bad
 
