@@ -85,7 +85,8 @@ def _sizes():
 
 
 def test_budget_methods_adapt_or_stop_as_their_mode_says(tmp_path, monkeypatch):
-    """A signal always over budget: `budget` raises λ to its cap and trains on, `budget_stop` stops at the cap."""
+    """A signal always over budget: `budget` raises λ to its cap and trains on, `budget_stop` stops at the cap,
+    `stop_at_budget` stops at once."""
     from dataclasses import replace
 
     from trl_selfdistill.budget import ForgettingBudgetCallback
@@ -100,13 +101,15 @@ def test_budget_methods_adapt_or_stop_as_their_mode_says(tmp_path, monkeypatch):
     protocol = Protocol(model=tiny_checkpoint(), facts=builtin_facts("curated-smollm2"), args=replace(args, max_steps=4),
                         train_size=16, heldout_size=8, eval_steps=2, budget_defaults={"max_coef": 2.0},
                         budget_monitor_size=20)
-    runs = protocol.run_seed(0, parse_methods("budget:0.2,budget_stop"), tmp_path)["runs"]
-    adapt, stop = runs["budget:0.2"], runs["budget_stop"]
-    assert adapt["budget"]["mode"] == "adapt" and stop["budget"]["mode"] == "adapt_or_stop"
+    runs = protocol.run_seed(0, parse_methods("budget:0.2,budget_stop,stop_at_budget"), tmp_path)["runs"]
+    adapt, adapt_or_stop, stop = runs["budget:0.2"], runs["budget_stop"], runs["stop_at_budget"]
+    assert [r["budget"]["mode"] for r in runs.values()] == ["adapt", "adapt_or_stop", "stop"]
     assert adapt["budget"]["budget"] == 0.2 and stop["budget"]["budget"] == 0.05  # the protocol's default
     assert [h["distill_coef"] for h in adapt["budget"]["history"]] == [1.0, 2.0, 2.0, 2.0, 2.0]  # monitor: every step
     assert adapt["steps"] == 4 and adapt["budget"]["stopped_at"] is None
-    assert stop["budget"]["stopped_at"] == stop["steps"] == 2
+    assert adapt_or_stop["budget"]["stopped_at"] == adapt_or_stop["steps"] == 2  # λ 1 → 2 (the cap), then a stop
+    assert stop["budget"]["stopped_at"] == stop["steps"] == 1  # the first evaluation over budget
+    assert [h["distill_coef"] for h in stop["budget"]["history"]] == [1.0, 1.0]
 
 
 def test_budget_defaults_leave_the_mode_to_the_method():

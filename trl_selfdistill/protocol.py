@@ -21,6 +21,7 @@ Per seed:
    | `lora_sft`, `lora_selfdistill[:λ]` | LoRA (r=16, all linear layers, lr × `lora_lr_scale`); teacher = adapter off |
    | `budget[:b]` | self-distillation under a forgetting budget b (relative forgetting, default 0.05): λ adapted by `ForgettingBudgetCallback` (`mode="adapt"`), which steers on other Known facts (`monitor_splits`), not the held-out set |
    | `budget_stop[:b]` | the same with `mode="adapt_or_stop"`: training also stops once the budget is exceeded at the largest λ |
+   | `stop_at_budget[:b]` | self-distillation at the config's λ, stopped at the first evaluation over the budget (`mode="stop"`) |
    | `l2init[:μ]`, `gkd`, `sdft` | the peers of `trl_selfdistill.peers` |
 
 4. **Study** (`run_study`): every seed, then `summarize` (intervals and paired differences, `knowledge.stats`),
@@ -70,13 +71,15 @@ KINDS = {
     "lora_selfdistill": "LoRA self-distillation",
     "budget": "self-distillation, forgetting budget",
     "budget_stop": "self-distillation, forgetting budget or stop",
+    "stop_at_budget": "self-distillation, stopped at the budget",
     "l2init": "SFT + L2 to S",
     "gkd": "GKD (off-policy, teacher copy)",
     "sdft": "SDFT (on-policy)",
 }
 PARAMETER = {"selfdistill": "λ", "selfdistill_cache": "λ", "lora_selfdistill": "λ", "budget": "budget",
-             "budget_stop": "budget", "l2init": "μ"}
-BUDGET_MODES = {"budget": "adapt", "budget_stop": "adapt_or_stop"}  # kind → `ForgettingBudgetCallback` mode
+             "budget_stop": "budget", "stop_at_budget": "budget", "l2init": "μ"}
+# kind → `ForgettingBudgetCallback` mode
+BUDGET_MODES = {"budget": "adapt", "budget_stop": "adapt_or_stop", "stop_at_budget": "stop"}
 PEER_KINDS = ("l2init", "gkd", "sdft")
 NEW_FACTS = ("real", "mixed", "synthetic-name", "synthetic-uuid")
 BASELINE = "sft"  # the paired comparisons are against plain SFT
@@ -178,7 +181,7 @@ class Protocol:
             raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
         if "mode" in self.budget_defaults:
             raise ValueError("`budget_defaults` sets no `mode`: the method picks it (`budget`: adapt, `budget_stop`: "
-                             "adapt_or_stop). Remove `mode` and choose the method instead.")
+                             "adapt_or_stop, `stop_at_budget`: stop). Remove `mode` and choose the method instead.")
 
     # ---- 1. splits ------------------------------------------------------------------------------------------------
     def splits(self, seed: int, control: bool = True) -> KnowledgeSplits:
