@@ -87,8 +87,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill_scope", default="all", choices=["all", "completion"])
     parser.add_argument("--methods", "--runs", dest="methods", default=DEFAULT_METHODS,
                         help=f"comma-separated stage-2 runs among {', '.join(KINDS)}; `name:value` sets λ "
-                        "(selfdistill:2), the forgetting budget (budget:0.05, budget_stop:0.05, stop_at_budget:0.05) or μ "
-                        "(l2init:0.01)")
+                        "(selfdistill:2), the forgetting budget (budget:0.05, budget_stop:0.05, "
+                        "stop_at_budget:0.05) or μ (l2init:0.01)")
     parser.add_argument("--seeds", default=None, help="seeds to run, e.g. `0,1,2` or `0-4` (default: --seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reprobe", action="store_true", help="probe the facts even for the embedded model")
