@@ -650,6 +650,14 @@ def write_outputs(study: dict, out: Path) -> None:
         pass  # matplotlib is optional outside the `demo` extra
 
 
+def _styles(methods: Sequence[str]) -> dict[str, dict]:
+    """One distinct colour per method (matplotlib's 20-colour `tab20` map), and a dashed line after the first 20."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    return {m: {"color": colours[i % 20], "linestyle": "-" if i < 20 else "--"} for i, m in enumerate(methods)}
+
+
 def plot_curves(study: dict, path: Path) -> None:
     """Held-out Known and new-fact accuracy over steps, one line per method and seed."""
     import matplotlib
@@ -657,49 +665,61 @@ def plot_curves(study: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for color, method in enumerate(study["methods"]):
+    styles = _styles(study["methods"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for method in study["methods"]:
         for i, seed in enumerate(s for s in study["per_seed"] if method in s["runs"]):
             result = seed["runs"][method]
             steps = [h["step"] for h in result["history"]]
-            style = dict(marker="o", markersize=3, color=f"C{color}", alpha=0.8, label=result["title"] if i == 0 else None)
+            style = dict(marker="o", markersize=3, alpha=0.8, label=result["title"] if i == 0 else None,
+                         **styles[method])
             left.plot(steps, [h["heldout_known_accuracy"] for h in result["history"]], **style)
             if result["history"][0]["new_fact_accuracy"] is not None:
                 right.plot(steps, [h["new_fact_accuracy"] for h in result["history"]], **style)
     left.set(title="Held-out Known accuracy (stability)", xlabel="step", ylabel="accuracy")
     right.set(title="New-fact accuracy (plasticity)", xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
-    left.legend(fontsize=7)
+    fig.legend(*left.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def plot_frontier(study: dict, path: Path) -> None:
-    """The stability–plasticity frontier: held-out Known accuracy relative to S against new-fact accuracy, every
-    evaluation of every seed, one colour per method."""
+    """The stability–plasticity frontier: held-out Known accuracy relative to S against new-fact accuracy. Per method,
+    every evaluation of every seed as a thin line, and the mean over its seeds at each evaluation step as a thick line
+    with markers (steps that every seed evaluated), one colour per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for color, method in enumerate(study["methods"]):
-        for i, seed in enumerate(s for s in study["per_seed"] if method in s["runs"]):
+    styles = _styles(study["methods"])
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for method in study["methods"]:
+        curves = []
+        for seed in (s for s in study["per_seed"] if method in s["runs"]):
             result = seed["runs"][method]
-            points = frontier_points(result)
             initial = result["history"][0]["heldout_known_accuracy"]
-            if not points or not initial:
+            if not initial or result["history"][0]["new_fact_accuracy"] is None:
                 continue
-            ax.plot([x for x, _ in points], [y / initial for _, y in points], marker="o", markersize=3,
-                    color=f"C{color}", alpha=0.7, label=result["title"] if i == 0 else None)
+            curve = {h["step"]: (h["new_fact_accuracy"], h["heldout_known_accuracy"] / initial)
+                     for h in result["history"] if h["new_fact_accuracy"] is not None}
+            ax.plot(*zip(*curve.values()), linewidth=0.7, alpha=0.3, **styles[method])
+            curves.append(curve)
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [[sum(c[step][k] for c in curves) / len(curves) for step in steps] for k in (0, 1)]
+        ax.plot(*mean, linewidth=2, marker="o", markersize=4, label=f"{study['summary'][method]['title']} "
+                f"(mean of {len(curves)})", **styles[method])
     for target in FRONTIER_TARGETS:
         ax.axvline(target, color="grey", linestyle=":", linewidth=1)
-    ax.set(title="Stability–plasticity frontier (every evaluation, every seed)", xlabel="new-fact accuracy",
-           ylabel="held-out Known accuracy / accuracy of S")
+    ax.set(title="Stability–plasticity frontier (thin: each seed; thick: mean over seeds at each evaluation)",
+           xlabel="new-fact accuracy", ylabel="held-out Known accuracy / accuracy of S")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
