@@ -46,6 +46,7 @@ def run_method(spec: dict) -> dict:
 
     from trl_selfdistill.demo import build_protocol, make_parser
     from trl_selfdistill.protocol import parse_methods
+    from trl_selfdistill.recipes import count_parameters
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -71,8 +72,7 @@ def run_method(spec: dict) -> dict:
     timed = timer.times[spec["warmup"]:]
     return {"status": "ok", "method": method.name, "step_times_s": [round(t, 4) for t in timer.times],
             "median_step_s": statistics.median(timed), "build_s": build_s, "train_mem_mb": peak_mb - base_mb,
-            "peak_mb": peak_mb, "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
-                                                             if p.requires_grad)}
+            "peak_mb": peak_mb, "trainable_parameters": count_parameters(trainer.model)[0]}
 
 
 def _execute(spec: dict) -> dict:

@@ -491,10 +491,15 @@ def _difference(start, base_end, end, indices) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def frontier_by_step(result: dict) -> dict[int, tuple[float, float]]:
+    """Step → (new-fact accuracy, held-out Known accuracy) at each evaluation of a run, in training order."""
+    return {h["step"]: (h["new_fact_accuracy"], h["heldout_known_accuracy"]) for h in result["history"]
+            if h["new_fact_accuracy"] is not None and h["heldout_known_accuracy"] is not None}
+
+
 def frontier_points(result: dict) -> list[tuple[float, float]]:
     """(new-fact accuracy, held-out Known accuracy) at each evaluation of a run, in training order."""
-    return [(h["new_fact_accuracy"], h["heldout_known_accuracy"]) for h in result["history"]
-            if h["new_fact_accuracy"] is not None and h["heldout_known_accuracy"] is not None]
+    return list(frontier_by_step(result).values())
 
 
 def frontier_readings(per_seed: Sequence[dict], targets: Sequence[float] = FRONTIER_TARGETS) -> dict:
@@ -700,10 +705,9 @@ def plot_frontier(study: dict, path: Path) -> None:
         for seed in (s for s in study["per_seed"] if method in s["runs"]):
             result = seed["runs"][method]
             initial = result["history"][0]["heldout_known_accuracy"]
-            if not initial or result["history"][0]["new_fact_accuracy"] is None:
+            curve = {step: (x, y / initial) for step, (x, y) in frontier_by_step(result).items()} if initial else {}
+            if not curve:
                 continue
-            curve = {h["step"]: (h["new_fact_accuracy"], h["heldout_known_accuracy"] / initial)
-                     for h in result["history"] if h["new_fact_accuracy"] is not None}
             ax.plot(*zip(*curve.values()), linewidth=0.7, alpha=0.3, **styles[method])
             curves.append(curve)
         if not curves:
