@@ -45,9 +45,9 @@ def peak_bytes(fn) -> int:
 
 def live_buffers(n: int, vocab: int, hidden: int, rows: int, beta: float = 0.0, softcap: float | None = None,
                  dft: bool = False, topk: int | None = None, cached: bool = False, train_head: bool = False,
-                 seed: int = 0) -> float:
+                 autocast: bool = False, seed: int = 0) -> float:
     """Peak bytes of one `fused_token_losses` forward + backward, less its `[N, H]` (and `[V, H]`) gradient
-    accumulators, in units of one fp32 `[rows, V]` buffer."""
+    accumulators and, under bf16 `autocast`, the head's bf16 copy, in units of one fp32 `[rows, V]` buffer."""
     generator = torch.Generator().manual_seed(seed)
     weight = (torch.randn(vocab, hidden, generator=generator) * 0.3).requires_grad_(train_head)
     head = LMHead(weight, softcap=softcap)
@@ -62,12 +62,17 @@ def live_buffers(n: int, vocab: int, hidden: int, rows: int, beta: float = 0.0, 
         teacher = TeacherTarget(torch.randn(n, hidden, generator=generator), LMHead(weight.detach(), softcap=softcap))
 
     def step():
-        fused_token_losses(hidden_states, head, targets, teacher, weights, weights, beta=beta, temperature=0.5,
-                           dft=dft, topk=topk, rows=rows).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fused_token_losses(hidden_states, head, targets, teacher, weights, weights, beta=beta,
+                                      temperature=0.5, dft=dft, topk=topk, rows=rows).loss
+        loss.backward()
 
     step()  # warm-up: lazily built kernels and thread pools allocate once
     hidden_states.grad = weight.grad = None
     persistent = n * hidden * 4 + (vocab * hidden * 4 if train_head else 0)  # the accumulators, held by every chunk
+    if autocast:
+        persistent += vocab * hidden * 2 + n * hidden * 2  # the bf16 head (shared with the teacher) and hidden states
+        persistent += vocab * hidden * 2 if train_head else 0  # a chunk's bf16 weight-gradient product
     return (peak_bytes(step) - persistent) / (rows * vocab * 4)
 
 
@@ -78,13 +83,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=40, help="rows N (several chunks, the last one partial)")
     parser.add_argument("--rows", type=int, default=None, help="chunk rows (default: the automatic size, at most 16)")
     parser.add_argument("--train-head", action="store_true", help="the head gets a gradient (full fine-tuning)")
+    parser.add_argument("--autocast", action="store_true", help="under bf16 autocast (mixed-precision training)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = args.rows or min(16, fused_chunk_rows(args.vocab))
     print(f"V={args.vocab} H={args.hidden} N={args.seq} rows={rows}: peak live bytes / (rows·V·4)")
     for name, path in PATHS.items():
         with contextlib.redirect_stderr(None):
-            count = live_buffers(args.seq, args.vocab, args.hidden, rows, train_head=args.train_head, **path)
+            count = live_buffers(args.seq, args.vocab, args.hidden, rows, train_head=args.train_head,
+                                 autocast=args.autocast, **path)
         print(f"  {name:48s} {count:5.2f}")
 
 

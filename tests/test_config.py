@@ -25,6 +25,7 @@ def test_every_new_field_has_help():
     assert NEW_FIELDS == {
         "distill_coef", "distill_temperature", "divergence", "jsd_beta", "distill_scope", "teacher_mode",
         "teacher_model_name_or_path", "teacher_cache_dir", "teacher_cache_topk", "teacher_cache_prefill", "teacher_cache_prefill_batch_size", "loss_chunk_rows",
+        "cast_lm_head_to_fp32",
     }
     for f in dataclasses.fields(SelfDistillConfig):
         if f.name in NEW_FIELDS:

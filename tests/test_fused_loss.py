@@ -8,7 +8,14 @@ import torch
 from reference import cross_entropy, divergence, logits, topk_divergence
 from test_losses import make_case as divergence_case
 
-from trl_selfdistill.losses import FUSED_BUFFERS, LMHead, TeacherTarget, fused_chunk_rows, fused_token_losses
+from trl_selfdistill.losses import (
+    FUSED_BUFFERS,
+    FUSED_MIN_ROWS_ACCELERATOR,
+    LMHead,
+    TeacherTarget,
+    fused_chunk_rows,
+    fused_token_losses,
+)
 
 LIVE_BUFFERS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_live_buffers.py"
 
@@ -152,6 +159,68 @@ def test_no_rows_give_a_connected_zero_and_the_teacher_gets_no_gradient():
 def test_chunk_rows_follow_the_memory_budget():
     assert fused_chunk_rows(49152) == 97  # 256 MiB over 14 fp32 buffers of 49,152 logits
     assert fused_chunk_rows(320) > 10_000 and fused_chunk_rows(10**9) == 1
+    assert fused_chunk_rows(49152, device="cpu") == 97
+
+
+def test_chunks_on_an_accelerator_have_a_floor_of_rows():
+    """On a GPU the budget's few rows at a large vocabulary would make skinny matrix products: 256 at least."""
+    assert fused_chunk_rows(151936) == 31 and fused_chunk_rows(151936, device="cuda") == FUSED_MIN_ROWS_ACCELERATOR
+    assert fused_chunk_rows(320, device="cuda") == fused_chunk_rows(320)  # the budget's rows when they are more
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_autocast_projects_in_its_dtype_and_matches_the_reference_of_those_values(beta):
+    """Under bf16 autocast (mixed-precision training) the products run in bf16 from fp32 inputs, as `nn.Linear`
+    would: the result is the fp64 reference of the bf16-rounded inputs, not the fp32 one; gradients stay fp32."""
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(10, 16, 300, seed=5, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, beta, 0.5, rows=4)
+    got.loss.backward()
+    got_grads = grads(hs, s_head.weight, s_head.bias)
+    assert [g.dtype for g in got_grads] == [torch.float32] * 3
+
+    def rounded(t):  # to bf16, in fp64; the gradient passes through the rounding unchanged
+        return t.double() + (t.detach().bfloat16().double() - t.detach().double())
+
+    leaves = [t.detach().double().requires_grad_() for t in (hs, s_head.weight, s_head.bias)]
+    r_hs, r_w, r_b = (rounded(t) for t in leaves)
+    z = rounded(rounded(r_hs @ r_w.T) + r_b)  # a bf16 product, then the bias added in bf16
+    zt = rounded(rounded(rounded(ht) @ rounded(t_head.weight).T) + rounded(t_head.bias))
+    want = (cross_entropy(z, targets) * ce_w.double()).sum() + (divergence(z, zt, beta, 0.5) * div_w.double()).sum()
+    full, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, 0.5)
+    err_bf16, err_fp32 = (got.loss.double() - want).abs(), (got.loss.double() - full).abs()
+    assert err_bf16 < 1e-4 * want.abs() and err_bf16 < 0.1 * err_fp32  # the bf16 values, not the fp32 ones
+    want.backward()
+    for mine, ref in zip(got_grads, (t.grad for t in leaves)):  # the logits' gradient goes through bf16 products
+        assert (mine.double() - ref).norm() < 2e-2 * ref.norm()
+
+
+def test_fp16_autocast_keeps_small_gradients():
+    """Under fp16 autocast the logits' gradient (not yet multiplied by fp16's loss scale) is below fp16's range at
+    small per-token weights: its products run in fp32, so the gradient is the reference's, not flushed to 0."""
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(10, 16, 300, seed=5)
+    ce_w, div_w = ce_w * 1e-6, div_w * 1e-6
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, 0.0, 0.5, rows=4)
+    got.loss.backward()
+    got_grads = grads(hs, s_head.weight)
+    want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, 0.0, 0.5)
+    want.backward()
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight)):
+        assert (mine.double() - ref).norm() < 2e-2 * ref.norm()
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_autocast_teacher_equal_to_student_gives_exactly_zero(beta):
+    """The student's and the teacher's logits go through the same bf16 products: an unchanged student is at 0 (a
+    teacher projected in fp32 against a bf16 student would sit at the bf16 rounding instead)."""
+    hs, _, s_head, _, targets, _, div_w = make_case(6, 8, 77)
+    teacher = TeacherTarget(hs.detach().clone(), LMHead(s_head.weight.detach().clone()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_token_losses(hs, s_head, targets, teacher, torch.zeros(6), div_w, beta, 0.5)
+    assert torch.allclose(got.divergence, torch.zeros(6), atol=1e-6)  # as in fp32: the JSD's mixture rounds
+    if beta == 0.0:  # the closed form takes both through the same steps: exactly 0
+        assert torch.equal(got.divergence, torch.zeros(6))
 
 
 def _live_buffer_counter():
@@ -172,6 +241,11 @@ def test_live_buffers_of_every_path_fit_the_budget_and_the_worst_path_sets_it():
     assert max(counts.values()) <= 1.01 * FUSED_BUFFERS, counts
     assert max(counts.values()) > FUSED_BUFFERS - 1, counts
     assert counts["closed-form forward KL"] <= 1.01 * 4, counts
+    # Under bf16 autocast the bf16 products add half-size temporaries (and on CPU their fp32 accumulation): within
+    # the budget on every path
+    mixed = {name: counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, autocast=True, **path)
+             for name, path in counter.PATHS.items()}
+    assert max(mixed.values()) <= 1.01 * FUSED_BUFFERS, mixed
 
 
 def test_vocabulary_mismatch_is_refused():

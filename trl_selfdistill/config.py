@@ -124,8 +124,18 @@ class SelfDistillConfig(SFTConfig):
         metadata={
             "help": "Positions per chunk of the fused CE + divergence (each chunk builds the student's and the "
             "teacher's `[rows, V]` logits once). None: as many as fit 256 MiB of fp32 buffers "
-            "(`trl_selfdistill.losses.FUSED_BUDGET_BYTES`), so small batches build their logits in one chunk. Lower it "
-            "to save memory; results are the same up to fp32 rounding."
+            "(`trl_selfdistill.losses.FUSED_BUDGET_BYTES`), so small batches build their logits in one chunk; on a "
+            "GPU at least 256 rows (`FUSED_MIN_ROWS_ACCELERATOR`). Lower it to save memory; results are the same up "
+            "to rounding."
+        },
+    )
+    cast_lm_head_to_fp32: bool = field(
+        default=False,
+        metadata={
+            "help": "Under bf16/fp16 mixed precision, project the student's and the teacher's hidden states through "
+            "the LM head in fp32 in the CE + divergence (slower on GPUs, exact to fp32). Off: in the mixed-precision "
+            "dtype, as SFTTrainer's own head does; the softmax and everything after it are fp32 either way. The "
+            "teacher's forward always runs under the same autocast as the student's."
         },
     )
 

@@ -107,7 +107,7 @@ def _transform(z: torch.Tensor, head: LMHead, temperature: float, inplace: bool 
 def teacher_topk(hidden: torch.Tensor, head: LMHead, k: int, temperature: float):
     """Top-`k` token ids and log-probs (at `temperature`) of a model at each of `[N, H]` rows, in fused-size chunks."""
     ids, logps = [], []
-    rows = fused_chunk_rows(head.weight.shape[0])
+    rows = fused_chunk_rows(head.weight.shape[0], device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         top = _log_probs(hidden[start : start + rows], head, temperature).topk(k, dim=-1)
         ids.append(top.indices.to(torch.int32))
@@ -143,11 +143,44 @@ def _coarse(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tens
 FUSED_BUFFERS = 14
 # Default budget of those buffers: chunks are as large as fit, one chunk (the full logits) when everything fits
 FUSED_BUDGET_BYTES = 256 * 2**20
+# On an accelerator, chunks have at least this many rows whatever the budget: with fewer, the projection is a skinny
+# matrix product that leaves most of the chip idle and the loss pays one launch per kernel per chunk (measured on an
+# H200, V=152k: the budget's 31-row chunks ran the loss 7× slower than full bf16 logits, half of it in GEMV-like
+# kernels; `docs/performance.md`). At V=152k, 256 rows are 0.6 GB per 4 buffers, a few % of such a run's memory.
+FUSED_MIN_ROWS_ACCELERATOR = 256
 
 
-def fused_chunk_rows(vocab_size: int, budget_bytes: int = FUSED_BUDGET_BYTES) -> int:
-    """Rows of a fused chunk so that its `FUSED_BUFFERS` fp32 `[rows, V]` buffers fit `budget_bytes` (at least 1)."""
-    return max(1, budget_bytes // (FUSED_BUFFERS * 4 * vocab_size))
+def fused_chunk_rows(vocab_size: int, budget_bytes: int = FUSED_BUDGET_BYTES, device=None) -> int:
+    """Rows of a fused chunk so that its `FUSED_BUFFERS` fp32 `[rows, V]` buffers fit `budget_bytes` (at least 1);
+    on a `device` other than the CPU, at least `FUSED_MIN_ROWS_ACCELERATOR`."""
+    rows = max(1, budget_bytes // (FUSED_BUFFERS * 4 * vocab_size))
+    if device is not None and torch.device(device).type != "cpu":
+        rows = max(rows, FUSED_MIN_ROWS_ACCELERATOR)
+    return rows
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matrix products on `device` here, or None when autocast is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _same_values(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """`a` and `b` are the same tensor, or views of the same memory with the same layout."""
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+
+
+def _cast_head(head: LMHead, dtype: torch.dtype | None, like: LMHead | None = None, cast: LMHead | None = None):
+    """`head` with its weight and bias in `dtype` (None: as is), cast once per call; `cast` is reused when `head`
+    holds the same tensors as `like` (a teacher that is the student's own head: LoRA)."""
+    if dtype is None:
+        return head
+    if like is not None and _same_values(head.weight, like.weight) and _same_values(head.bias, like.bias):
+        return cast
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return LMHead(head.weight.to(dtype), bias, head.logit_scale, head.softcap)
 
 
 @dataclass(frozen=True)
@@ -297,7 +330,24 @@ class _FusedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk, rows, stats):
+        # Under autocast the matrix products run in its dtype, as the model's own head would (the weights are cast
+        # once per call); the rest is fp32. The body runs with autocast off, so every cast is the one written here.
+        dtype = _autocast_dtype(hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _FusedLossFunction._forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta,
+                                               tau, dft, topk, rows, stats, dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk, rows, stats,
+                 dtype):
         head = LMHead(weight, bias, head.logit_scale, head.softcap)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        head_c = _cast_head(head, dtype)
+        teacher_head_c = None if teacher.head is None else _cast_head(teacher.head, dtype, head, head_c)
+        weight_c = head_c.weight
+        # The logits' gradient is not yet scaled by fp16's loss scale here: fp16 would flush its small entries to 0,
+        # so under fp16 the gradient's products run in fp32 (bf16 has fp32's range)
+        weight_g = weight_c if weight_c.dtype != torch.float16 else weight.float()
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
             else None
@@ -310,24 +360,24 @@ class _FusedLossFunction(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
             if teacher.hidden is not None:
-                part = TeacherTarget(teacher.hidden[chunk], teacher.head)
+                part = TeacherTarget(teacher.hidden[chunk].to(teacher_head_c.weight.dtype), teacher_head_c)
             else:
                 part = TeacherTarget(topk_ids=teacher.topk_ids[chunk], topk_logps=teacher.topk_logps[chunk])
-            h = hidden[chunk].detach()
-            total, dz, out = _fused_chunk(h, head, targets[chunk], ce_w[chunk], div_w[chunk], part, beta, tau, dft,
+            h = hidden[chunk].detach().to(weight_c.dtype)
+            total, dz, out = _fused_chunk(h, head_c, targets[chunk], ce_w[chunk], div_w[chunk], part, beta, tau, dft,
                                           topk, work)
             loss += total
             for key, value in out.items():
                 stats.setdefault(key, []).append(value)
-            dz_c = dz.to(weight.dtype)
-            grad_h[chunk] = (dz_c @ weight).float()
+            dz_c = dz.to(weight_g.dtype)
+            grad_h[chunk] = (dz_c @ weight_g).float()
             if grad_w is not None:
-                grad_w.addmm_(dz.T, h.float()) if weight.dtype == torch.float32 else grad_w.add_((dz_c.T @ h).float())
+                h_g = h.to(weight_g.dtype)
+                grad_w.addmm_(dz.T, h_g) if weight_g.dtype == torch.float32 else grad_w.add_(dz_c.T @ h_g)
             if grad_b is not None:
                 grad_b += dz.sum(0)
             del dz, dz_c  # not held into the next chunk's peak
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
@@ -366,7 +416,9 @@ def fused_token_losses(
     logits are built once, and the gradients of the loss with respect to the hidden states, weight and bias are
     computed there (the loss is a scalar), so nothing is re-projected in backward. The gradient reaches the student's
     hidden states and head only. With `topk`, the exact teacher's top-k at τ (ids, log-probs) and the divergence
-    against them are returned too, for the teacher cache. Values are fp32.
+    against them are returned too, for the teacher cache. Values are fp32. Under autocast the projections and the
+    gradient's matrix products run in autocast's dtype (as `nn.Linear` would), everything else in fp32; without it,
+    in the inputs' dtype.
     """
     if teacher.head is not None and teacher.head.weight.shape[0] != student_head.weight.shape[0]:
         raise ValueError(
@@ -375,7 +427,7 @@ def fused_token_losses(
             "teacher with the student's tokenizer."
         )
     n = student_hidden.shape[0]
-    rows = rows or fused_chunk_rows(student_head.weight.shape[0])
+    rows = rows or fused_chunk_rows(student_head.weight.shape[0], device=student_hidden.device)
     stats: dict[str, list] = {}
     weight, bias = student_head.weight, student_head.bias
     loss = _FusedLossFunction.apply(

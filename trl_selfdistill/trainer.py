@@ -1,5 +1,6 @@
 """`SelfDistillSFTTrainer`: SFT plus λ·τ²·D(teacher ‖ student) per token, the teacher being the frozen initial model."""
 
+import contextlib
 import hashlib
 import inspect
 import math
@@ -237,6 +238,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
             "data": data.hexdigest()[:16],
             "temperature": self.args.distill_temperature,
             "scope": self.args.distill_scope,
+            "precision": self._head_precision(),
         }
         vocab_size = full_shape(self.teacher.head.weight)[0]
         return TeacherCache(self.args.teacher_cache_dir, fingerprint, self.args.teacher_cache_topk, vocab_size)
@@ -313,10 +315,10 @@ class SelfDistillSFTTrainer(SFTTrainer):
             # Skip only when no process misses a row: the sharded teacher's forward is a collective
             if not self.accelerator.reduce(torch.tensor(int(missing), device=self.accelerator.device), "sum"):
                 continue  # a resumed run, or another run's complete cache
-            hidden = self.teacher.last_hidden_state({k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
+            hidden = self._teacher_hidden({k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
             self._stop_if_nonfinite(hidden, "teacher output in the cache pre-pass", "Check the teacher's weights.")
             hidden = (hidden[:, :-1] if shifted else hidden)[positions]
-            with gathered_heads(causal_lm(unwrap(self.model)), self.teacher) as (_, teacher_head):
+            with gathered_heads(causal_lm(unwrap(self.model)), self.teacher) as (_, teacher_head), self._head_autocast():
                 ids, logps = teacher_topk(hidden, teacher_head, args.teacher_cache_topk, args.distill_temperature)
             counts = positions.sum(1).tolist()
             for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
@@ -326,14 +328,34 @@ class SelfDistillSFTTrainer(SFTTrainer):
         self.teacher_cache.refresh()  # what the other processes stored
         return stored
 
-    def _stop_if_nonfinite(self, value: torch.Tensor, term: str, fix: str) -> None:
-        """Raise before the optimizer step when `value` holds a NaN or an infinity (nothing saved is overwritten)."""
-        if not bool(torch.isfinite(value.detach()).all()):
-            step, epoch = self.state.global_step, self.state.epoch or 0.0
-            raise NonFiniteError(
-                f"Non-finite {term} at optimizer step {step + 1} (epoch {epoch:.2f}): training stopped before this "
-                f"step's update, so the weights in memory and every checkpoint saved so far are intact. {fix}"
-            )
+    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        """The teacher's last hidden states, under the autocast the student's wrapped forward runs under (the teacher
+        forward goes to the backbone directly, past that wrapper), so that both see the same precision: at step 0
+        an unchanged student gives a divergence of exactly 0."""
+        with self.accelerator.autocast():
+            return self.teacher.last_hidden_state(inputs)
+
+    def _head_autocast(self):
+        """The autocast the fused loss's head projections run under (`cast_lm_head_to_fp32`: none, fp32)."""
+        return contextlib.nullcontext() if self.args.cast_lm_head_to_fp32 else self.accelerator.autocast()
+
+    def _head_precision(self) -> str:
+        """The precision of the teacher's cached log-probs: the training's mixed precision and the head's."""
+        head = "fp32" if self.args.cast_lm_head_to_fp32 else "autocast"
+        return f"{self.accelerator.mixed_precision}/{head}"
+
+    def _stop_if_nonfinite(self, value: torch.Tensor, term: str, fix: str, *more) -> None:
+        """Raise before the optimizer step when `value` holds a NaN or an infinity (nothing saved is overwritten).
+        `more`: further (value, term, fix) triples, checked with the same host read (one GPU sync for all)."""
+        checks = [(value, term, fix), *zip(more[::3], more[1::3], more[2::3])]
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v, _, _ in checks]).tolist()
+        for ok, (_, term, fix) in zip(finite, checks):
+            if not ok:
+                step, epoch = self.state.global_step, self.state.epoch or 0.0
+                raise NonFiniteError(
+                    f"Non-finite {term} at optimizer step {step + 1} (epoch {epoch:.2f}): training stopped before this "
+                    f"step's update, so the weights in memory and every checkpoint saved so far are intact. {fix}"
+                )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
@@ -351,7 +373,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         cached = self._cached_teacher(keys) if use_cache else None
         model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         if cached is None:
-            teacher_hidden = self.teacher.last_hidden_state(model_inputs)
+            teacher_hidden = self._teacher_hidden(model_inputs)
             self._stop_if_nonfinite(
                 teacher_hidden, "teacher output (last hidden states)",
                 "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use bf16 or "
@@ -368,26 +390,28 @@ class SelfDistillSFTTrainer(SFTTrainer):
             outputs = model(**model_inputs, **forward_kwargs)
         hidden = backbone_outputs[0].last_hidden_state
         # Full head weights under FSDP2/ZeRO-3 (a collective: every rank enters, whatever its positions)
+        where = rows.nonzero(as_tuple=True)  # one host read; boolean-mask indexing would make one per tensor
         with gathered_heads(student, self.teacher) as (student_head, teacher_head):
             device = student_head.weight.device
-            hidden = (hidden[:, :-1] if shifted else hidden)[rows].to(device)
+            hidden = (hidden[:, :-1] if shifted else hidden)[where].to(device)
             if cached is not None:
                 uniform = -math.log(cached[1].shape[1] + 1)  # rows the divergence does not cover: a finite stand-in
                 teacher = TeacherTarget(topk_ids=self._rows_from_positions(cached[0], rows, positions, 0).to(device),
                                         topk_logps=self._rows_from_positions(cached[1], rows, positions, uniform)
                                         .to(device))
             else:
-                teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[rows].to(device)
+                teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[where].to(device)
                 teacher = TeacherTarget(teacher_hidden, teacher_head)
-            targets, covered = labels[rows].to(device), positions[rows].to(device)
+            targets, covered = labels[where].to(device), positions[where].to(device)
             ce_scale, distill_scale = self._loss_scales(label_mask, positions, num_items_in_batch)
-            fused = fused_token_losses(
-                hidden, student_head, targets, teacher,
-                ce_weights=(targets != -100) * ce_scale, divergence_weights=covered * distill_scale,
-                beta=args.divergence_beta, temperature=args.distill_temperature, dft=args.loss_type == "dft",
-                topk=args.teacher_cache_topk if self.teacher_cache is not None and cached is None else None,
-                rows=args.loss_chunk_rows,
-            )
+            with self._head_autocast():
+                fused = fused_token_losses(
+                    hidden, student_head, targets, teacher,
+                    ce_weights=(targets != -100) * ce_scale, divergence_weights=covered * distill_scale,
+                    beta=args.divergence_beta, temperature=args.distill_temperature, dft=args.loss_type == "dft",
+                    topk=args.teacher_cache_topk if self.teacher_cache is not None and cached is None else None,
+                    rows=args.loss_chunk_rows,
+                )
         loss = fused.loss
         if self.aux_loss_enabled:
             # As SFTTrainer: a per-micro-batch mean; with `num_items_in_batch`, accumulation averaging is the loss's
@@ -395,9 +419,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
 
         valid = targets != -100
-        ce_sum, kl_sum = fused.ce.sum(), fused.divergence[covered].sum()
-        self._stop_if_nonfinite(ce_sum, "SFT loss (CE)", _CE_FIX)
+        ce_sum, kl_sum = fused.ce.sum(), torch.where(covered, fused.divergence, 0.0).sum()
         self._stop_if_nonfinite(
+            ce_sum, "SFT loss (CE)", _CE_FIX,
             kl_sum, "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
             "Rebuild the teacher cache (delete `teacher_cache_dir`)" if cached else
             "Lower the learning rate or `distill_temperature`-sharpened logits overflow: try τ ≥ 0.5, bf16/fp32, or "
@@ -457,26 +481,38 @@ class SelfDistillSFTTrainer(SFTTrainer):
         self._metrics[mode]["kl_topk"].append((gather(fused.topk_divergence[covered].sum()).sum() / count).item())
 
     def _log_step_metrics(self, mode, inputs, fused, valid, covered, outputs, cached, use_cache) -> None:
-        """SFTTrainer's metrics (entropy, mean_token_accuracy, num_tokens, aux_loss) and the distillation ones."""
-        gather = self.accelerator.gather_for_metrics
-        num_valid = gather(valid.sum()).sum()
-        scale = self.distill_coef * self.args.distill_temperature**2
-        metrics = self._metrics[mode]
-        metrics["entropy"].append((gather(fused.entropy[valid].sum()).sum() / num_valid).item() if num_valid else 0.0)
-        metrics["mean_token_accuracy"].append(
-            (gather(fused.is_top1[valid].sum()).sum() / num_valid).item() if num_valid else 0.0
-        )
+        """SFTTrainer's metrics (entropy, mean_token_accuracy, num_tokens, aux_loss) and the distillation ones, summed
+        over processes in one gather and read in one host transfer (on a GPU, one sync instead of one per metric)."""
+        parts = {
+            "valid": valid.sum(),
+            "entropy": torch.where(valid, fused.entropy, 0.0).sum(),
+            "top1": (fused.is_top1 & valid).sum(),
+            "ce": fused.ce.sum(),
+            "kl": torch.where(covered, fused.divergence, 0.0).sum(),
+            "covered": covered.sum(),
+        }
         if mode == "train":
             if "attention_mask" in inputs:
-                tokens = inputs["attention_mask"].sum()
+                parts["tokens"] = inputs["attention_mask"].sum()
             else:
-                tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-            self._tokens_seen += int(gather(tokens).sum().item()) // self.get_tp_size()
+                parts["tokens"] = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        if self.aux_loss_enabled:
+            parts["aux_loss"] = outputs.aux_loss.detach()
+        local = torch.stack([v.to(device=fused.ce.device, dtype=torch.float32) for v in parts.values()])
+        gathered = self.accelerator.gather_for_metrics(local.unsqueeze(0))  # [processes, len(parts)]
+        sums = dict(zip(parts, gathered.sum(0).tolist()))
+        num_valid = sums["valid"]
+        scale = self.distill_coef * self.args.distill_temperature**2
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(sums["entropy"] / num_valid if num_valid else 0.0)
+        metrics["mean_token_accuracy"].append(sums["top1"] / num_valid if num_valid else 0.0)
+        if mode == "train":
+            self._tokens_seen += int(sums["tokens"]) // self.get_tp_size()
         metrics["num_tokens"] = [self._tokens_seen]
         if self.aux_loss_enabled:
-            metrics["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
-        metrics["sft_loss"].append((gather(fused.ce.sum()).sum() / num_valid.clamp(min=1)).item())
-        kl = (gather(fused.divergence[covered].sum()).sum() / gather(covered.sum()).sum().clamp(min=1)).item()
+            metrics["aux_loss"].append(sums["aux_loss"] / gathered.shape[0])  # the mean over processes
+        metrics["sft_loss"].append(sums["ce"] / max(num_valid, 1))
+        kl = sums["kl"] / max(sums["covered"], 1)
         metrics["kl"].append(kl)
         metrics["distill_loss"].append(scale * kl)
         metrics["distill_coef"].append(self.distill_coef)
