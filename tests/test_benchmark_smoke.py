@@ -12,7 +12,6 @@ import pytest
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
-VARIANTS = ("sft", "selfdistill", "selfdistill_cache", "gkd")
 
 
 def load_benchmark():
@@ -74,7 +73,7 @@ def test_step_table_has_every_row_with_sane_numbers(smoke):
     results, stdout = smoke
     assert results["settings"]["smoke"] and results["machine"]["torch"] and results["machine"]["cpu"]
     rows = {(r["mode"], r["variant"]): r for r in results["steps"]}
-    assert set(rows) == {(m, v) for m in ("lora", "full") for v in VARIANTS}
+    assert set(rows) == {(m, v) for m in ("lora", "full") for v in ("sft", "selfdistill", "gkd")}  # the suite's
     steps, warmup = results["settings"]["steps"], results["settings"]["warmup"]
     repeats = results["settings"]["repeats"]
     for (mode, variant), row in rows.items():
@@ -90,10 +89,6 @@ def test_step_table_has_every_row_with_sane_numbers(smoke):
         teacher = "adapter_disabled" if mode == "lora" else "model_copy"
         assert rows[mode, "selfdistill"]["result"]["teacher"] == teacher
         assert finite(rows[mode, "selfdistill"]["result"]["logged"]["kl"])
-        # The pre-pass filled the cache: every training step reads it, and its time counts in the wall time
-        cache = rows[mode, "selfdistill_cache"]["result"]
-        assert finite(cache["prefill_s"], 1e-5, 600) and cache["wall_s"] >= cache["prefill_s"] + cache["train_s"]
-        assert cache["logged"]["teacher_cache_hit"] == pytest.approx(1.0)
     assert "| mode | trainer | median s/step |" in stdout and "GKDTrainer (teacher copy)" in stdout
 
 
@@ -105,6 +100,11 @@ def test_wall_time_table(smoke):
         assert r["status"] == "ok", (mode, variant, r)
         assert r["steps_run"] == 6  # the suite's 3 epochs × 2 batches of the smoke size
         assert finite(r["wall_s"], 1e-4, 600) and r["wall_s"] >= r["train_s"]
+    for mode in ("lora", "full"):
+        # The pre-pass filled the cache: every training step reads it, and its time counts in the wall time
+        cache = rows[mode, "selfdistill_cache"]
+        assert finite(cache["prefill_s"], 1e-5, 600) and cache["wall_s"] >= cache["prefill_s"] + cache["train_s"]
+        assert cache["logged"]["teacher_cache_hit"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("variants,want", [(None, ["sft", "selfdistill", "selfdistill_cache"]),
