@@ -179,3 +179,26 @@ def test_relation_table_pools_the_held_out_answers_of_every_seed_per_relation():
     assert "| capital | 10 | 1.00 | 0.20 | 0.80 |" in table and "| language | 10 | 1.00 | 1.00 | 1.00 |" in table
     del per_seed[0]["heldout_relations"]
     assert relation_table(make_study(per_seed)) is None
+
+
+def test_a_run_whose_trainer_fails_to_build_leaves_no_memory_sampler_running(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from conftest import config
+    from datasets import Dataset
+
+    from trl_selfdistill.protocol import Protocol
+
+    protocol = Protocol(model="unused", facts=Dataset.from_dict({"category": ["HighlyKnown"]}),
+                        args=config(tmp_path), log=lambda *_: None)
+
+    def fail(*_args, **_kwargs):
+        raise ValueError("bad settings")
+
+    protocol.trainer = fail
+    before = sum(t.name == "PeakMemory" for t in threading.enumerate())
+    with pytest.raises(ValueError, match="bad settings"):
+        protocol.run(parse_methods("sft")[0], splits=SimpleNamespace(sizes={}), snapshot="unused", seed=0,
+                     out=tmp_path)
+    assert sum(t.name == "PeakMemory" for t in threading.enumerate()) == before

@@ -255,28 +255,28 @@ class Protocol:
         run_splits = splits.known_only() if method.kind == "known_only" else splits
         self.log(f"\nStage 2, seed {seed}: {method.title} — {run_splits.sizes}")
         run_out = out / method.name.replace(":", "_")
-        memory = PeakMemory().start()  # from the trainer's construction on: its teacher copy or θ₀ counts
-        trainer = self.trainer(method, run_splits, snapshot, seed, run_out, push=save and self.args.push_to_hub)
-        if self.base_name:
-            trainer.model.config._name_or_path = self.base_name  # the card names the base, not the snapshot folder
-        teacher = getattr(trainer, "teacher", None)
-        forgetting = ForgettingCallback(run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher,
-                                        baseline=baseline).attach(trainer)
-        budget = monitor = None
-        if method.kind in BUDGET_MODES:
-            # The budget steers on its own Known facts, disjoint from the held-out set it is judged on
-            from .budget import ForgettingBudgetCallback
+        # From the trainer's construction on (its teacher copy or θ₀ counts); the sampler stops however this ends
+        with PeakMemory() as memory:
+            trainer = self.trainer(method, run_splits, snapshot, seed, run_out, push=save and self.args.push_to_hub)
+            if self.base_name:
+                trainer.model.config._name_or_path = self.base_name  # the card names the base, not the snapshot folder
+            teacher = getattr(trainer, "teacher", None)
+            forgetting = ForgettingCallback(run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher,
+                                            baseline=baseline).attach(trainer)
+            budget = monitor = None
+            if method.kind in BUDGET_MODES:
+                # The budget steers on its own Known facts, disjoint from the held-out set it is judged on
+                from .budget import ForgettingBudgetCallback
 
-            monitor = ForgettingCallback(self.monitor_splits(splits, seed), fmt=self.fmt, drift_size=0,
-                                         eval_steps=max(1, (self.eval_steps or 16) // 2)).attach(trainer)
-            options = {"budget": DEFAULT_BUDGET, **self.budget_defaults, "mode": BUDGET_MODES[method.kind]}
-            if method.value is not None:
-                options["budget"] = method.value
-            budget = ForgettingBudgetCallback(forgetting=monitor, **options).attach(trainer)
-        start = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - start
-        memory.stop()
+                monitor = ForgettingCallback(self.monitor_splits(splits, seed), fmt=self.fmt, drift_size=0,
+                                             eval_steps=max(1, (self.eval_steps or 16) // 2)).attach(trainer)
+                options = {"budget": DEFAULT_BUDGET, **self.budget_defaults, "mode": BUDGET_MODES[method.kind]}
+                if method.value is not None:
+                    options["budget"] = method.value
+                budget = ForgettingBudgetCallback(forgetting=monitor, **options).attach(trainer)
+            start = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - start
         steps = trainer.state.global_step
         if save:  # model (or adapter), forgetting_results.json and card; uploaded with `push_to_hub`
             save_and_push(trainer, self.dataset_name, self.log)
@@ -749,7 +749,7 @@ class PeakMemory:
             return self
         self._process, self._stop = psutil.Process(), threading.Event()
         self._base = self._peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._sample, name="PeakMemory", daemon=True)
         self._thread.start()
         return self
 
