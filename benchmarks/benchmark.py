@@ -887,7 +887,9 @@ def parse_args(argv=None):
                    help="bf16 autocast on CUDA (always off on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=None, help="seconds per subprocess")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per subprocess (what runs in this process, with --inprocess or the CUDA scaling "
+                        "cells, is not bounded)")
     p.add_argument("--inprocess", action="store_true",
                    help="run every variant in this process (faster start, memory peaks less isolated)")
     p.add_argument("--smoke", action="store_true",
@@ -972,12 +974,19 @@ def run_scaling_table(vocabs, seqs, hidden: int, device: str, dtype: str, thread
                       inprocess: bool, timeout) -> list[dict]:
     """The loss alone per (V, N): naive (full logits) and fused; naive cells over `budget_gb` are skipped.
 
-    On CUDA the cells run in this process: the allocator's peak counter is reset before each cell and its inputs are
-    freed after it, so every cell's peak is its own (a subprocess adds only start-up time). On CPU the peak is the
+    On CUDA the cells run in this process, after a small warm-up cell of each method (cuBLAS's workspaces stay
+    allocated once made): the allocator's peak counter is reset before each cell and its inputs are freed after it,
+    so every cell's peak is its own (a subprocess adds only start-up time). On CPU the peak is the
     process's resident-set high-water mark, which needs a fresh process per cell unless `inprocess` is asked for.
     """
     cells = []
     inprocess = inprocess or device == "cuda"
+    if inprocess and device == "cuda":
+        # The process's first products set up cuBLAS workspaces and kernels that stay allocated: a small cell of each
+        # method first, so that no measured cell is charged for them
+        for method in ("naive", "fused"):
+            _execute(ScalingSpec(method=method, vocab=min(vocabs), seq=min(seqs), hidden=hidden, device=device,
+                                 dtype=dtype, threads=threads))
     elem = 2 if dtype == "bfloat16" else 4
     for vocab in vocabs:
         for n in seqs:

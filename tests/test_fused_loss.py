@@ -15,6 +15,7 @@ from trl_selfdistill.losses import (
     TeacherTarget,
     fused_chunk_rows,
     fused_token_losses,
+    teacher_topk,
 )
 
 LIVE_BUFFERS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_live_buffers.py"
@@ -208,6 +209,48 @@ def test_fp16_autocast_keeps_small_gradients():
     want.backward()
     for mine, ref in zip(got_grads, grads(hs, s_head.weight)):
         assert (mine.double() - ref).norm() < 2e-2 * ref.norm()
+
+
+def test_fp16_head_weights_keep_small_gradients_without_an_fp32_copy():
+    """An fp16 head (LoRA on an fp16 base), no autocast: fp16 products with the gradient scaled per chunk, equal to
+    the reference of the fp16 values, where plain fp16 products would flush the small gradient to 0."""
+    hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(10, 16, 300, seed=5)
+    ce_w, div_w = ce_w * 1e-6, div_w * 1e-6
+    half = LMHead(s_head.weight.detach().half())
+    t_half = LMHead(t_head.weight.half())
+    made = []
+
+    class Shapes(torch.overrides.TorchFunctionMode):  # every tensor a torch function returns: shape and dtype
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                made.append((tuple(out.shape), out.dtype))
+            return out
+
+    with Shapes():
+        got = fused_token_losses(hs, half, targets, TeacherTarget(ht, t_half), ce_w, div_w, 0.0, 0.5, rows=4)
+    got.loss.backward()
+    assert made and ((300, 16), torch.float32) not in made  # no fp32 copy of the [V, H] head
+    r_hs = hs.detach().half().double().requires_grad_()
+    want, _, _ = reference_loss(r_hs, ht.half().double(), LMHead(half.weight.double()), LMHead(t_half.weight.double()),
+                                targets, ce_w, div_w, 0.0, 0.5)
+    want.backward()
+    assert hs.grad.abs().max() > 0
+    assert (hs.grad.double() - r_hs.grad).norm() < 2e-2 * r_hs.grad.norm()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cache_top_k_under_autocast_is_what_the_loss_computes(bias):
+    """The cache pre-pass (`teacher_topk`) and the loss's own top-k outputs cast the head the same way, bias
+    included, so a pre-filled cache holds the log-probs the exact teacher gives in training."""
+    _, ht, _, t_head, targets, ce_w, div_w = make_case(12, 16, 300, seed=2, bias=bias)
+    student = TeacherTarget(ht, t_head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = fused_token_losses(ht.clone().requires_grad_(), t_head, targets, student, ce_w, div_w, 0.0, 0.5,
+                                   topk=5, rows=4)
+        ids, logps = teacher_topk(ht, t_head, 5, 0.5)
+    assert torch.equal(ids, fused.topk_ids)
+    torch.testing.assert_close(logps, fused.topk_logps, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("beta", BETAS)

@@ -132,10 +132,11 @@ class SelfDistillConfig(SFTConfig):
     cast_lm_head_to_fp32: bool = field(
         default=False,
         metadata={
-            "help": "Under bf16/fp16 mixed precision, project the student's and the teacher's hidden states through "
-            "the LM head in fp32 in the CE + divergence (slower on GPUs, exact to fp32). Off: in the mixed-precision "
-            "dtype, as SFTTrainer's own head does; the softmax and everything after it are fp32 either way. The "
-            "teacher's forward always runs under the same autocast as the student's."
+            "help": "Under bf16/fp16 mixed precision (autocast), project the student's and the teacher's hidden "
+            "states through the LM head in fp32 in the CE + divergence (slower on GPUs). Off: in the mixed-precision "
+            "dtype, as SFTTrainer's own head does; the softmax and everything after it are fp32 either way. No effect "
+            "where the weights themselves are bf16/fp16 (DeepSpeed). The teacher's forward always runs under the "
+            "same autocast as the student's."
         },
     )
 

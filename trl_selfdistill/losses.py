@@ -108,10 +108,15 @@ def teacher_topk(hidden: torch.Tensor, head: LMHead, k: int, temperature: float)
     """Top-`k` token ids and log-probs (at `temperature`) of a model at each of `[N, H]` rows, in fused-size chunks."""
     ids, logps = [], []
     rows = fused_chunk_rows(head.weight.shape[0], device=hidden.device)
-    for start in range(0, hidden.shape[0], rows):
-        top = _log_probs(hidden[start : start + rows], head, temperature).topk(k, dim=-1)
-        ids.append(top.indices.to(torch.int32))
-        logps.append(top.values)
+    # The casts of the fused loss (head cast once, bias added in the same dtype), so that the cached log-probs are
+    # the ones the loss would compute from the exact teacher
+    head = _cast_head(head, _autocast_dtype(hidden.device))
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], rows):
+            chunk = hidden[start : start + rows].to(head.weight.dtype)
+            top = _log_probs(chunk, head, temperature).topk(k, dim=-1)
+            ids.append(top.indices.to(torch.int32))
+            logps.append(top.values)
     if not ids:
         return hidden.new_zeros((0, k), dtype=torch.int32), hidden.new_zeros((0, k), dtype=torch.float32)
     return torch.cat(ids), torch.cat(logps)
@@ -178,7 +183,7 @@ def _cast_head(head: LMHead, dtype: torch.dtype | None, like: LMHead | None = No
     if dtype is None:
         return head
     if like is not None and _same_values(head.weight, like.weight) and _same_values(head.bias, like.bias):
-        return cast
+        return LMHead(cast.weight, cast.bias, head.logit_scale, head.softcap)
     bias = None if head.bias is None else head.bias.to(dtype)
     return LMHead(head.weight.to(dtype), bias, head.logit_scale, head.softcap)
 
@@ -331,7 +336,8 @@ class _FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk, rows, stats):
         # Under autocast the matrix products run in its dtype, as the model's own head would (the weights are cast
-        # once per call); the rest is fp32. The body runs with autocast off, so every cast is the one written here.
+        # once per call), else in the head's; the rest is fp32. The body runs with autocast off, so every cast is the
+        # one written here.
         dtype = _autocast_dtype(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             return _FusedLossFunction._forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta,
@@ -345,9 +351,6 @@ class _FusedLossFunction(torch.autograd.Function):
         head_c = _cast_head(head, dtype)
         teacher_head_c = None if teacher.head is None else _cast_head(teacher.head, dtype, head, head_c)
         weight_c = head_c.weight
-        # The logits' gradient is not yet scaled by fp16's loss scale here: fp16 would flush its small entries to 0,
-        # so under fp16 the gradient's products run in fp32 (bf16 has fp32's range)
-        weight_g = weight_c if weight_c.dtype != torch.float16 else weight.float()
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
             else None
@@ -369,11 +372,19 @@ class _FusedLossFunction(torch.autograd.Function):
             loss += total
             for key, value in out.items():
                 stats.setdefault(key, []).append(value)
-            dz_c = dz.to(weight_g.dtype)
-            grad_h[chunk] = (dz_c @ weight_g).float()
-            if grad_w is not None:
-                h_g = h.to(weight_g.dtype)
-                grad_w.addmm_(dz.T, h_g) if weight_g.dtype == torch.float32 else grad_w.add_(dz_c.T @ h_g)
+            if weight_c.dtype == torch.float16:
+                # The logits' gradient is not yet multiplied by fp16's loss scale here, and its small entries would
+                # flush to 0 in fp16: scale the chunk by a power of two (exact) so its largest entry is in [1, 2)
+                scale = torch.exp2(-torch.floor(torch.log2(dz.abs().amax().clamp(min=2.0**-126))))
+                dz_c = (dz * scale).to(torch.float16)
+                grad_h[chunk] = (dz_c @ weight_c).float().div_(scale)
+                if grad_w is not None:
+                    grad_w.add_((dz_c.T @ h).float().div_(scale))
+            else:
+                dz_c = dz.to(weight_c.dtype)
+                grad_h[chunk] = (dz_c @ weight_c).float()
+                if grad_w is not None:
+                    grad_w.addmm_(dz.T, h) if weight_c.dtype == torch.float32 else grad_w.add_(dz_c.T @ h)
             if grad_b is not None:
                 grad_b += dz.sum(0)
             del dz, dz_c  # not held into the next chunk's peak
@@ -416,9 +427,10 @@ def fused_token_losses(
     logits are built once, and the gradients of the loss with respect to the hidden states, weight and bias are
     computed there (the loss is a scalar), so nothing is re-projected in backward. The gradient reaches the student's
     hidden states and head only. With `topk`, the exact teacher's top-k at τ (ids, log-probs) and the divergence
-    against them are returned too, for the teacher cache. Values are fp32. Under autocast the projections and the
-    gradient's matrix products run in autocast's dtype (as `nn.Linear` would), everything else in fp32; without it,
-    in the inputs' dtype.
+    against them are returned too, for the teacher cache. Values are fp32. The projections and the gradient's matrix
+    products run in autocast's dtype under autocast (as `nn.Linear` would; the head is cast once per call), else in
+    the head weight's dtype; in fp16 the gradient is scaled by a power of two per chunk so that it does not underflow.
+    Everything else is fp32.
     """
     if teacher.head is not None and teacher.head.weight.shape[0] != student_head.weight.shape[0]:
         raise ValueError(

@@ -340,15 +340,19 @@ class SelfDistillSFTTrainer(SFTTrainer):
         return contextlib.nullcontext() if self.args.cast_lm_head_to_fp32 else self.accelerator.autocast()
 
     def _head_precision(self) -> str:
-        """The precision of the teacher's cached log-probs: the training's mixed precision and the head's."""
-        head = "fp32" if self.args.cast_lm_head_to_fp32 else "autocast"
-        return f"{self.accelerator.mixed_precision}/{head}"
+        """The dtype of the head's products, which the cached log-probs carry: autocast's under mixed precision (unless
+        `cast_lm_head_to_fp32`), else the head weight's (fp32 training, or DeepSpeed's bf16 weights)."""
+        kind = self.accelerator.device.type
+        with self._head_autocast():
+            if torch.is_autocast_enabled(kind):
+                return str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
+        return str(self.teacher.head.weight.dtype).removeprefix("torch.")
 
     def _stop_if_nonfinite(self, value: torch.Tensor, term: str, fix: str, *more) -> None:
         """Raise before the optimizer step when `value` holds a NaN or an infinity (nothing saved is overwritten).
         `more`: further (value, term, fix) triples, checked with the same host read (one GPU sync for all)."""
         checks = [(value, term, fix), *zip(more[::3], more[1::3], more[2::3])]
-        finite = torch.stack([torch.isfinite(v.detach()).all() for v, _, _ in checks]).tolist()
+        finite = torch.stack([torch.isfinite(v.detach()).all().to(value.device) for v, _, _ in checks]).tolist()
         for ok, (_, term, fix) in zip(finite, checks):
             if not ok:
                 step, epoch = self.state.global_step, self.state.epoch or 0.0
@@ -372,13 +376,14 @@ class SelfDistillSFTTrainer(SFTTrainer):
         keys = self._row_keys(inputs, positions) if use_cache else None
         cached = self._cached_teacher(keys) if use_cache else None
         model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        checks = []  # (value, term, fix) read together before the step ends, in one host transfer
         if cached is None:
             teacher_hidden = self._teacher_hidden(model_inputs)
-            self._stop_if_nonfinite(
+            checks += [
                 teacher_hidden, "teacher output (last hidden states)",
                 "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use bf16 or "
                 "fp32 for the teacher), or the inputs of this batch.",
-            )
+            ]
 
         # The student's forward runs through the wrapped model (DDP/FSDP/DeepSpeed hooks); its LM head projects one
         # position per row only, and the losses project the selected hidden states once, below
@@ -400,8 +405,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
                                         topk_logps=self._rows_from_positions(cached[1], rows, positions, uniform)
                                         .to(device))
             else:
-                teacher_hidden = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[where].to(device)
-                teacher = TeacherTarget(teacher_hidden, teacher_head)
+                selected = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[where].to(device)
+                teacher = TeacherTarget(selected, teacher_head)
             targets, covered = labels[where].to(device), positions[where].to(device)
             ce_scale, distill_scale = self._loss_scales(label_mask, positions, num_items_in_batch)
             with self._head_autocast():
@@ -421,6 +426,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         valid = targets != -100
         ce_sum, kl_sum = fused.ce.sum(), torch.where(covered, fused.divergence, 0.0).sum()
         self._stop_if_nonfinite(
+            *checks,
             ce_sum, "SFT loss (CE)", _CE_FIX,
             kl_sum, "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
             "Rebuild the teacher cache (delete `teacher_cache_dir`)" if cached else
@@ -499,8 +505,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             parts["aux_loss"] = outputs.aux_loss.detach()
         local = torch.stack([v.to(device=fused.ce.device, dtype=torch.float32) for v in parts.values()])
-        gathered = self.accelerator.gather_for_metrics(local.unsqueeze(0))  # [processes, len(parts)]
-        sums = dict(zip(parts, gathered.sum(0).tolist()))
+        gathered = self.accelerator.gather_for_metrics(local.unsqueeze(0)).tolist()  # [processes][len(parts)]
+        sums = dict(zip(parts, map(math.fsum, zip(*gathered))))  # summed in Python: counts stay exact past 2^24
         num_valid = sums["valid"]
         scale = self.distill_coef * self.args.distill_temperature**2
         metrics = self._metrics[mode]
@@ -510,7 +516,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
             self._tokens_seen += int(sums["tokens"]) // self.get_tp_size()
         metrics["num_tokens"] = [self._tokens_seen]
         if self.aux_loss_enabled:
-            metrics["aux_loss"].append(sums["aux_loss"] / gathered.shape[0])  # the mean over processes
+            metrics["aux_loss"].append(sums["aux_loss"] / len(gathered))  # the mean over processes
         metrics["sft_loss"].append(sums["ce"] / max(num_valid, 1))
         kl = sums["kl"] / max(sums["covered"], 1)
         metrics["kl"].append(kl)
