@@ -2,7 +2,7 @@
 
 argv[1] is a JSON spec: `out`, `mode` (lora | qlora | adapter_copy | full | path), `base` (a saved tiny model: the
 QLoRA base and the `path` teacher), `steps`, `batch` (per device), and optionally `accumulation`, `save_steps`,
-`resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`. Each rank writes
+`resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`, `bf16`. Each rank writes
 `rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the teacher's logits on a probe batch
 before and after training, and the parameter bytes it holds.
 
@@ -64,6 +64,8 @@ if "distill_coef" in spec:
     extra["distill_coef"] = spec["distill_coef"]
 if spec.get("cache"):
     extra["teacher_cache_dir"] = spec["cache"]
+if spec.get("bf16"):
+    extra["bf16"] = True
 args = config(
     out, use_cpu=not engine_launch, max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
     gradient_accumulation_steps=spec.get("accumulation", 1),
@@ -102,6 +104,7 @@ torch.save(
     {
         "out": str(out),
         "world": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
         "engine": str(accelerator.distributed_type).split(".")[-1],
         "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None,
         "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,

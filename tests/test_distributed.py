@@ -159,6 +159,21 @@ def test_two_processes_match_one(launch, workdir, engine, mode):
 
 
 @pytest.mark.slow
+def test_bf16_mixed_precision_under_ddp(launch):
+    """bf16 autocast with 2 processes: the teacher runs in the student's precision on every rank (the first KL is
+    exactly 0), the ranks stay identical, and the one-gather metrics follow the 1-process run of the same batch."""
+    ranks = launch("ddp", "lora", bf16=True)
+    reference = launch(None, "lora", bf16=True)[0]
+    assert_engine(ranks[0], "ddp")
+    assert ranks[0]["mixed_precision"] == reference["mixed_precision"] == "bf16"
+    assert_ranks_identical(ranks)
+    kl, kl_reference = kl_curve(ranks[0]), kl_curve(reference)
+    assert kl[0] == 0.0 and kl[-1] > 0
+    torch.testing.assert_close(kl, kl_reference, rtol=5e-2, atol=1e-4)  # bf16 products: looser than fp32's KL_RTOL
+    tokens = [log["num_tokens"] for log in ranks[0]["logs"] if "num_tokens" in log]
+    assert tokens == [log["num_tokens"] for log in reference["logs"] if "num_tokens" in log]
+
+
 @pytest.mark.parametrize("engine, mode", list(RESUME), ids=["fsdp2-lora-sharded", "zero3-full"])
 def test_resume_reproduces_the_uninterrupted_run(launch, workdir, engine, mode):
     if engine.startswith("zero"):
