@@ -620,19 +620,24 @@ def dispatch(spec: VariantSpec | ScalingSpec, inprocess: bool, timeout: float | 
     if inprocess:
         return _execute(spec)
     kind = next(name for name, cls in SPECS.items() if isinstance(spec, cls))
-    command = [sys.executable, os.path.abspath(__file__), "--_worker",
-               json.dumps({"kind": kind, **dataclasses.asdict(spec)})]
+    return run_worker(os.path.abspath(__file__), {"kind": kind, **dataclasses.asdict(spec)}, timeout)
+
+
+def run_worker(script: str, payload: dict, timeout: float | None = None) -> dict:
+    """`script --_worker <payload as JSON>` in a fresh Python process; its result is the last stdout line that starts
+    with `RESULT_MARKER`. A timeout, or an exit without a result, is a failed result with the end of its stderr."""
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, script, "--_worker", json.dumps(payload)], capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "error": f"timed out after {timeout} s"}
+    tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if not lines:
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
         return {"status": "failed", "error": f"worker exited with {proc.returncode} without a result:\n{tail}"}
     result = json.loads(lines[-1][len(RESULT_MARKER):])
     if result.get("status") == "failed":
-        result["stderr_tail"] = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        result["stderr_tail"] = tail
     return result
 
 
@@ -990,12 +995,13 @@ def run_scaling_table(vocabs, seqs, hidden: int, device: str, dtype: str, thread
     elem = 2 if dtype == "bfloat16" else 4
     for vocab in vocabs:
         for n in seqs:
-            cell = {"vocab": vocab, "seq": n, "hidden": hidden}
+            # log-softmax runs in fp32 whatever the input dtype: fp32 [N, V] tensors dominate the naive peak
+            naive_gb = NAIVE_TENSORS * n * vocab * 4 / 2**30
+            cell = {"vocab": vocab, "seq": n, "hidden": hidden, "naive_estimate_gb": naive_gb,
+                    "logits_gb": n * vocab * elem / 2**30}
             for method in ("naive", "fused"):
-                # log-softmax runs in fp32 whatever the input dtype: fp32 [N, V] tensors dominate the naive peak
-                need_gb = NAIVE_TENSORS * n * vocab * 4 / 2**30 if method == "naive" else 0.0
-                if need_gb > budget_gb:
-                    r = {"status": "skipped", "note": f"skipped (would need ~{need_gb:.1f} GB)"}
+                if method == "naive" and naive_gb > budget_gb:
+                    r = {"status": "skipped", "note": f"skipped (would need ~{naive_gb:.1f} GB)"}
                 else:
                     spec = ScalingSpec(method=method, vocab=vocab, seq=n, hidden=hidden, device=device, dtype=dtype,
                                        threads=threads)
@@ -1004,8 +1010,6 @@ def run_scaling_table(vocabs, seqs, hidden: int, device: str, dtype: str, thread
                 shown = _mb(r["extra_mb"]) if r.get("status") == "ok" else r.get("note") or r.get("error")
                 print(f"  V={vocab} N={n} {method}: {shown}"
                       + (f" in {r['seconds']:.2f} s" if r.get("status") == "ok" else ""), flush=True)
-            cell["naive_estimate_gb"] = NAIVE_TENSORS * n * vocab * 4 / 2**30
-            cell["logits_gb"] = n * vocab * elem / 2**30
             cells.append(cell)
     return cells
 
@@ -1102,7 +1106,6 @@ def main(argv=None) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # The suite: every table in one command, config-built models only (no downloads)
 # ---------------------------------------------------------------------------------------------------------------------
-
 
 
 def _smoke_arguments(arguments: list[str]) -> list[str]:

@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +30,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark as bench  # noqa: E402 - its memory meter, step timer and subprocess result marker
+import benchmark as bench  # noqa: E402 - its memory meter, step timer, worker runner and merge of repeats
 
 METHODS = ("sft", "selfdistill", "freeze", "lora_sft", "lora_selfdistill", "l2init", "gkd", "sdft")
-NOT_TIMED = {
-    "budget": "a budget run is self-distillation plus its monitor's evaluations: time `selfdistill`",
-    "budget_stop": "a budget run is self-distillation plus its monitor's evaluations: time `selfdistill`",
-}
 
 
 def run_method(spec: dict) -> dict:
@@ -71,8 +66,9 @@ def run_method(spec: dict) -> dict:
     peak_mb = meter.peak_mb()
     timed = timer.times[spec["warmup"]:]
     return {"status": "ok", "method": method.name, "step_times_s": [round(t, 4) for t in timer.times],
-            "median_step_s": statistics.median(timed), "build_s": build_s, "train_mem_mb": peak_mb - base_mb,
-            "peak_mb": peak_mb, "trainable_parameters": count_parameters(trainer.model)[0]}
+            "timed_from": spec["warmup"], "median_step_s": statistics.median(timed), "build_s": build_s,
+            "train_mem_mb": peak_mb - base_mb, "peak_mb": peak_mb,
+            "trainable_parameters": count_parameters(trainer.model)[0]}
 
 
 def _execute(spec: dict) -> dict:
@@ -87,23 +83,7 @@ def dispatch(spec: dict, inprocess: bool) -> dict:
     """`spec` in a fresh subprocess (a memory peak of its own), or in this process."""
     if inprocess:
         return _execute(spec)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
-                          capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(bench.RESULT_MARKER)]
-    if not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        return {"status": "failed", "method": spec["method"], "error": f"exit {proc.returncode}:\n{tail}"}
-    return json.loads(lines[-1][len(bench.RESULT_MARKER):])
-
-
-def merge(runs: list[dict]) -> dict:
-    """Repeats of one method: the timed steps pooled (median), the median of the memory peaks."""
-    ok = [r for r in runs if r["status"] == "ok"]
-    if not ok:
-        return runs[-1]
-    return {**ok[0], "repeats": len(ok), "median_step_s": statistics.median(
-        [t for r in ok for t in r["step_times_s"][r.get("warmup", 0):]]) if len(ok) > 1 else ok[0]["median_step_s"],
-        "train_mem_mb": statistics.median(r["train_mem_mb"] for r in ok)}
+    return {"method": spec["method"], **bench.run_worker(os.path.abspath(__file__), spec)}
 
 
 def cost_table(rows: list[dict]) -> str:
@@ -148,11 +128,13 @@ def main(argv=None) -> list[dict]:
     if args._worker is not None:
         print(bench.RESULT_MARKER + json.dumps(_execute(json.loads(args._worker))), flush=True)
         return []
-    from trl_selfdistill.protocol import parse_methods
+    from trl_selfdistill.protocol import BUDGET_MODES, parse_methods
 
-    methods = [m.name for m in parse_methods(args.methods)]
-    if refused := [m for m in methods if m.split(":")[0] in NOT_TIMED]:
-        raise SystemExit("; ".join(f"{m}: {NOT_TIMED[m.split(':')[0]]}" for m in refused))
+    methods = parse_methods(args.methods)
+    if refused := [m.name for m in methods if m.kind in BUDGET_MODES]:
+        raise SystemExit(f"{', '.join(refused)}: a budget run is self-distillation plus its monitor's evaluations: "
+                         "time `selfdistill`")
+    methods = [m.name for m in methods]
     if "sft" not in methods:
         methods.insert(0, "sft")  # the reference of the ratios
     runs = {m: [] for m in methods}
@@ -161,12 +143,11 @@ def main(argv=None) -> list[dict]:
             spec = {"method": method, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
                     "seed": args.seed, "threads": args.threads, "smoke": args.smoke}
             result = dispatch(spec, args.inprocess)
-            result["warmup"] = args.warmup
             runs[method].append(result)
             shown = (f"{result['median_step_s']:.2f} s/step, {bench._mb(result['train_mem_mb'])}"
                      if result["status"] == "ok" else result["error"])
             print(f"  {method}{f' (repeat {repeat + 1})' if args.repeats > 1 else ''}: {shown}", flush=True)
-    rows = [merge(runs[m]) for m in methods]
+    rows = [bench.merge_runs(runs[m]) for m in methods]
     print(f"\nbatch {args.batch}, {args.steps} steps (median after {args.warmup}), seed {args.seed}, "
           f"{args.repeats} repeat(s), torch threads {args.threads or 'default'}\n")
     print(cost_table(rows))

@@ -162,3 +162,15 @@ def test_target_verdicts_and_naive_skip_logic():
     assert verdicts["lora: exact-KL peak memory / GKDTrainer"] == "PASS"  # 0.525 ≤ 0.6
     assert verdicts["full: exact-KL peak memory / GKDTrainer"] == "n/a"  # no GKD row
     assert verdicts["lora: teacher-cache multi-epoch wall time / SFT"] == "MISS"  # 1.2 > 1.15
+
+
+def test_a_run_in_its_own_process_returns_its_result_or_its_error():
+    """`dispatch` outside `--inprocess`: the worker's result line comes back; a worker that fails reports why."""
+    bench = load_benchmark()
+    cell = bench.ScalingSpec(method="fused", vocab=512, seq=16, hidden=64, device="cpu", threads=1)
+    alone, here = bench.dispatch(cell, inprocess=False, timeout=300), bench.dispatch(cell, inprocess=True, timeout=None)
+    assert alone["status"] == "ok" and alone["loss"] == pytest.approx(here["loss"], rel=1e-6)
+    bad = bench.VariantSpec(model="nope", device="cpu", mode="lora", variant="sft", batch=1, seq=8, examples=1, steps=1)
+    failed = bench.dispatch(bad, inprocess=False, timeout=300)
+    assert failed["status"] == "failed" and "unknown model 'nope'" in failed["error"]
+    assert "ValueError" in failed["stderr_tail"]

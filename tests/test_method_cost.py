@@ -36,3 +36,9 @@ def test_every_method_is_built_by_the_protocol_and_timed(cost, capsys):
 def test_budget_methods_are_refused_with_what_to_time_instead(cost):
     with pytest.raises(SystemExit, match="time `selfdistill`"):
         cost.main(["--smoke", "--methods", "sft,budget_stop"])
+
+
+def test_a_method_run_in_its_own_process_reports_its_error(cost):
+    spec = {"method": "nope", "steps": 3, "warmup": 1, "batch": 2, "seed": 0, "threads": 1, "smoke": True}
+    failed = cost.dispatch(spec, inprocess=False)
+    assert failed["status"] == "failed" and failed["method"] == "nope" and "Unknown method 'nope'" in failed["error"]

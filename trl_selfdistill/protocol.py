@@ -733,10 +733,10 @@ class PeakMemory:
     sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read. A block starts
     by releasing what earlier blocks freed (`_free_memory`, with glibc's `malloc_trim` on CPU), so a later block's
     growth is not hidden by memory the allocator kept; on CPU the value still includes allocator slack, and
-    `benchmarks/benchmark.py`, one process per variant, is the reference for memory. Use as a context manager or with
-    `start()` / `stop()`."""
+    `benchmarks/benchmark.py`, one process per variant, is the reference for memory. A context manager: `peak_mb`
+    is set when the block ends, however it ends."""
 
-    def start(self) -> "PeakMemory":
+    def __enter__(self) -> "PeakMemory":
         self.peak_mb = None
         _free_memory()
         if torch.cuda.is_available():
@@ -757,19 +757,13 @@ class PeakMemory:
         while not self._stop.wait(0.02):
             self._peak = max(self._peak, self._process.memory_info().rss)
 
-    def stop(self) -> float | None:
+    def __exit__(self, *exc):
         if torch.cuda.is_available():
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
         elif hasattr(self, "_thread"):
             self._stop.set()
             self._thread.join()
             self.peak_mb = (max(self._peak, self._process.memory_info().rss) - self._base) / 2**20
-        return self.peak_mb
-
-    __enter__ = start
-
-    def __exit__(self, *exc):
-        self.stop()
         return False
 
 
