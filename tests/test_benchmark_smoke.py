@@ -4,6 +4,7 @@ assertions."""
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,11 @@ def smoke(suite):
 
 def test_suite_runs_each_entry_with_its_own_tables_and_reports_its_wall_time(suite):
     entries, stdout = suite
-    assert set(entries) == {"suite", "smollm2-steps", "smollm2-3-epochs", "qwen-steps", "scaling"}
+    # on CPU one more entry measures SmolLM2 at 1,024 tokens per micro-batch, where the memory goal vs GKD is set
+    assert set(entries) == {"suite", "smollm2-steps", "smollm2-1024-tokens", "smollm2-3-epochs", "qwen-steps",
+                            "scaling"}
+    assert entries["smollm2-1024-tokens"]["settings"]["batch"] * entries["smollm2-1024-tokens"]["settings"]["seq"] \
+        == 1024
     assert entries["suite"]["smoke"] and set(entries["suite"]["entries"]) == set(entries) - {"suite"}
     assert entries["smollm2-3-epochs"]["steps"] == [] and entries["scaling"]["wall"] == []
     assert entries["qwen-steps"]["scaling"] == [] and entries["qwen-steps"]["settings"]["variants"] == [
@@ -58,6 +63,36 @@ def test_suite_runs_each_entry_with_its_own_tables_and_reports_its_wall_time(sui
     assert entries["smollm2-steps"]["settings"]["repeats"] == 1
     assert entries["suite"]["complete"]  # suite.json is rewritten after each entry; the last write marks it whole
     assert "## Suite wall time" in stdout and "goal on one CUDA GPU" in stdout
+    # every entry's targets, named by entry, in suite.json and in one printed table
+    combined = entries["suite"]["targets"]
+    assert combined == [{"entry": name, **t} for name in entries["suite"]["entries"] for t in entries[name]["targets"]]
+    assert {t["entry"] for t in combined} == set(entries) - {"suite"}
+    assert "## Targets, every entry" in stdout and "| smollm2-1024-tokens | lora: exact-KL peak memory" in stdout
+    gkd_memory = {t["entry"]: t for t in combined if t["target"].startswith("lora: exact-KL peak memory / GKD")}
+    assert gkd_memory["smollm2-steps"]["status"] == "n/a" and "128 here" in gkd_memory["smollm2-steps"]["note"]
+    assert gkd_memory["smollm2-1024-tokens"]["note"] == ""
+
+
+def test_suite_entries_per_device_and_repeats(monkeypatch, tmp_path):
+    """On CUDA the 1,024-token entry is left out (the SmolLM2 table has 4,096 there); `--repeats` reaches the step
+    tables only."""
+    bench = load_benchmark()
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        return {"targets": []}
+
+    monkeypatch.setattr(bench, "main", fake_main)
+    monkeypatch.setattr(bench, "_device", lambda: "cuda")
+    bench.run_suite(str(tmp_path), repeats=3)
+    names = [Path(argv[argv.index("--out") + 1]).stem for argv in calls]
+    assert names == [e.name for e in bench.SUITE if e.name != "smollm2-1024-tokens"]
+    for name, argv in zip(names, calls):
+        has_steps = "--skip-steps" not in argv
+        assert (argv[argv.index("--repeats") + 1] == "3") if has_steps else "--repeats" not in argv, name
+        assert argv[argv.index("--timeout") + 1] == str(bench.SUITE_RUN_TIMEOUT)
+    assert json.loads((tmp_path / "suite.json").read_text())["complete"]
 
 
 def test_smoke_alone_runs_every_table_unless_one_is_named():
@@ -155,12 +190,20 @@ def test_target_verdicts_and_naive_skip_logic():
             key = "wall_s" if r["table"] == "wall" else "median_step_s"
             r["time_ratio"] = r["result"][key] / ref[key]
             r["mem_ratio"] = bench._ratio(r["result"]["train_mem_mb"], ref["train_mem_mb"])
-    verdicts = {t["target"].split(" (")[0]: t["status"] for t in bench.evaluate_targets(steps, wall, [])}
+    def verdicts_at(tokens):
+        return {t["target"].split(" (")[0]: t["status"] for t in bench.evaluate_targets(steps, wall, [], tokens)}
+
+    verdicts = verdicts_at(1024)
+    assert verdicts == verdicts_at(None)  # tokens unknown: every verdict given
+    # below 1,024 tokens per micro-batch the memory goal vs GKD gives no verdict; the others stand
+    assert verdicts_at(512) == {**verdicts, "lora: exact-KL peak memory / GKDTrainer": "n/a"}
     assert verdicts["lora: exact-KL step time / SFT"] == "PASS"  # 1.4 ≤ 1.4
     assert verdicts["full: exact-KL step time / SFT"] == "MISS"  # 1.5 > 1.35
     assert verdicts["lora: exact-KL peak memory / SFT"] == "PASS"  # 1.05 ≤ 1.10
     assert verdicts["lora: exact-KL peak memory / GKDTrainer"] == "PASS"  # 0.525 ≤ 0.6
     assert verdicts["full: exact-KL peak memory / GKDTrainer"] == "n/a"  # no GKD row
+    steps.append(row("full", "gkd", 2.0, 6000))
+    assert verdicts_at(1024)["full: exact-KL peak memory / GKDTrainer"] == "n/a"  # both hold a copy: info only
     assert verdicts["lora: teacher-cache multi-epoch wall time / SFT"] == "MISS"  # 1.2 > 1.15
 
 
@@ -174,3 +217,23 @@ def test_a_run_in_its_own_process_returns_its_result_or_its_error():
     failed = bench.dispatch(bad, inprocess=False, timeout=300)
     assert failed["status"] == "failed" and "unknown model 'nope'" in failed["error"]
     assert "ValueError" in failed["stderr_tail"]
+
+
+def test_repeats_pool_the_steps_and_keep_each_runs_spread():
+    bench = load_benchmark()
+
+    def run(times, mem):
+        return {"status": "ok", "step_times_s": times, "timed_from": 1, "median_step_s": statistics.median(times[1:]),
+                "train_mem_mb": mem, "wall_s": sum(times)}
+
+    merged = bench.merge_runs([run([9.0, 1.0, 2.0, 3.0], 100.0), {"status": "failed"}, run([9.0, 4.0, 5.0, 6.0], 300.0)])
+    assert merged["repeats"] == 2 and merged["steps_timed"] == 6  # the failed run and the warm-up steps are left out
+    assert merged["median_step_s"] == 3.5 and merged["min_step_s"] == 1.0
+    assert merged["step_quartiles_s"] == statistics.quantiles([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], n=4)[::2]
+    assert merged["repeat_median_step_s"] == [2.0, 5.0] and merged["repeat_train_mem_mb"] == [100.0, 300.0]
+    assert merged["train_mem_mb"] == 200.0
+    row = {"mode": "lora", "variant": "sft", "result": merged}
+    table = bench.steps_table([row], "cpu")
+    assert "| 3.500 | 1.750–5.250 |" in table and "per repeat: median 2.000–5.000 s/step" in table
+    single = bench.merge_runs([run([9.0, 1.0, 2.0, 3.0], 100.0)])
+    assert single["repeats"] == 1 and single["median_step_s"] == 2.0 and single["steps_timed"] == 3
