@@ -677,13 +677,19 @@ def _mb(x):
     return f"{x / 1024:.2f} GB" if abs(x) >= 1024 else f"{x:.0f} MB"
 
 
+# What each repeat keeps of its own in a merged result (`merge_runs`): its raw step times and readings
+PER_RUN_KEYS = ("step_times_s", "timed_from", "median_step_s", "train_mem_mb", "load_avg_end")
+
+
 def merge_runs(runs: list[dict]) -> dict:
     """Several repeats of one variant: pool the timed steps (median, mean, min and quartiles of the pool), keep the
-    median of the scalar numbers, and each repeat's median step and training memory (the spread between runs)."""
+    median of the scalar numbers, and under `runs` each repeat's own step times, median step, training memory and
+    load average (the spread between runs)."""
     ok = [r for r in runs if r.get("status") == "ok"]
     if not ok:
         return runs[-1]
-    merged = dict(ok[0])
+    merged = {key: value for key, value in ok[0].items() if key not in PER_RUN_KEYS}
+    merged["runs"] = [{key: r.get(key) for key in PER_RUN_KEYS} for r in ok]
     pooled = [t for r in ok if r.get("step_times_s") for t in r["step_times_s"][r["timed_from"]:]]
     if pooled:
         merged["median_step_s"] = statistics.median(pooled)
@@ -695,8 +701,6 @@ def merge_runs(runs: list[dict]) -> dict:
     for key in ("init_s", "prefill_s", "train_s", "wall_s", "peak_mb", "train_mem_mb", "model_mb", "base_mb"):
         values = [r[key] for r in ok if r.get(key) is not None]
         merged[key] = statistics.median(values) if values else None
-    merged["repeat_median_step_s"] = [r.get("median_step_s") for r in ok]
-    merged["repeat_train_mem_mb"] = [r.get("train_mem_mb") for r in ok]
     merged["repeats"] = len(ok)
     return merged
 
@@ -720,9 +724,11 @@ def _notes(row: dict, ref: dict | None) -> str:
     if hit is not None:
         notes.append(f"cache hits {hit:.0%}")
     if r.get("repeats", 1) > 1:
-        memory = _spread([m / 1024 for m in r["repeat_train_mem_mb"] if m is not None], "{:.2f}", " GB")
+        memory = _spread([run["train_mem_mb"] / 1024 for run in r["runs"] if run["train_mem_mb"] is not None],
+                         "{:.2f}", " GB")
         notes.append(f"{r['repeats']} repeats pooled; per repeat: median "
-                     f"{_spread(r['repeat_median_step_s'], '{:.3f}', ' s/step')}, training memory {memory}")
+                     f"{_spread([run['median_step_s'] for run in r['runs']], '{:.3f}', ' s/step')}, "
+                     f"training memory {memory}")
     return "; ".join(notes)
 
 

@@ -230,7 +230,8 @@ def test_repeats_pool_the_steps_and_keep_each_runs_spread():
     assert merged["repeats"] == 2 and merged["steps_timed"] == 6  # the failed run and the warm-up steps are left out
     assert merged["median_step_s"] == 3.5 and merged["min_step_s"] == 1.0
     assert merged["step_quartiles_s"] == statistics.quantiles([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], n=4)[::2]
-    assert merged["repeat_median_step_s"] == [2.0, 5.0] and merged["repeat_train_mem_mb"] == [100.0, 300.0]
+    assert [(r["median_step_s"], r["train_mem_mb"]) for r in merged["runs"]] == [(2.0, 100.0), (5.0, 300.0)]
+    assert merged["runs"][1]["step_times_s"] == [9.0, 4.0, 5.0, 6.0] and "step_times_s" not in merged  # each its own
     assert merged["train_mem_mb"] == 200.0
     row = {"mode": "lora", "variant": "sft", "result": merged}
     table = bench.steps_table([row], "cpu")

@@ -25,7 +25,7 @@ def test_every_method_is_built_by_the_protocol_and_timed(cost, capsys):
                                            "sdft"]  # SFT first: the reference
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     for r in rows:
-        assert len(r["step_times_s"]) == 3 and r["median_step_s"] > 0 and r["train_mem_mb"] is not None
+        assert len(r["runs"][0]["step_times_s"]) == 3 and r["median_step_s"] > 0 and r["train_mem_mb"] is not None
     params = {r["method"]: r["trainable_parameters"] for r in rows}
     assert params["sft"] == params["gkd"] == params["l2init:0.1"] == params["sdft"]  # full fine-tuning
     assert params["freeze"] < params["sft"] and params["lora_selfdistill"] < params["sft"]  # attention, adapters
