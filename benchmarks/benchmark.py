@@ -695,9 +695,11 @@ def merge_runs(runs: list[dict]) -> dict:
         merged["median_step_s"] = statistics.median(pooled)
         merged["mean_step_s"] = statistics.fmean(pooled)
         merged["min_step_s"] = min(pooled)
-        quartiles = statistics.quantiles(pooled, n=4) if len(pooled) > 1 else [pooled[0]] * 3
+        quartiles = statistics.quantiles(pooled, n=4, method="inclusive") if len(pooled) > 1 else [pooled[0]] * 3
         merged["step_quartiles_s"] = [quartiles[0], quartiles[2]]
         merged["steps_timed"] = len(pooled)
+    else:
+        merged["median_step_s"] = None
     for key in ("init_s", "prefill_s", "train_s", "wall_s", "peak_mb", "train_mem_mb", "model_mb", "base_mb"):
         values = [r[key] for r in ok if r.get(key) is not None]
         merged[key] = statistics.median(values) if values else None
@@ -706,12 +708,12 @@ def merge_runs(runs: list[dict]) -> dict:
 
 
 def _spread(values: list, spec: str, unit: str = "") -> str:
-    """`a–b` over the values that exist (one value: itself)."""
+    """`a–b` over the values that exist, as `spec` prints them (one value, or all printing alike: that one)."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    low, high = min(values), max(values)
-    return f"{spec.format(low)}{unit}" if low == high else f"{spec.format(low)}–{spec.format(high)}{unit}"
+    low, high = spec.format(min(values)), spec.format(max(values))
+    return f"{low}{unit}" if low == high else f"{low}–{high}{unit}"
 
 
 def _notes(row: dict, ref: dict | None) -> str:
