@@ -2,7 +2,8 @@
 
 argv[1] is a JSON spec: `out`, `mode` (lora | qlora | adapter_copy | full | path), `base` (a saved tiny model: the
 QLoRA base and the `path` teacher), `steps`, `batch` (per device), and optionally `accumulation`, `save_steps`,
-`resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`, `bf16`. Each rank writes
+`resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`, `bf16`, `optim`,
+`max_grad_norm`, `average_tokens_across_devices`, and `trainer: "sft"` (TRL's SFTTrainer on the same model and data). Each rank writes
 `rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the teacher's logits on a probe batch
 before and after training, and the parameter bytes it holds.
 
@@ -36,8 +37,9 @@ if engine_launch:
 from conftest import config, make_tokenizer, prompt_completion_dataset, tiny_model  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from trl_selfdistill import SelfDistillSFTTrainer  # noqa: E402
+from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer  # noqa: E402
 from trl_selfdistill.distributed import gathered_heads, gathered_parameters, local_bytes, unwrap  # noqa: E402
 from trl_selfdistill.teacher import causal_lm  # noqa: E402
 
@@ -66,26 +68,34 @@ if spec.get("cache"):
     extra["teacher_cache_dir"] = spec["cache"]
 if spec.get("bf16"):
     extra["bf16"] = True
+for key in ("optim", "max_grad_norm", "average_tokens_across_devices"):
+    if key in spec:
+        extra[key] = spec[key]
+sft = spec.get("trainer") == "sft"
 args = config(
-    out, use_cpu=not engine_launch, max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
+    out, SFTConfig if sft else SelfDistillConfig, use_cpu=not engine_launch, max_steps=spec["steps"],
+    per_device_train_batch_size=spec["batch"],
     gradient_accumulation_steps=spec.get("accumulation", 1),
     learning_rate=1e-2 if mode in ("full", "path") else 5e-2,
     ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None, **extra,
 )
 tokenizer = make_tokenizer()
-trainer = SelfDistillSFTTrainer(
+trainer = (SFTTrainer if sft else SelfDistillSFTTrainer)(
     model=model, args=args, train_dataset=prompt_completion_dataset(), processing_class=tokenizer, **kwargs
 )
 probe = tokenizer(["Q: What is the capital of France?\nA: Paris", "Q: Who wrote Hamlet?\nA: William"],
                   return_tensors="pt", padding=True)
 
 
+teacher = getattr(trainer, "teacher", None)  # SFTTrainer has none
+
+
 def teacher_logits() -> torch.Tensor | None:
-    if trainer.teacher is None:
+    if teacher is None:
         return None
-    hidden = trainer.teacher.last_hidden_state(dict(probe))
+    hidden = teacher.last_hidden_state(dict(probe))
     student = causal_lm(unwrap(trainer.model_wrapped))
-    with gathered_heads(student, trainer.teacher) as (_student_head, head):
+    with gathered_heads(student, teacher) as (_student_head, head):
         return (hidden @ head.weight.T).detach().clone()
 
 
@@ -99,7 +109,7 @@ with gathered_parameters([p for p in student.parameters() if p.requires_grad]) a
 if spec.get("save_model"):
     trainer.save_model(spec["save_model"])
 accelerator = trainer.accelerator
-teacher_model = trainer.teacher.model if trainer.teacher else torch.nn.Linear(1, 1)
+teacher_model = teacher.model if teacher else torch.nn.Linear(1, 1)
 torch.save(
     {
         "out": str(out),
@@ -114,7 +124,7 @@ torch.save(
         "logs": trainer.state.log_history,
         "teacher_before": before,
         "teacher_after": after,
-        "teacher_kind": trainer.teacher.kind if trainer.teacher else None,
+        "teacher_kind": teacher.kind if teacher else None,
         "teacher_bytes": local_bytes(teacher_model),
         "teacher_full_bytes": sum(
             p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()

@@ -174,6 +174,30 @@ def test_bf16_mixed_precision_under_ddp(launch):
     assert tokens == [log["num_tokens"] for log in reference["logs"] if "num_tokens" in log]
 
 
+def test_first_step_is_sft_trainers_with_and_without_token_averaging(launch):
+    """DDP, LoRA, one SGD step without clipping (so the gradient's scale reaches the weights): the KL is 0 (the
+    teacher is the initial student), so the step must move the weights exactly as SFTTrainer's does with the same
+    `average_tokens_across_devices`, which sets how the CE is normalised across ranks."""
+    one_step = dict(steps=1, optim="sgd", max_grad_norm=0.0)
+    states = {}
+    for average in (True, False):
+        for trainer in ("selfdistill", "sft"):
+            ranks = launch("ddp", "lora", trainer=trainer, average_tokens_across_devices=average, **one_step)
+            assert_engine(ranks[0], "ddp")
+            assert_ranks_identical(ranks)
+            if trainer == "selfdistill":
+                assert kl_curve(ranks[0]).tolist() == [0.0]
+            states[trainer, average] = ranks[0]["state"]
+    for average in (True, False):
+        sft = states["sft", average]
+        assert states["selfdistill", average].keys() == sft.keys() and sft
+        for name, value in states["selfdistill", average].items():
+            torch.testing.assert_close(value, sft[name], rtol=1e-5, atol=1e-8, msg=f"{name}, averaged: {average}")
+    # the ranks hold different token counts here, so the setting matters: the comparison above could fail
+    gap = max((states["sft", True][n] - states["sft", False][n]).abs().max().item() for n in states["sft", True])
+    assert gap > 1e-5
+
+
 @pytest.mark.parametrize("engine, mode", list(RESUME), ids=["fsdp2-lora-sharded", "zero3-full"])
 def test_resume_reproduces_the_uninterrupted_run(launch, workdir, engine, mode):
     if engine.startswith("zero"):
