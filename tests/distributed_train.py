@@ -3,9 +3,10 @@
 argv[1] is a JSON spec: `out`, `mode` (lora | qlora | adapter_copy | full | path), `base` (a saved tiny model: the
 QLoRA base and the `path` teacher), `steps`, `batch` (per device), and optionally `accumulation`, `save_steps`,
 `resume` (a checkpoint), `cache` (a teacher cache folder), `save_model` (a folder), `distill_coef`, `bf16`, `optim`,
-`max_grad_norm`, `average_tokens_across_devices`, and `trainer: "sft"` (TRL's SFTTrainer on the same model and data). Each rank writes
-`rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the teacher's logits on a probe batch
-before and after training, and the parameter bytes it holds.
+`max_grad_norm`, `average_tokens_across_devices`, and `trainer: "sft"` (TRL's SFTTrainer on the same model and
+data). Each rank writes `rank{r}.pt`: the engine it ran under, its full trainable weights, the logs, the teacher's
+logits on a probe batch before and after training (and whether its gathered head was the student's), and the
+parameter bytes it holds.
 
 accelerate 1.15 runs FSDP and DeepSpeed only on accelerator devices: on a CPU-only machine it silently falls back to
 DDP (FSDP) or to one process per rank (DeepSpeed). `cpu_engines()` is the explicit switch for CPU tests: the process
@@ -88,6 +89,7 @@ probe = tokenizer(["Q: What is the capital of France?\nA: Paris", "Q: Who wrote 
 
 
 teacher = getattr(trainer, "teacher", None)  # SFTTrainer has none
+heads_shared = []  # per gathering of the heads: does the teacher's share the student's gathered weight?
 
 
 def teacher_logits() -> torch.Tensor | None:
@@ -95,7 +97,8 @@ def teacher_logits() -> torch.Tensor | None:
         return None
     hidden = teacher.last_hidden_state(dict(probe))
     student = causal_lm(unwrap(trainer.model_wrapped))
-    with gathered_heads(student, teacher) as (_student_head, head):
+    with gathered_heads(student, teacher) as (student_head, head):
+        heads_shared.append(head.weight.data_ptr() == student_head.weight.data_ptr())
         return (hidden @ head.weight.T).detach().clone()
 
 
@@ -125,6 +128,7 @@ torch.save(
         "teacher_before": before,
         "teacher_after": after,
         "teacher_kind": teacher.kind if teacher else None,
+        "heads_shared": heads_shared,
         "teacher_bytes": local_bytes(teacher_model),
         "teacher_full_bytes": sum(
             p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()

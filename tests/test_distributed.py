@@ -140,6 +140,9 @@ def test_two_processes_match_one(launch, workdir, engine, mode):
     kl, kl_reference = kl_curve(rank), kl_curve(reference)
     assert kl[0] == 0.0 and kl[-1] > 0  # the teacher is the initial student, and the student moved away from it
     assert torch.equal(rank["teacher_before"], rank["teacher_after"])  # the teacher never trained
+    # An adapter teacher's head is the student's: gathered once (FSDP2: one all-gather, one full copy), not twice
+    shared = rank["teacher_kind"] in ("adapter_disabled", "adapter_copy")
+    assert rank["heads_shared"] == [shared, shared], rank["teacher_kind"]
     torch.testing.assert_close(rank["teacher_before"], reference["teacher_before"], rtol=1e-5, atol=1e-5)
     if mode == "qlora":
         torch.testing.assert_close(kl, kl_reference, rtol=QLORA_KL_RTOL, atol=0)

@@ -164,9 +164,25 @@ def gathered_heads(student: nn.Module, teacher):
             unique = list({id(p): p for p in partitioned}.values())
             stack.enter_context(deepspeed.zero.GatheredParameters(unique, modifier_rank=None))
         student_head = replace(heads[0], weight=_full(heads[0].weight), bias=_full(heads[0].bias))
+        # An adapter teacher's head is the student's own: its tensors are reused, not gathered a second time
+        gathered = {id(heads[0].weight): student_head.weight, id(heads[0].bias): student_head.bias}
         with torch.no_grad():
-            teacher_head = replace(heads[1], weight=_full(heads[1].weight), bias=_full(heads[1].bias))
+            teacher_head = replace(heads[1], weight=_full_for_teacher(heads[1].weight, gathered),
+                                   bias=_full_for_teacher(heads[1].bias, gathered))
         yield student_head, teacher_head
+
+
+def _full_for_teacher(param: torch.Tensor | None, gathered: dict) -> torch.Tensor | None:
+    """`_full(param)`, or the student's gathered tensor when `param` is also the student's (without its gradient)."""
+    if param is None or id(param) not in gathered:
+        return _full(param)
+    full = gathered[id(param)]
+    if not full.requires_grad:
+        return full
+    teacher = full.detach()
+    if hasattr(full, "ds_status"):
+        teacher.ds_status = full.ds_status
+    return teacher
 
 
 @contextmanager
