@@ -751,7 +751,8 @@ def steps_table(rows: list[dict], device: str) -> str:
         ref = _find(rows, row["mode"], "sft")
         lines.append(
             f"| {row['mode']} | {LABELS[row['variant']]} | {_fmt(r['median_step_s'], '{:.3f}')} | "
-            f"{_spread(r.get('step_quartiles_s', []), '{:.3f}')} | {_fmt(row.get('time_ratio'), '{:.2f}×')} | {_mb(r['train_mem_mb'])} | "
+            f"{_spread(r.get('step_quartiles_s', []), '{:.3f}')} | {_fmt(row.get('time_ratio'), '{:.2f}×')} | "
+            f"{_mb(r['train_mem_mb'])} | "
             f"{_fmt(row.get('mem_ratio'), '{:.2f}×')} | {_mb(r['peak_mb'])} | {r['steps_timed']} | "
             f"{_fmt(r['init_s'], '{:.1f}')} | {_notes(row, ref)} |"
         )
@@ -1036,7 +1037,7 @@ def run_scaling_table(vocabs, seqs, hidden: int, device: str, dtype: str, thread
     """
     cells = []
     inprocess = inprocess or device == "cuda"
-    if inprocess and device == "cuda":
+    if device == "cuda":
         # The process's first products set up cuBLAS workspaces and kernels that stay allocated: a small cell of each
         # method first, so that no measured cell is charged for them
         for method in ("naive", "fused"):

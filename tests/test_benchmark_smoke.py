@@ -149,7 +149,8 @@ def test_wall_time_table(smoke):
                                            ("sft,selfdistill", ["sft", "selfdistill"])])
 def test_wall_table_runs_the_named_variants(variants, want):
     bench = load_benchmark()
-    argv = ["--smoke", "--epochs", "1", "--skip-steps", "--mode", "lora"] + (["--variants", variants] if variants else [])
+    argv = ["--smoke", "--epochs", "1", "--skip-steps", "--mode", "lora"]
+    argv += ["--variants", variants] if variants else []
     results = bench.main(argv)
     assert [r["variant"] for r in results["wall"]] == want
     assert all(r["result"]["status"] == "ok" for r in results["wall"])
@@ -214,9 +215,11 @@ def test_a_run_in_its_own_process_returns_its_result_or_its_error():
     """`dispatch` outside `--inprocess`: the worker's result line comes back; a worker that fails reports why."""
     bench = load_benchmark()
     cell = bench.ScalingSpec(method="fused", vocab=512, seq=16, hidden=64, device="cpu", threads=1)
-    alone, here = bench.dispatch(cell, inprocess=False, timeout=300), bench.dispatch(cell, inprocess=True, timeout=None)
+    alone = bench.dispatch(cell, inprocess=False, timeout=300)
+    here = bench.dispatch(cell, inprocess=True, timeout=None)
     assert alone["status"] == "ok" and alone["loss"] == pytest.approx(here["loss"], rel=1e-6)
-    bad = bench.VariantSpec(model="nope", device="cpu", mode="lora", variant="sft", batch=1, seq=8, examples=1, steps=1)
+    bad = bench.VariantSpec(model="nope", device="cpu", mode="lora", variant="sft", batch=1, seq=8, examples=1,
+                            steps=1)
     failed = bench.dispatch(bad, inprocess=False, timeout=300)
     assert failed["status"] == "failed" and "unknown model 'nope'" in failed["error"]
     assert "ValueError" in failed["stderr_tail"]
@@ -229,7 +232,8 @@ def test_repeats_pool_the_steps_and_keep_each_runs_spread():
         return {"status": "ok", "step_times_s": times, "timed_from": 1, "median_step_s": statistics.median(times[1:]),
                 "steps_timed": len(times) - 1, "train_mem_mb": mem, "wall_s": sum(times)}
 
-    merged = bench.merge_runs([run([9.0, 1.0, 2.0, 3.0], 100.0), {"status": "failed"}, run([9.0, 4.0, 5.0, 6.0], 300.0)])
+    merged = bench.merge_runs([run([9.0, 1.0, 2.0, 3.0], 100.0), {"status": "failed"},
+                               run([9.0, 4.0, 5.0, 6.0], 300.0)])
     assert merged["repeats"] == 2 and merged["steps_timed"] == 6  # the failed run and the warm-up steps are left out
     assert merged["median_step_s"] == 3.5 and merged["min_step_s"] == 1.0
     assert merged["step_quartiles_s"] == [2.25, 4.75]  # inclusive quartiles: within the pooled steps

@@ -28,9 +28,10 @@ def build(tmp_path, peft: bool, **overrides):
 
 
 def output_dtypes(trainer, module_suffix="layers.0.mlp.down_proj"):
-    """Records (is the call the teacher's?, output dtype) of one linear layer, for the teacher and the student."""
+    """The output dtype of every call of one linear layer, in the teacher and in the student (one module when the
+    teacher is the student's adapter-disabled base: hooked once)."""
     seen = []
-    for model, role in ((trainer.teacher.model, "teacher"), (trainer.model, "student")):
+    for model in (trainer.teacher.model, trainer.model):
         layer = next(m for n, m in model.named_modules() if n.endswith(module_suffix))
         if not getattr(layer, "_recorded", False):
             layer._recorded = True

@@ -316,9 +316,10 @@ class SelfDistillSFTTrainer(SFTTrainer):
             if not self.accelerator.reduce(torch.tensor(int(missing), device=self.accelerator.device), "sum"):
                 continue  # a resumed run, or another run's complete cache
             hidden = self._teacher_hidden({k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
-            self._stop_if_nonfinite(hidden, "teacher output in the cache pre-pass", "Check the teacher's weights.")
+            self._stop_if_nonfinite((hidden, "teacher output in the cache pre-pass", "Check the teacher's weights."))
             hidden = (hidden[:, :-1] if shifted else hidden)[positions]
-            with gathered_heads(causal_lm(unwrap(self.model)), self.teacher) as (_, teacher_head), self._head_autocast():
+            student = causal_lm(unwrap(self.model))
+            with gathered_heads(student, self.teacher) as (_, teacher_head), self._head_autocast():
                 ids, logps = teacher_topk(hidden, teacher_head, args.teacher_cache_topk, args.distill_temperature)
             counts = positions.sum(1).tolist()
             for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
@@ -348,23 +349,24 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 return str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
         return str(self.teacher.head.weight.dtype).removeprefix("torch.")
 
-    def _stop_if_nonfinite(self, value: torch.Tensor, term: str, fix: str, *more) -> None:
-        """Raise before the optimizer step when `value` holds a NaN or an infinity (nothing saved is overwritten).
-        `more`: further (value, term, fix) triples, checked with the same host read (one GPU sync for all)."""
-        checks = [(value, term, fix), *zip(more[::3], more[1::3], more[2::3])]
-        finite = torch.stack([torch.isfinite(v.detach()).all().to(value.device) for v, _, _ in checks]).tolist()
+    def _stop_if_nonfinite(self, *checks: tuple[torch.Tensor, str, str]) -> None:
+        """Raise before the optimizer step when a checked value holds a NaN or an infinity (nothing saved is
+        overwritten). Each check is (value, what it is, the fix to name); all are read in one host transfer (one GPU
+        sync for all)."""
+        device = checks[0][0].device
+        finite = torch.stack([torch.isfinite(v.detach()).all().to(device) for v, _, _ in checks]).tolist()
         for ok, (_, term, fix) in zip(finite, checks):
             if not ok:
                 step, epoch = self.state.global_step, self.state.epoch or 0.0
                 raise NonFiniteError(
-                    f"Non-finite {term} at optimizer step {step + 1} (epoch {epoch:.2f}): training stopped before this "
-                    f"step's update, so the weights in memory and every checkpoint saved so far are intact. {fix}"
+                    f"Non-finite {term} at optimizer step {step + 1} (epoch {epoch:.2f}): training stopped before "
+                    f"this step's update, so the weights in memory and every checkpoint saved so far are intact. {fix}"
                 )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self._stop_if_nonfinite(result[0] if return_outputs else result, "SFT loss (CE)", _CE_FIX)
+            self._stop_if_nonfinite((result[0] if return_outputs else result, "SFT loss (CE)", _CE_FIX))
             return result
         mode = "train" if self.model.training else "eval"
         args = self.args
@@ -379,11 +381,11 @@ class SelfDistillSFTTrainer(SFTTrainer):
         checks = []  # (value, term, fix) read together before the step ends, in one host transfer
         if cached is None:
             teacher_hidden = self._teacher_hidden(model_inputs)
-            checks += [
+            checks.append((
                 teacher_hidden, "teacher output (last hidden states)",
                 "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use bf16 or "
                 "fp32 for the teacher), or the inputs of this batch.",
-            ]
+            ))
 
         # The student's forward runs through the wrapped model (DDP/FSDP/DeepSpeed hooks); its LM head projects one
         # position per row only, and the losses project the selected hidden states once, below
@@ -427,15 +429,15 @@ class SelfDistillSFTTrainer(SFTTrainer):
         ce_sum, kl_sum = fused.ce.sum(), torch.where(covered, fused.divergence, 0.0).sum()
         self._stop_if_nonfinite(
             *checks,
-            ce_sum, "SFT loss (CE)", _CE_FIX,
-            kl_sum, "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
-            "Rebuild the teacher cache (delete `teacher_cache_dir`)" if cached else
-            "Lower the learning rate or `distill_temperature`-sharpened logits overflow: try τ ≥ 0.5, bf16/fp32, or "
-            "`max_grad_norm`.",
+            (ce_sum, "SFT loss (CE)", _CE_FIX),
+            (kl_sum, "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
+             "Rebuild the teacher cache (delete `teacher_cache_dir`)" if cached else
+             "Lower the learning rate or `distill_temperature`-sharpened logits overflow: try τ ≥ 0.5, bf16/fp32, or "
+             "`max_grad_norm`."),
         )
         if fused.topk_ids is not None:
             self._store_or_compare_cache(keys, positions, covered, fused, mode)
-        self._log_step_metrics(mode, inputs, fused, valid, covered, outputs, cached, use_cache)
+        self._log_step_metrics(mode, inputs, fused, valid, covered, ce_sum, kl_sum, outputs, cached, use_cache)
         if return_outputs:
             with torch.no_grad():  # as SFTTrainer: the logits for `compute_metrics`, from an extra forward
                 outputs = model(**model_inputs)
@@ -486,15 +488,15 @@ class SelfDistillSFTTrainer(SFTTrainer):
         count = gather(covered.sum()).sum().clamp(min=1)
         self._metrics[mode]["kl_topk"].append((gather(fused.topk_divergence[covered].sum()).sum() / count).item())
 
-    def _log_step_metrics(self, mode, inputs, fused, valid, covered, outputs, cached, use_cache) -> None:
+    def _log_step_metrics(self, mode, inputs, fused, valid, covered, ce_sum, kl_sum, outputs, cached, use_cache):
         """SFTTrainer's metrics (entropy, mean_token_accuracy, num_tokens, aux_loss) and the distillation ones, summed
         over processes in one gather and read in one host transfer (on a GPU, one sync instead of one per metric)."""
         parts = {
             "valid": valid.sum(),
             "entropy": torch.where(valid, fused.entropy, 0.0).sum(),
             "top1": (fused.is_top1 & valid).sum(),
-            "ce": fused.ce.sum(),
-            "kl": torch.where(covered, fused.divergence, 0.0).sum(),
+            "ce": ce_sum,
+            "kl": kl_sum,
             "covered": covered.sum(),
         }
         if mode == "train":
