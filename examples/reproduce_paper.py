@@ -176,7 +176,7 @@ def fake_categories(facts: Dataset) -> Dataset:
 def keep_known_relations(facts: Dataset, known_categories: list[str], min_share: float, log) -> Dataset:
     """The facts of the relations where at least `min_share` of the facts are Known."""
     totals, known = Counter(facts["relation"]), Counter()
-    for relation, category in zip(facts["relation"], facts["category"]):
+    for relation, category in zip(facts["relation"], facts["category"], strict=True):
         known[relation] += category in known_categories
     kept = sorted(r for r in totals if known[r] / totals[r] >= min_share)
     log("| relation | facts | Known | share | kept |\n|---|---:|---:|---:|---|")

@@ -77,14 +77,16 @@ def main():
             slim = {key: row[key] for key in ("question", "answers", "relation", "category")}
             f.write(json.dumps({**slim, "p_greedy": round(row["p_greedy"], 4)}, ensure_ascii=False,
                                separators=(",", ":")) + "\n")
-    counts = Counter(zip(probed["relation"], probed["category"]))
+    counts = Counter(zip(probed["relation"], probed["category"], strict=True))
     print(f"probed {len(probed)} facts x {args.num_prompts} prompts in {seconds:.0f} s "
           f"({len(probed) * args.num_prompts / seconds:.2f} prompts/s)")
     for relation in relations:
         n = sum(v for (r, _), v in counts.items() if r == relation)
         hk = counts[(relation, "HighlyKnown")]
-        print(f"{relation}: {hk}/{n} HighlyKnown ({hk / max(n, 1):.0%}), MaybeKnown {counts[(relation, 'MaybeKnown')]}, "
-              f"Unknown {counts[(relation, 'Unknown')]}")
+        print(
+            f"{relation}: {hk}/{n} HighlyKnown ({hk / max(n, 1):.0%}), MaybeKnown {counts[(relation, 'MaybeKnown')]}, "
+            f"Unknown {counts[(relation, 'Unknown')]}"
+        )
 
 
 if __name__ == "__main__":

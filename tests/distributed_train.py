@@ -108,7 +108,7 @@ after = teacher_logits()
 student = unwrap(trainer.model_wrapped)
 names = [n for n, p in student.named_parameters() if p.requires_grad]
 with gathered_parameters([p for p in student.parameters() if p.requires_grad]) as full:
-    state = dict(zip(names, full))
+    state = dict(zip(names, full, strict=True))
 if spec.get("save_model"):
     trainer.save_model(spec["save_model"])
 accelerator = trainer.accelerator

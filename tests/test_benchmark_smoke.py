@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 
 
@@ -91,7 +90,7 @@ def test_suite_entries_per_device_and_repeats(monkeypatch, tmp_path):
     bench.run_suite(str(tmp_path), repeats=3)
     names = [Path(argv[argv.index("--out") + 1]).stem for argv in calls]
     assert names == [e.name for e in bench.SUITE if e.name != "smollm2-1024-tokens"]
-    for name, argv in zip(names, calls):
+    for name, argv in zip(names, calls, strict=True):
         has_steps = "--skip-steps" not in argv
         assert (argv[argv.index("--repeats") + 1] == "3") if has_steps else "--repeats" not in argv, name
         assert argv[argv.index("--timeout") + 1] == str(bench.SUITE_RUN_TIMEOUT)

@@ -16,7 +16,7 @@ class ScriptedForgetting(ForgettingCallback):
 
     def __init__(self, heldout, drift=None, eval_steps=1):
         super().__init__(make_splits(), eval_steps=eval_steps, drift_size=1)
-        self.script = list(zip(heldout, drift or [None] * len(heldout)))
+        self.script = list(zip(heldout, drift or [None] * len(heldout), strict=True))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.history = []

@@ -23,8 +23,18 @@ def test_paper_defaults():
 
 def test_every_new_field_has_help():
     assert NEW_FIELDS == {
-        "distill_coef", "distill_temperature", "divergence", "jsd_beta", "distill_scope", "teacher_mode",
-        "teacher_model_name_or_path", "teacher_cache_dir", "teacher_cache_topk", "teacher_cache_prefill", "teacher_cache_prefill_batch_size", "loss_chunk_rows",
+        "distill_coef",
+        "distill_temperature",
+        "divergence",
+        "jsd_beta",
+        "distill_scope",
+        "teacher_mode",
+        "teacher_model_name_or_path",
+        "teacher_cache_dir",
+        "teacher_cache_topk",
+        "teacher_cache_prefill",
+        "teacher_cache_prefill_batch_size",
+        "loss_chunk_rows",
         "cast_lm_head_to_fp32",
     }
     for f in dataclasses.fields(SelfDistillConfig):
@@ -60,7 +70,9 @@ def test_divergence_maps_to_trl_beta():
 
 def test_parser_reads_cli_and_yaml(tmp_path):
     yaml = tmp_path / "cfg.yaml"
-    yaml.write_text("output_dir: out\ndistill_coef: 2.0\ndivergence: jsd\njsd_beta: 0.25\nuse_cpu: true\nbf16: false\n")
+    yaml.write_text(
+        "output_dir: out\ndistill_coef: 2.0\ndivergence: jsd\njsd_beta: 0.25\nuse_cpu: true\nbf16: false\n"
+    )
     (args,) = TrlParser((SelfDistillConfig,)).parse_args_and_config(
         ["--config", str(yaml), "--distill_temperature", "0.7", "--report_to", "none"]
     )
@@ -72,9 +84,9 @@ def test_parser_reads_cli_and_yaml(tmp_path):
 def test_installed_trl_is_in_the_range_the_package_claims():
     """pyproject's `trl` range is the tested one: the suite fails if it runs on a TRL outside it."""
     import importlib.metadata
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from packaging.requirements import Requirement
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]

@@ -70,7 +70,7 @@ def test_mixed_new_facts_are_half_real_unknown_half_fictional(tmp_path):
     protocol = Protocol(model="unused", facts=facts, args=base_config(args, _sizes()), new_facts="mixed")
     mixed = protocol._new_facts(100, seed=0)
     real = [r for r in mixed["relation"] if not r.startswith("synthetic-")]
-    unknown_ids = {i for i, c in zip(facts["id"], facts["category"]) if c == "Unknown"}
+    unknown_ids = {i for i, c in zip(facts["id"], facts["category"], strict=True) if c == "Unknown"}
     assert set(mixed.filter(lambda r: not r.startswith("synthetic-"), input_columns="relation")["id"]) <= unknown_ids
     assert len(real) == 58 and len(mixed) == 116  # half each, with spares for Unknown facts about held-out entities
     assert {r for r in mixed["relation"] if r.startswith("synthetic-")} == {"synthetic-capital", "synthetic-author"}
@@ -98,9 +98,16 @@ def test_budget_methods_adapt_or_stop_as_their_mode_says(tmp_path, monkeypatch):
                         lambda self, state, model: (state.global_step, 1.0))  # a random model knows no facts
     args = base_config(make_parser().parse_args(["--output_dir", str(tmp_path), "--batch_size", "8"]),
                        SIZES["smoke"])
-    protocol = Protocol(model=tiny_checkpoint(), facts=builtin_facts("curated-smollm2"), args=replace(args, max_steps=4),
-                        train_size=16, heldout_size=8, eval_steps=2, budget_defaults={"max_coef": 2.0},
-                        budget_monitor_size=20)
+    protocol = Protocol(
+        model=tiny_checkpoint(),
+        facts=builtin_facts("curated-smollm2"),
+        args=replace(args, max_steps=4),
+        train_size=16,
+        heldout_size=8,
+        eval_steps=2,
+        budget_defaults={"max_coef": 2.0},
+        budget_monitor_size=20,
+    )
     runs = protocol.run_seed(0, parse_methods("budget:0.2,budget_stop,stop_at_budget"), tmp_path)["runs"]
     adapt, adapt_or_stop, stop = runs["budget:0.2"], runs["budget_stop"], runs["stop_at_budget"]
     assert [r["budget"]["mode"] for r in runs.values()] == ["adapt", "adapt_or_stop", "stop"]

@@ -63,7 +63,7 @@ def test_values_and_gradients_match_reference(beta, tau, n, h, v, rows):
     torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.ce.double(), ce.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.divergence.double(), div.detach(), rtol=1e-4, atol=1e-6)
-    for mine, ref in zip(got_grads, grads(hs, s_head.weight)):
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight), strict=True):
         torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
 
 
@@ -77,7 +77,7 @@ def test_bias_scale_softcap_and_dft_reach_both_terms(dft, beta, softcap):
     want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, 0.5, dft=dft)
     want.backward()
     torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias)):
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias), strict=True):
         torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
 
 
@@ -95,7 +95,8 @@ def test_bf16_hidden_states_and_head_match_the_reference_of_their_values(beta):
     want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, beta, 0.5)
     want.backward()
     torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-2, atol=1e-3)
-    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias)):  # the logits' gradient goes through bf16
+    # the logits' gradient goes through bf16
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias), strict=True):
         assert (mine.double() - ref).norm() < 2e-2 * ref.norm()
 
 
@@ -129,7 +130,7 @@ def test_cached_topk_teacher_matches_the_binned_reference(beta):
     torch.testing.assert_close(got.divergence.double(), ref_div.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(exact.topk_divergence, got.divergence, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-    for mine, ref in zip(got_grads, grads(hs, s_head.weight)):
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight), strict=True):
         torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
     assert (got.divergence <= exact.divergence + 1e-6).all()  # merging bins never increases a divergence
 
@@ -192,7 +193,9 @@ def test_autocast_projects_in_its_dtype_and_matches_the_reference_of_those_value
     err_bf16, err_fp32 = (got.loss.double() - want).abs(), (got.loss.double() - full).abs()
     assert err_bf16 < 1e-4 * want.abs() and err_bf16 < 0.1 * err_fp32  # the bf16 values, not the fp32 ones
     want.backward()
-    for mine, ref in zip(got_grads, (t.grad for t in leaves)):  # the logits' gradient goes through bf16 products
+    for mine, ref in zip(
+        got_grads, (t.grad for t in leaves), strict=True
+    ):  # the logits' gradient goes through bf16 products
         assert (mine.double() - ref).norm() < 2e-2 * ref.norm()
 
 
@@ -207,7 +210,7 @@ def test_fp16_autocast_keeps_small_gradients():
     got_grads = grads(hs, s_head.weight)
     want, _, _ = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, 0.0, 0.5)
     want.backward()
-    for mine, ref in zip(got_grads, grads(hs, s_head.weight)):
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight), strict=True):
         assert (mine.double() - ref).norm() < 2e-2 * ref.norm()
 
 
@@ -232,8 +235,17 @@ def test_fp16_head_weights_keep_small_gradients_without_an_fp32_copy():
     got.loss.backward()
     assert made and ((300, 16), torch.float32) not in made  # no fp32 copy of the [V, H] head
     r_hs = hs.detach().half().double().requires_grad_()
-    want, _, _ = reference_loss(r_hs, ht.half().double(), LMHead(half.weight.double()), LMHead(t_half.weight.double()),
-                                targets, ce_w, div_w, 0.0, 0.5)
+    want, _, _ = reference_loss(
+        r_hs,
+        ht.half().double(),
+        LMHead(half.weight.double()),
+        LMHead(t_half.weight.double()),
+        targets,
+        ce_w,
+        div_w,
+        0.0,
+        0.5,
+    )
     want.backward()
     assert hs.grad.abs().max() > 0
     assert (hs.grad.double() - r_hs.grad).norm() < 2e-2 * r_hs.grad.norm()
@@ -246,8 +258,9 @@ def test_cache_top_k_under_autocast_is_what_the_loss_computes(bias):
     _, ht, _, t_head, targets, ce_w, div_w = make_case(12, 16, 300, seed=2, bias=bias)
     student = TeacherTarget(ht, t_head)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = fused_token_losses(ht.clone().requires_grad_(), t_head, targets, student, ce_w, div_w, 0.0, 0.5,
-                                   topk=5, rows=4)
+        fused = fused_token_losses(
+            ht.clone().requires_grad_(), t_head, targets, student, ce_w, div_w, 0.0, 0.5, topk=5, rows=4
+        )
         ids, logps = teacher_topk(ht, t_head, 5, 0.5)
     assert torch.equal(ids, fused.topk_ids)
     torch.testing.assert_close(logps, fused.topk_logps, rtol=0, atol=1e-6)
@@ -278,16 +291,19 @@ def test_live_buffers_of_every_path_fit_the_budget_and_the_worst_path_sets_it():
     none exceeds `FUSED_BUFFERS` (beyond 1 %: the `[rows]` and `[rows, k]` vectors), so the chunk budget holds, and
     the worst path uses it (the count is not slack)."""
     counter = _live_buffer_counter()
-    counts = {name: counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, **path)
-              for name, path in counter.PATHS.items()}
+    counts = {
+        name: counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, **path) for name, path in counter.PATHS.items()
+    }
     counts["JSD, trained head"] = counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, beta=0.5, train_head=True)
     assert max(counts.values()) <= 1.01 * FUSED_BUFFERS, counts
     assert max(counts.values()) > FUSED_BUFFERS - 1, counts
     assert counts["closed-form forward KL"] <= 1.01 * 4, counts
     # Under bf16 autocast the bf16 products add half-size temporaries (and on CPU their fp32 accumulation): within
     # the budget on every path
-    mixed = {name: counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, autocast=True, **path)
-             for name, path in counter.PATHS.items()}
+    mixed = {
+        name: counter.live_buffers(n=20, vocab=4096, hidden=16, rows=8, autocast=True, **path)
+        for name, path in counter.PATHS.items()
+    }
     assert max(mixed.values()) <= 1.01 * FUSED_BUFFERS, mixed
 
 
@@ -302,15 +318,16 @@ def test_vocabulary_mismatch_is_refused():
 def test_closed_form_forward_kl_path_with_bias_scale_and_dft(dft, tau):
     """β=0 with an exact teacher and no soft-capping takes the closed-form gradient: same values and gradients."""
     hs, ht, s_head, t_head, targets, ce_w, div_w = make_case(11, 8, 83, seed=9, bias=True, scale=0.7)
-    got = fused_token_losses(hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, 0.0, tau, dft=dft, rows=4,
-                             topk=5)
+    got = fused_token_losses(
+        hs, s_head, targets, TeacherTarget(ht, t_head), ce_w, div_w, 0.0, tau, dft=dft, rows=4, topk=5
+    )
     got.loss.backward()
     got_grads = grads(hs, s_head.weight, s_head.bias)
     want, ce, div = reference_loss(hs, ht, s_head, t_head, targets, ce_w, div_w, 0.0, tau, dft=dft)
     want.backward()
     torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.divergence.double(), div.detach(), rtol=1e-4, atol=1e-6)
-    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias)):
+    for mine, ref in zip(got_grads, grads(hs, s_head.weight, s_head.bias), strict=True):
         torch.testing.assert_close(mine.double(), ref.double(), rtol=1e-4, atol=1e-6)
     zt = logits(ht, t_head.weight, t_head.bias, 0.7)
     ref_topk = topk_divergence(logits(hs, s_head.weight, s_head.bias, 0.7), got.topk_ids, got.topk_logps, 0.0, tau)

@@ -121,7 +121,7 @@ def test_few_shot_evaluation_asks_each_fact_after_fixed_exemplars():
     callback = ForgettingCallback(splits, num_shots=2, exemplars=pool, seed=3, drift_size=0)
     train_known, train_unknown, heldout = callback.prompts
     assert (len(train_known), len(train_unknown), len(heldout)) == (3, 2, 3)
-    for prompt, question in zip(heldout, splits.heldout["question"]):
+    for prompt, question in zip(heldout, splits.heldout["question"], strict=True):
         blocks = prompt.split("\n\n")  # two exemplar blocks, then the question itself
         assert len(blocks) == 3 and blocks[-1] == f"Q: {question}\nA:"
         assert question not in blocks[0] + blocks[1]  # a fact is never its own exemplar

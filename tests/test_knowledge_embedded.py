@@ -16,7 +16,7 @@ def test_embedded_model_knows_capitals_and_not_fictional_ones():
     fictional = synthetic_facts(2, relation="capital", seed=0).map(lambda fact: {"relation": "capital"})
     facts = load_facts(list(known) + list(fictional))
     categorised = probe(facts, model, tokenizer, exemplars=curated, config=ProbeConfig.cheap(), progress=False)
-    by_question = dict(zip(categorised["question"], categorised["category"]))
+    by_question = dict(zip(categorised["question"], categorised["category"], strict=True))
     assert by_question["What is the capital of France?"] == "HighlyKnown"
     assert [by_question[q] for q in fictional["question"]] == ["Unknown", "Unknown"]
     # The answers are parsed from the first line only

@@ -128,7 +128,7 @@ def test_synthetic_facts_are_reproducible_and_distinct(keys):
     assert facts[:] == synthetic_facts(200, keys=keys, relation="founder", seed=3)[:]
     assert facts["subject"] != synthetic_facts(200, keys=keys, relation="founder", seed=4)["subject"]
     assert len(set(facts["subject"])) == 200
-    assert all(q == f"Who founded {s}?" for q, s in zip(facts["question"], facts["subject"]))
+    assert all(q == f"Who founded {s}?" for q, s in zip(facts["question"], facts["subject"], strict=True))
     assert set(facts["relation"]) == {"synthetic-founder"}
     assert all(len(answer.split()) == 2 for (answer,) in facts["answers"])  # first name + surname
     if keys == "uuid":

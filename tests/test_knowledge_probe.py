@@ -22,10 +22,12 @@ def last_question(prompt: str) -> str:
 
 
 class ScriptedGenerator:
-    """Answers by the probed question: per-prompt greedy answers (in call order) and sampled answers."""
+    """Answers by the probed question: per-prompt greedy answers (in call order) and sampled answers; questions it
+    has no script for (the probe's fictional entities) get `default`."""
 
-    def __init__(self, greedy: dict[str, list[str]], samples: dict[str, list[str]]):
+    def __init__(self, greedy: dict[str, list[str]], samples: dict[str, list[str]], default: str = "?"):
         self.greedy, self.samples, self.seen = greedy, samples, Counter()
+        self.default = default
         self.prompts = []
 
     def __call__(self, prompts, greedy, num_samples):
@@ -34,7 +36,8 @@ class ScriptedGenerator:
         for prompt in prompts:
             question = last_question(prompt)
             if greedy:
-                outputs.append([self.greedy[question][self.seen[question] % len(self.greedy[question])]])
+                answers = self.greedy.get(question, [self.default])
+                outputs.append([answers[self.seen[question] % len(answers)]])
                 self.seen[question] += 1
             else:
                 outputs.append([self.samples[question][i % len(self.samples[question])] for i in range(num_samples)])
@@ -63,7 +66,7 @@ def test_scripted_generator_gives_exact_categories():
         samples={q("Peru"): ["Cusco", "Cusco", "Lima", "Cusco"], q("Chile"): ["Lima"],  # Peru: a quarter right
                  **{q(c): ["?"] for c in ("France", "Japan", "Kenya", "Egypt", "Cuba")}},
     )
-    config = ProbeConfig(num_prompts=3, num_shots=2, num_samples=4)
+    config = ProbeConfig(num_prompts=3, num_shots=2, num_samples=4, fictional_per_relation=0)
     facts = probe(capital_facts(), generate_fn=generate, config=config)
     by_subject = {row["subject"]: row for row in facts}
     assert by_subject["France"]["category"] == "HighlyKnown" and by_subject["France"]["p_greedy"] == 1
@@ -77,7 +80,7 @@ def test_scripted_generator_gives_exact_categories():
 
 def test_cheap_probe_is_greedy_only():
     generate = ScriptedGenerator(greedy={f"What is the capital of {c}?": [a] for c, a in CAPITALS.items()}, samples={})
-    facts = probe(capital_facts(), generate_fn=generate, config=ProbeConfig.cheap())
+    facts = probe(capital_facts(), generate_fn=generate, config=ProbeConfig.cheap(fictional_per_relation=0))
     assert set(facts["category"]) == {"HighlyKnown"}
     assert facts["p_sample"] == [None] * len(CAPITALS)
     assert len(generate.prompts) == 3 * len(CAPITALS)
@@ -93,7 +96,7 @@ def test_exemplars_are_same_relation_never_the_question_and_seeded():
         templates=TEMPLATES,
     )
     prompts = few_shot_prompts(facts, pool, AnswerFormat(), num_prompts=4, num_shots=3, seed=0)
-    for fact, per_fact in zip(facts, prompts):
+    for fact, per_fact in zip(facts, prompts, strict=True):
         assert len(per_fact) == 4
         for prompt in per_fact:
             shots = prompt.split("\n\n")[:-1]

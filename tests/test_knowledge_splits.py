@@ -105,3 +105,32 @@ def test_concatenate_facts_keeps_the_columns_every_set_has():
     both = concatenate_facts([plain, categorised])  # what the demo probes again for another model
     assert len(both) == len(plain) + len(categorised) and "category" not in both.column_names
     assert "category" in concatenate_facts([categorised, builtin_facts("curated-smollm2")]).column_names
+
+
+def labelled(num_entities: int = 60) -> Dataset:
+    """`categorised` with every third entity's facts labelled `prior` (answerable by a default answer)."""
+    facts = categorised(num_entities)
+    return facts.add_column("heuristic", ["prior" if int(s[4:]) % 3 == 0 else "none" for s in facts["subject"]])
+
+
+def test_known_facts_are_genuine_by_default_and_all_on_request():
+    from trl_selfdistill.knowledge.splits import monitor_splits
+
+    splits = build_splits(labelled(), train_size=12, heldout_size=10, unknown_share=0.25, seed=0)
+    for known in (splits.train_known, splits.heldout, splits.control):
+        assert set(known["heuristic"]) == {"none"}
+    assert "prior" in build_splits(labelled(), train_size=12, heldout_size=20, unknown_share=0.25, seed=0,
+                                   heuristics=None).heldout["heuristic"]
+    assert set(monitor_splits(labelled()).heldout["heuristic"]) == {"none"}
+    assert set(monitor_splits(labelled(), heuristics=None).heldout["heuristic"]) == {"none", "prior"}
+    # Too few genuine facts: the error says which labels were kept
+    with pytest.raises(ValueError, match="heuristic: none"):
+        build_splits(labelled(), train_size=30, heldout_size=30, seed=0)
+
+
+def test_monitoring_only_heuristic_facts_is_refused_with_the_way_out():
+    from trl_selfdistill.knowledge.splits import monitor_splits
+
+    facts = categorised(4).add_column("heuristic", ["copy"] * 8)
+    with pytest.raises(ValueError, match="heuristics=None"):
+        monitor_splits(facts)

@@ -1,4 +1,4 @@
-"""NaN/inf never trains silently and is never saved: config refusal, teacher checks, per-term errors, the save guard."""
+"""NaN/inf never trains silently and is never saved: config refusal, teacher checks, per-term errors, save guard."""
 
 import math
 import re
@@ -105,7 +105,9 @@ def test_nan_distill_term_names_the_term_and_step(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(trainer_module, "fused_token_losses", infinite_divergence)
-    with pytest.raises(NonFiniteError, match=r"Non-finite distillation term \(KL to the teacher\) at optimizer step 1"):
+    with pytest.raises(
+        NonFiniteError, match=r"Non-finite distillation term \(KL to the teacher\) at optimizer step 1"
+    ):
         trainer.train()
 
 
@@ -125,7 +127,10 @@ def test_nan_weights_are_never_saved_and_the_next_ce_stops_training(tmp_path, di
     # Step 1 saves a good checkpoint; its end poisons the weights; the step-2 save is refused before writing
     args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, distill_coef=distill_coef)
     trainer = SelfDistillSFTTrainer(
-        tiny_model(), args=args, train_dataset=prompt_completion_dataset(16), processing_class=make_tokenizer(),
+        tiny_model(),
+        args=args,
+        train_dataset=prompt_completion_dataset(16),
+        processing_class=make_tokenizer(),
         callbacks=[PoisonAfterStep(2)],
     )
     with pytest.raises(NonFiniteError, match=r"Refusing to save: 1 trainable tensors hold NaN/inf .* at step 2"):
@@ -135,7 +140,10 @@ def test_nan_weights_are_never_saved_and_the_next_ce_stops_training(tmp_path, di
     # Without a save in between, the next step's CE is non-finite and stops the run
     args = config(tmp_path / "b", max_steps=3, distill_coef=distill_coef)
     trainer = SelfDistillSFTTrainer(
-        tiny_model(), args=args, train_dataset=prompt_completion_dataset(16), processing_class=make_tokenizer(),
+        tiny_model(),
+        args=args,
+        train_dataset=prompt_completion_dataset(16),
+        processing_class=make_tokenizer(),
         callbacks=[PoisonAfterStep(1)],
     )
     with pytest.raises(NonFiniteError, match=r"Non-finite (SFT loss \(CE\)|teacher output).* at optimizer step 2"):

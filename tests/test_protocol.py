@@ -4,9 +4,9 @@ import pytest
 
 from trl_selfdistill.protocol import (
     Method,
+    frontier_readings,
     frontier_table,
     make_study,
-    frontier_readings,
     parse_methods,
     parse_seeds,
     study_table,
@@ -113,12 +113,19 @@ def test_budget_monitor_facts_are_known_and_about_entities_the_splits_do_not_men
     splits = protocol.splits(seed=1)
     monitor = protocol.monitor_splits(splits, seed=1).heldout
     assert len(monitor) == 50 and set(monitor["category"]) == {"HighlyKnown"}
-    used = {entity_of(f) for s in (splits.train_known, splits.train_unknown, splits.heldout, splits.control) for f in s}
+    used = {
+        entity_of(f) for s in (splits.train_known, splits.train_unknown, splits.heldout, splits.control) for f in s
+    }
     assert not {entity_of(f) for f in monitor} & used
     with pytest.raises(ValueError, match="Known facts are left besides the splits"):
-        Protocol(model="unused", facts=facts, args=args, train_size=40, heldout_size=200,
-                 new_facts="real").monitor_splits(Protocol(model="unused", facts=facts, args=args, train_size=40,
-                                                           heldout_size=200, new_facts="real").splits(0), 0)
+        Protocol(
+            model="unused", facts=facts, args=args, train_size=40, heldout_size=200, new_facts="real"
+        ).monitor_splits(
+            Protocol(model="unused", facts=facts, args=args, train_size=40, heldout_size=200, new_facts="real").splits(
+                0
+            ),
+            0,
+        )
 
 
 def test_a_method_run_on_some_seeds_is_summarised_over_those_and_paired_with_sft_there():
@@ -190,8 +197,12 @@ def test_a_run_whose_trainer_fails_to_build_leaves_no_memory_sampler_running(tmp
 
     from trl_selfdistill.protocol import Protocol
 
-    protocol = Protocol(model="unused", facts=Dataset.from_dict({"category": ["HighlyKnown"]}),
-                        args=config(tmp_path), log=lambda *_: None)
+    protocol = Protocol(
+        model="unused",
+        facts=Dataset.from_dict({"category": ["HighlyKnown"]}),
+        args=config(tmp_path),
+        log=lambda *_: None,
+    )
 
     def fail(*_args, **_kwargs):
         raise ValueError("bad settings")
@@ -199,6 +210,7 @@ def test_a_run_whose_trainer_fails_to_build_leaves_no_memory_sampler_running(tmp
     protocol.trainer = fail
     before = sum(t.name == "PeakMemory" for t in threading.enumerate())
     with pytest.raises(ValueError, match="bad settings"):
-        protocol.run(parse_methods("sft")[0], splits=SimpleNamespace(sizes={}), snapshot="unused", seed=0,
-                     out=tmp_path)
+        protocol.run(
+            parse_methods("sft")[0], splits=SimpleNamespace(sizes={}), snapshot="unused", seed=0, out=tmp_path
+        )
     assert sum(t.name == "PeakMemory" for t in threading.enumerate()) == before

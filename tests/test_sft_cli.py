@@ -53,7 +53,7 @@ def answered_facts(model_dir, tmp_path_factory):
     config = ProbeConfig.cheap(seed=42)  # the script probes with the training seed (SFTConfig's default: 42)
     probed = probe(facts, model, tokenizer, fmt=fmt, config=config, progress=False)
     rows = [{"id": fact["id"], "question": fact["question"], "relation": "capital", "answers": ["x", *greedy]}
-            for fact, greedy in zip(facts, probed["greedy_answers"])]
+            for fact, greedy in zip(facts, probed["greedy_answers"], strict=True)]
     return write_facts(path, rows)
 
 
@@ -187,7 +187,10 @@ def test_console_script_launches_through_accelerate(tmp_path, model_dir):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipes_parse(recipe):
     """Every shipped recipe names only fields the script has (no typo goes unnoticed), with the flags it documents."""
     from trl_selfdistill.scripts.sft import parse_args

@@ -8,7 +8,14 @@ at λ=1 check the option end to end.
 
 import pytest
 import torch
-from conftest import config, conversational_dataset, make_tokenizer, prompt_completion_dataset, text_dataset, tiny_model
+from conftest import (
+    config,
+    conversational_dataset,
+    make_tokenizer,
+    prompt_completion_dataset,
+    text_dataset,
+    tiny_model,
+)
 from peft import LoraConfig
 
 from trl_selfdistill import SelfDistillSFTTrainer

@@ -69,7 +69,7 @@ def test_bootstrap_interval_covers_a_known_mean_and_narrows_with_more_facts():
     widths = []
     for n in (50, 800):
         data = [[int(rng.random() < 0.3) for _ in range(n)] for _ in range(4)]
-        cell = bootstrap([n] * 4, lambda s, idx: sum(data[s][i] for i in idx) / len(idx), resamples=400)
+        cell = bootstrap([n] * 4, lambda s, idx, data=data: sum(data[s][i] for i in idx) / len(idx), resamples=400)
         assert cell["low"] <= cell["mean"] <= cell["high"]
         assert cell["low"] < 0.3 < cell["high"]
         widths.append(cell["high"] - cell["low"])

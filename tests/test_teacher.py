@@ -12,7 +12,7 @@ from conftest import (
     prompt_completion_dataset,
     tiny_model,
 )
-from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
 from trl_selfdistill import SelfDistillSFTTrainer
 from trl_selfdistill.teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, causal_lm

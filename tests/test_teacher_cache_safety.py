@@ -38,7 +38,7 @@ def entry(key: str, k: int = K) -> tuple[torch.Tensor, torch.Tensor]:
 
 def served_correctly(cache: TeacherCache, key: str) -> bool:
     got = cache.get(key, before_epoch=1)
-    return got is not None and all(torch.equal(a, b) for a, b in zip(got, entry(key)))
+    return got is not None and all(torch.equal(a, b) for a, b in zip(got, entry(key), strict=True))
 
 
 def only(directory: Path, pattern: str) -> Path:

@@ -15,7 +15,7 @@ from conftest import (
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer
+from trl_selfdistill import SelfDistillSFTTrainer
 
 
 def lora():
@@ -45,8 +45,8 @@ def test_lambda_zero_reproduces_sft_trainer(tmp_path):
     ours.train()
     assert ours.teacher is None
     a, b = step_losses(sft), step_losses(ours)
-    assert len(a) == 5 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6
-    for (name, p), q in zip(sft.model.named_parameters(), ours.model.parameters()):
+    assert len(a) == 5 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
+    for (name, p), q in zip(sft.model.named_parameters(), ours.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
 

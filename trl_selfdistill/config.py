@@ -147,7 +147,9 @@ class SelfDistillConfig(SFTConfig):
         check_finite("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")
         check_finite("jsd_beta", self.jsd_beta, "Use a float strictly between 0 and 1, e.g. 0.5.")
         if self.loss_chunk_rows is not None and (
-            isinstance(self.loss_chunk_rows, bool) or not isinstance(self.loss_chunk_rows, int) or self.loss_chunk_rows < 1
+            isinstance(self.loss_chunk_rows, bool)
+            or not isinstance(self.loss_chunk_rows, int)
+            or self.loss_chunk_rows < 1
         ):
             raise ValueError(f"`loss_chunk_rows` must be an integer ≥ 1 or None, got {self.loss_chunk_rows!r}.")
         if self.distill_coef < 0:
@@ -168,14 +170,20 @@ class SelfDistillConfig(SFTConfig):
                 f"Unknown `distill_scope={self.distill_scope!r}`: choose one of {', '.join(DISTILL_SCOPES)}."
             )
         if self.teacher_mode not in TEACHER_MODES:
-            raise ValueError(f"Unknown `teacher_mode={self.teacher_mode!r}`: choose one of {', '.join(TEACHER_MODES)}.")
+            raise ValueError(
+                f"Unknown `teacher_mode={self.teacher_mode!r}`: choose one of {', '.join(TEACHER_MODES)}."
+            )
         if self.teacher_cache_topk < 1:
             raise ValueError(f"`teacher_cache_topk` must be ≥ 1, got {self.teacher_cache_topk}; 64 is a good start.")
         if self.teacher_cache_prefill_batch_size < 1:
-            raise ValueError(f"`teacher_cache_prefill_batch_size` must be ≥ 1, got {self.teacher_cache_prefill_batch_size}.")
+            raise ValueError(
+                f"`teacher_cache_prefill_batch_size` must be ≥ 1, got {self.teacher_cache_prefill_batch_size}."
+            )
         if self.teacher_cache_prefill and self.teacher_cache_dir is None:
-            raise ValueError("`teacher_cache_prefill=True` fills the teacher cache, but `teacher_cache_dir` is not set: "
-                             "set `teacher_cache_dir` to a folder, or drop `teacher_cache_prefill`.")
+            raise ValueError(
+                "`teacher_cache_prefill=True` fills the teacher cache, but `teacher_cache_dir` is not set: "
+                "set `teacher_cache_dir` to a folder, or drop `teacher_cache_prefill`."
+            )
         if self.teacher_cache_dir is not None and self.distill_coef == 0:
             raise ValueError(
                 "`teacher_cache_dir` is set but `distill_coef=0` runs no teacher. Unset `teacher_cache_dir`, or set "

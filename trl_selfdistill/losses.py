@@ -29,7 +29,7 @@ class LMHead:
 
     @classmethod
     def of(cls, model: nn.Module) -> "LMHead":
-        """Read the LM head of a causal LM, with the logit scale its config declares (same rules as TRL's fused head)."""
+        """Read the LM head of a causal LM, with the logit scale its config declares (TRL's fused head's rules)."""
         config = model.config.get_text_config()
         scale = getattr(config, "logit_scale", None)
         if scale is None:
@@ -59,7 +59,7 @@ def token_divergence(
     """
     Divergence between teacher and student next-token distributions at each row of `[N, H]` hidden states.
 
-    `beta` follows TRL: 0 is the forward KL(teacher ‖ student), 1 the reverse KL(student ‖ teacher), anything in between
+    `beta` follows TRL: 0 is the forward KL(teacher ‖ student), 1 the reverse KL(student ‖ teacher), anything between
     the generalized JSD with mixture β·teacher + (1-β)·student. Both distributions are softened by `temperature`.
     The gradient flows to the student's hidden states and head only. Returns `[N]` fp32 values (no τ² factor).
     Rows go through the kernel `rows` at a time, which bounds its vocabulary-tile buffers (`rows × 32768` floats each).
@@ -138,7 +138,7 @@ def _coarse(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tens
     return beta * (q * (log_q - log_m)).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Fused CE + divergence: one student projection per chunk of positions
 
 # fp32 `[rows, V]` buffers the fused loss holds at once on its worst path, as counted from the allocator by
@@ -173,8 +173,13 @@ def _same_values(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """`a` and `b` are the same tensor, or views of the same memory with the same layout."""
     if a is None or b is None:
         return a is b
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype and a.device == b.device)
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
 
 
 def _cast_head(head: LMHead, dtype: torch.dtype | None, like: LMHead | None = None, cast: LMHead | None = None):
@@ -277,7 +282,7 @@ def _topk_outputs(log_t: torch.Tensor, log_q: torch.Tensor, k: int, beta: float)
 def _forward_kl_chunk(h, head, targets, ce_w, div_w, teacher, tau, dft, topk, work):
     """`_fused_chunk` for the paper's case (forward KL to an exact teacher, no soft-capping) in closed form,
 
-        ∂/∂s [w·CE + v·KL(p_t ‖ q)] = w·(p - onehot(y)) + v·(q - p_t)/τ,   p = softmax(s), q = softmax(s/τ), s = scale·z
+        ∂/∂s [w·CE + v·KL(p_t ‖ q)] = w·(p - onehot(y)) + v·(q - p_t)/τ,  p = softmax(s), q = softmax(s/τ), s = scale·z
 
     in the four fp32 `[rows, V]` buffers of `work` (shared by all chunks) and no other: s, then log p, then log p_t;
     log q; q, then p_t; p, then the gradient with respect to z, which is returned. The student's log q and the
@@ -340,26 +345,50 @@ class _FusedLossFunction(torch.autograd.Function):
         # one written here.
         dtype = _autocast_dtype(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            return _FusedLossFunction._forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta,
-                                               tau, dft, topk, rows, stats, dtype)
+            return _FusedLossFunction._forward(
+                ctx,
+                hidden,
+                weight,
+                bias,
+                head,
+                targets,
+                ce_w,
+                div_w,
+                teacher,
+                beta,
+                tau,
+                dft,
+                topk,
+                rows,
+                stats,
+                dtype,
+            )
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk, rows, stats,
-                 dtype):
+    def _forward(
+        ctx, hidden, weight, bias, head, targets, ce_w, div_w, teacher, beta, tau, dft, topk, rows, stats, dtype
+    ):
         head = LMHead(weight, bias, head.logit_scale, head.softcap)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         head_c = _cast_head(head, dtype)
         teacher_head_c = None if teacher.head is None else _cast_head(teacher.head, dtype, head, head_c)
         weight_c = head_c.weight
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if bias is not None and ctx.needs_input_grad[2]
             else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-            if bias is not None and ctx.needs_input_grad[2] else None
+        )
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         closed_form = beta == 0.0 and teacher.hidden is not None and head.softcap is None
-        work = torch.empty((4, min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32,
-                           device=hidden.device) if closed_form else None
+        work = (
+            torch.empty((4, min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+            if closed_form
+            else None
+        )
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
             if teacher.hidden is not None:
@@ -367,8 +396,9 @@ class _FusedLossFunction(torch.autograd.Function):
             else:
                 part = TeacherTarget(topk_ids=teacher.topk_ids[chunk], topk_logps=teacher.topk_logps[chunk])
             h = hidden[chunk].detach().to(weight_c.dtype)
-            total, dz, out = _fused_chunk(h, head_c, targets[chunk], ce_w[chunk], div_w[chunk], part, beta, tau, dft,
-                                          topk, work)
+            total, dz, out = _fused_chunk(
+                h, head_c, targets[chunk], ce_w[chunk], div_w[chunk], part, beta, tau, dft, topk, work
+            )
             loss += total
             for key, value in out.items():
                 stats.setdefault(key, []).append(value)
@@ -394,8 +424,10 @@ class _FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        scaled = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip((grad_h, grad_w, grad_b),
-                                                                                        ctx.dtypes)]
+        scaled = [
+            None if g is None else (g * grad_loss).to(dtype)
+            for g, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes, strict=True)
+        ]
         return (*scaled, *([None] * 11))
 
 
@@ -443,14 +475,30 @@ def fused_token_losses(
     stats: dict[str, list] = {}
     weight, bias = student_head.weight, student_head.bias
     loss = _FusedLossFunction.apply(
-        student_hidden, weight, bias, student_head, targets, ce_weights.float(), divergence_weights.float(), teacher,
-        beta, temperature, dft, topk, rows, stats,
+        student_hidden,
+        weight,
+        bias,
+        student_head,
+        targets,
+        ce_weights.float(),
+        divergence_weights.float(),
+        teacher,
+        beta,
+        temperature,
+        dft,
+        topk,
+        rows,
+        stats,
     )
     if n == 0:
         zeros = student_hidden.new_zeros(0, dtype=torch.float32)
         empty_topk = student_hidden.new_zeros((0, topk or 0), dtype=torch.float32)
         return FusedLosses(
-            loss, zeros, zeros, zeros, zeros.bool(),
+            loss,
+            zeros,
+            zeros,
+            zeros,
+            zeros.bool(),
             *((empty_topk.to(torch.int32), empty_topk, zeros) if topk and teacher.hidden is not None else ()),
         )
     return FusedLosses(loss, **{key: torch.cat(values) for key, values in stats.items()})

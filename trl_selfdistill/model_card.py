@@ -476,7 +476,8 @@ def push_checkpoint(trainer, checkpoint_folder: str) -> None:
         return
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     api = HfApi(token=args.hub_token)
-    step = f"step {trainer.state.global_step}" if args.save_strategy == "steps" else f"epoch {int(trainer.state.epoch)}"
+    by_steps = args.save_strategy == "steps"
+    step = f"step {trainer.state.global_step}" if by_steps else f"epoch {int(trainer.state.epoch)}"
     staging = stage_upload(checkpoint_folder, results=run_results(trainer))
     card = Path(args.output_dir) / "README.md"
     if card.is_file():
@@ -486,8 +487,16 @@ def push_checkpoint(trainer, checkpoint_folder: str) -> None:
     if args.hub_strategy in ("checkpoint", "all_checkpoints"):
         resume = stage_upload(checkpoint_folder, patterns=UPLOAD_PATTERNS + RESUME_PATTERNS)
         path_in_repo = "last-checkpoint" if args.hub_strategy == "checkpoint" else Path(checkpoint_folder).name
-        jobs.append(upload_staged(api, resume, False, path_in_repo=path_in_repo,
-                                  commit_message=f"Training in progress, {step}, checkpoint", **upload))
+        jobs.append(
+            upload_staged(
+                api,
+                resume,
+                False,
+                path_in_repo=path_in_repo,
+                commit_message=f"Training in progress, {step}, checkpoint",
+                **upload,
+            )
+        )
     if pending is None or pending.is_done():
         trainer.push_in_progress = PushInProgress(jobs)
     else:

@@ -134,7 +134,8 @@ class L2InitSFTTrainer(SelfDistillSFTTrainer):
     per step; with AdamW (the default) the update is normalised per weight, so what matters is the penalty's gradient,
     norm 2μ‖θ − θ₀‖, against the CE gradient: μ acts on a log scale and is swept (docs/peers.md: 0.1, 1, 10, 100 on
     SmolLM2-135M, from its measured gradient norms). μ = 0 is exactly `SFTTrainer` (the distance is logged, no
-    penalty is added). With gradient accumulation the penalty is added once per optimizer step. Logged: `l2init_penalty` (μ·Σ(θ−θ₀)², the term added) and `l2init_sq_distance` (Σ(θ−θ₀)²).
+    penalty is added). With gradient accumulation the penalty is added once per optimizer step. Logged:
+    `l2init_penalty` (μ·Σ(θ−θ₀)², the term added) and `l2init_sq_distance` (Σ(θ−θ₀)²).
     Single process or DDP only: the copy of θ₀ is taken before DeepSpeed/FSDP shard the weights, so those are refused.
     """
 

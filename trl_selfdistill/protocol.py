@@ -19,9 +19,11 @@ Per seed:
    | `selfdistill_cache[:λ]` | the same with the teacher cache |
    | `freeze` | plain SFT, attention only (`FreezeConfig.attention_only()`) |
    | `lora_sft`, `lora_selfdistill[:λ]` | LoRA (r=16, all linear layers, lr × `lora_lr_scale`); teacher = adapter off |
-   | `budget[:b]` | self-distillation under a forgetting budget b (relative forgetting, default 0.05): λ adapted by `ForgettingBudgetCallback` (`mode="adapt"`), which steers on other Known facts (`monitor_splits`), not the held-out set |
-   | `budget_stop[:b]` | the same with `mode="adapt_or_stop"`: training also stops once the budget is exceeded at the largest λ |
-   | `stop_at_budget[:b]` | self-distillation at the config's λ, stopped at the first evaluation over the budget (`mode="stop"`) |
+   | `budget[:b]` | under a forgetting budget b (default 0.05): λ adapted by `ForgettingBudgetCallback` (adapt) |
+   | `budget_stop[:b]` | the same with `mode="adapt_or_stop"`: also stops once over the budget at the largest λ |
+   | `stop_at_budget[:b]` | λ fixed, stopped at the first evaluation over the budget (`mode="stop"`) |
+
+   The budget methods steer on other Known facts (`monitor_splits`), never on the held-out set.
    | `l2init[:μ]`, `gkd`, `sdft` | the peers of `trl_selfdistill.peers` |
 
 4. **Study** (`run_study`): every seed, then `summarize` (intervals and paired differences, `knowledge.stats`),
@@ -76,8 +78,15 @@ KINDS = {
     "gkd": "GKD (off-policy, teacher copy)",
     "sdft": "SDFT (on-policy)",
 }
-PARAMETER = {"selfdistill": "λ", "selfdistill_cache": "λ", "lora_selfdistill": "λ", "budget": "budget",
-             "budget_stop": "budget", "stop_at_budget": "budget", "l2init": "μ"}
+PARAMETER = {
+    "selfdistill": "λ",
+    "selfdistill_cache": "λ",
+    "lora_selfdistill": "λ",
+    "budget": "budget",
+    "budget_stop": "budget",
+    "stop_at_budget": "budget",
+    "l2init": "μ",
+}
 # kind → `ForgettingBudgetCallback` mode
 BUDGET_MODES = {"budget": "adapt", "budget_stop": "adapt_or_stop", "stop_at_budget": "stop"}
 PEER_KINDS = ("l2init", "gkd", "sdft")
@@ -107,7 +116,7 @@ class Method:
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[Method]:
-    """`"sft,selfdistill:0.5,selfdistill:2,freeze"` → methods; refuses unknown kinds and parameters of kinds without."""
+    """`"sft,selfdistill:0.5,freeze"` → methods; refuses unknown kinds and parameters of kinds without."""
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not items:
         raise ValueError("No methods given: pass e.g. `sft,selfdistill`.")
@@ -117,8 +126,10 @@ def parse_methods(spec: str | Sequence[str]) -> list[Method]:
         if kind not in KINDS:
             raise ValueError(f"Unknown method {kind!r} in {item!r}: choose among {', '.join(KINDS)}.")
         if value and kind not in PARAMETER:
-            raise ValueError(f"Method {kind!r} takes no parameter ({item!r}); parameters: "
-                             + ", ".join(f"{k}:{v}" for k, v in PARAMETER.items()))
+            raise ValueError(
+                f"Method {kind!r} takes no parameter ({item!r}); parameters: "
+                + ", ".join(f"{k}:{v}" for k, v in PARAMETER.items())
+            )
         try:
             number = float(value) if value else None
         except ValueError as err:
@@ -180,21 +191,31 @@ class Protocol:
         if "category" not in self.facts.column_names:
             raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
         if "mode" in self.budget_defaults:
-            raise ValueError("`budget_defaults` sets no `mode`: the method picks it (`budget`: adapt, `budget_stop`: "
-                             "adapt_or_stop, `stop_at_budget`: stop). Remove `mode` and choose the method instead.")
+            raise ValueError(
+                "`budget_defaults` sets no `mode`: the method picks it (`budget`: adapt, `budget_stop`: "
+                "adapt_or_stop, `stop_at_budget`: stop). Remove `mode` and choose the method instead."
+            )
 
     # ---- 1. splits ------------------------------------------------------------------------------------------------
     def splits(self, seed: int, control: bool = True) -> KnowledgeSplits:
         """The seed's splits; the control has the mix's size when enough Known facts are left (else all of them)."""
         count = round(self.train_size * self.unknown_share)
         splits = build_splits(
-            self.facts, train_size=self.train_size, heldout_size=self.heldout_size, unknown_share=self.unknown_share,
-            new_facts=self._new_facts(count, seed), known_categories=self.known_categories, control=control,
-            control_size="available", seed=seed,
+            self.facts,
+            train_size=self.train_size,
+            heldout_size=self.heldout_size,
+            unknown_share=self.unknown_share,
+            new_facts=self._new_facts(count, seed),
+            known_categories=self.known_categories,
+            control=control,
+            control_size="available",
+            seed=seed,
         )
         if control and len(splits.control) < self.train_size:
-            self.log(f"Known-only control: {len(splits.control)} facts, fewer than the mix's {self.train_size} "
-                     "(no more Known facts besides the held-out set): it makes more passes over its facts.")
+            self.log(
+                f"Known-only control: {len(splits.control)} facts, fewer than the mix's {self.train_size} "
+                "(no more Known facts besides the held-out set): it makes more passes over its facts."
+            )
         return splits
 
     def _new_facts(self, count: int, seed: int) -> Dataset | None:
@@ -207,8 +228,10 @@ class Protocol:
         # build_splits drops new facts about held-out entities)
         real = self.facts.filter(lambda c: c == "Unknown", input_columns="category").shuffle(seed=seed)
         num_real = min(count // 2 + 8, len(real))
-        fictional = [synthetic_facts(n, keys="name", relation=relation, seed=seed)
-                     for relation, n in (("capital", count // 4 + 4), ("author", count // 4 + 4))]
+        fictional = [
+            synthetic_facts(n, keys="name", relation=relation, seed=seed)
+            for relation, n in (("capital", count // 4 + 4), ("author", count // 4 + 4))
+        ]
         return concatenate_datasets([real.select(range(num_real)).select_columns(list(FACT_COLUMNS)), *fictional])
 
     def monitor_splits(self, splits: KnowledgeSplits, seed: int) -> KnowledgeSplits:
@@ -217,16 +240,25 @@ class Protocol:
         neither the training facts, the control nor the held-out set mention, so the held-out set still measures
         the budget run without bias.
         """
-        used = {entity_of(f) for facts in (splits.train_known, splits.train_unknown, splits.heldout,
-                                           splits.control if splits.control is not None else splits.heldout)
-                for f in facts.select_columns(["subject", "question"])}
+        used = {
+            entity_of(f)
+            for facts in (
+                splits.train_known,
+                splits.train_unknown,
+                splits.heldout,
+                splits.control if splits.control is not None else splits.heldout,
+            )
+            for f in facts.select_columns(["subject", "question"])
+        }
         known = self.facts.filter(lambda c: c in self.known_categories, input_columns="category")
         free = [i for i, f in enumerate(known.select_columns(["subject", "question"])) if entity_of(f) not in used]
         random.Random(f"monitor:{seed}").shuffle(free)
         if len(free) < MIN_MONITOR:
-            raise ValueError(f"Only {len(free)} Known facts are left besides the splits for the budget to steer on "
-                             f"(at least {MIN_MONITOR} are needed): lower `heldout_size` or `train_size`, or probe more "
-                             "facts.")
+            raise ValueError(
+                f"Only {len(free)} Known facts are left besides the splits for the budget to steer on "
+                f"(at least {MIN_MONITOR} are needed): lower `heldout_size` or `train_size`, or probe more "
+                "facts."
+            )
         monitor = known.select(free[: self.budget_monitor_size])
         return KnowledgeSplits(monitor.select([]), monitor.select([]), monitor)
 
@@ -237,8 +269,9 @@ class Protocol:
         self.log(f"Stage 1: format learning, 1 epoch of plain SFT on {len(splits.train_known)} Known facts (lr {lr})")
         trainer = SelfDistillSFTTrainer(
             model=self.model,
-            args=self._run_args(out / "snapshot", seed, distill_coef=0.0, num_train_epochs=1, max_steps=-1,
-                                learning_rate=lr),
+            args=self._run_args(
+                out / "snapshot", seed, distill_coef=0.0, num_train_epochs=1, max_steps=-1, learning_rate=lr
+            ),
             train_dataset=self.fmt.training_dataset(splits.train_known.shuffle(seed=seed)),
         )
         trainer.train()
@@ -248,10 +281,18 @@ class Protocol:
         _free_memory()
         return str(out / "snapshot")
 
-    # ---- 3. one stage-2 run ------------------------------------------------------------------------------------------
-    def run(self, method: Method, splits: KnowledgeSplits, snapshot: str, seed: int, out: Path,
-            baseline: dict | None = None, save: bool = False) -> dict:
-        """One method from the snapshot; returns the `ForgettingCallback` results plus cost and per-relation numbers."""
+    # ---- 3. one stage-2 run -----------------------------------------------------------------------------------------
+    def run(
+        self,
+        method: Method,
+        splits: KnowledgeSplits,
+        snapshot: str,
+        seed: int,
+        out: Path,
+        baseline: dict | None = None,
+        save: bool = False,
+    ) -> dict:
+        """One method from the snapshot: the `ForgettingCallback` results plus cost and per-relation numbers."""
         run_splits = splits.known_only() if method.kind == "known_only" else splits
         self.log(f"\nStage 2, seed {seed}: {method.title} — {run_splits.sizes}")
         run_out = out / method.name.replace(":", "_")
@@ -261,15 +302,20 @@ class Protocol:
             if self.base_name:
                 trainer.model.config._name_or_path = self.base_name  # the card names the base, not the snapshot folder
             teacher = getattr(trainer, "teacher", None)
-            forgetting = ForgettingCallback(run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher,
-                                            baseline=baseline).attach(trainer)
+            forgetting = ForgettingCallback(
+                run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher, baseline=baseline
+            ).attach(trainer)
             budget = monitor = None
             if method.kind in BUDGET_MODES:
                 # The budget steers on its own Known facts, disjoint from the held-out set it is judged on
                 from .budget import ForgettingBudgetCallback
 
-                monitor = ForgettingCallback(self.monitor_splits(splits, seed), fmt=self.fmt, drift_size=0,
-                                             eval_steps=max(1, (self.eval_steps or 16) // 2)).attach(trainer)
+                monitor = ForgettingCallback(
+                    self.monitor_splits(splits, seed),
+                    fmt=self.fmt,
+                    drift_size=0,
+                    eval_steps=max(1, (self.eval_steps or 16) // 2),
+                ).attach(trainer)
                 options = {"budget": DEFAULT_BUDGET, **self.budget_defaults, "mode": BUDGET_MODES[method.kind]}
                 if method.value is not None:
                     options["budget"] = method.value
@@ -283,23 +329,35 @@ class Protocol:
         results = forgetting.results()
         heldout_end = results["per_fact"]["heldout_end"]
         result = {
-            **results, "method": method.name, "title": method.title, "seed": seed, "wall_time_s": wall,
+            **results,
+            "method": method.name,
+            "title": method.title,
+            "seed": seed,
+            "wall_time_s": wall,
             "steps": steps,
             "s_per_step": (wall - forgetting.eval_seconds - (monitor.eval_seconds if monitor else 0)) / max(steps, 1),
-            "peak_memory_mb": memory.peak_mb, "trainable_parameters": count_parameters(trainer.model)[0],
+            "peak_memory_mb": memory.peak_mb,
+            "trainable_parameters": count_parameters(trainer.model)[0],
             "heldout_by_relation": accuracy_by(splits.heldout["relation"], heldout_end),
             "heldout_by_relation_start": accuracy_by(splits.heldout["relation"], results["per_fact"]["heldout_start"]),
-            "budget": None if budget is None else {
-                "budget": budget.budget, "mode": budget.mode, "history": budget.history,
+            "budget": None
+            if budget is None
+            else {
+                "budget": budget.budget,
+                "mode": budget.mode,
+                "history": budget.history,
                 "stopped_at": budget.stopped_at,
-                "monitor_size": len(monitor.splits.heldout), "monitor_final": monitor.final},
+                "monitor_size": len(monitor.splits.heldout),
+                "monitor_final": monitor.final,
+            },
         }
         del trainer, forgetting, budget, monitor
         _free_memory()
         return result
 
-    def trainer(self, method: Method, splits: KnowledgeSplits, snapshot: str, seed: int, out: Path,
-                push: bool = False):
+    def trainer(
+        self, method: Method, splits: KnowledgeSplits, snapshot: str, seed: int, out: Path, push: bool = False
+    ):
         """The untrained trainer of one stage-2 run of `method` from `snapshot` on `splits` (the mix, or for
         `known_only` the caller's `splits.known_only()`), with the protocol's settings; `run` adds the evaluation
         callbacks (and a budget's) and trains it. `benchmarks/method_cost.py` times it alone."""
@@ -314,7 +372,7 @@ class Protocol:
             args = self._run_args(out, seed, distill_coef=0.0)
             return PEERS[kind](snapshot, args, dataset, AutoTokenizer.from_pretrained(snapshot), **options)
         distilled = kind in ("selfdistill", "selfdistill_cache", "lora_selfdistill", *BUDGET_MODES)
-        coef = (method.value if method.value is not None and kind not in BUDGET_MODES else self.args.distill_coef)
+        coef = method.value if method.value is not None and kind not in BUDGET_MODES else self.args.distill_coef
         overrides = {"distill_coef": coef if distilled else 0.0, "push_to_hub": push}
         if kind == "selfdistill_cache":
             overrides["teacher_cache_dir"] = str(out / "teacher_cache")
@@ -322,22 +380,36 @@ class Protocol:
         if kind.startswith("lora_"):
             from peft import LoraConfig
 
-            peft_config = LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_dropout=0.0,
-                                     target_modules="all-linear", task_type="CAUSAL_LM")
+            peft_config = LoraConfig(
+                r=self.lora_rank,
+                lora_alpha=2 * self.lora_rank,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
             overrides["learning_rate"] = self.args.learning_rate * self.lora_lr_scale
         return SelfDistillSFTTrainer(
-            model=snapshot, args=self._run_args(out, seed, **overrides), train_dataset=dataset,
-            peft_config=peft_config, freeze_config=FreezeConfig.attention_only() if kind == "freeze" else None,
+            model=snapshot,
+            args=self._run_args(out, seed, **overrides),
+            train_dataset=dataset,
+            peft_config=peft_config,
+            freeze_config=FreezeConfig.attention_only() if kind == "freeze" else None,
         )
 
     def _run_args(self, output_dir: Path, seed: int, **overrides) -> SelfDistillConfig:
-        overrides = {"output_dir": str(output_dir), "seed": seed, "save_strategy": "no", "push_to_hub": False,
-                     "hub_model_id": self.args.hub_model_id if overrides.get("push_to_hub") else None, **overrides}
+        overrides = {
+            "output_dir": str(output_dir),
+            "seed": seed,
+            "save_strategy": "no",
+            "push_to_hub": False,
+            "hub_model_id": self.args.hub_model_id if overrides.get("push_to_hub") else None,
+            **overrides,
+        }
         if overrides.get("distill_coef") == 0:
             overrides["teacher_cache_dir"] = None  # no teacher, nothing to cache
         return replace(self.args, **overrides)
 
-    # ---- 4. seeds and study ------------------------------------------------------------------------------------------
+    # ---- 4. seeds and study -----------------------------------------------------------------------------------------
     def run_seed(self, seed: int, methods: Sequence[Method], out: Path, save: bool = False) -> dict:
         """
         Splits, snapshot and every method for one seed; returns {"seed", "splits", "control", "runs"}, also written
@@ -345,26 +417,37 @@ class Protocol:
         """
         torch.manual_seed(seed)
         splits = self.splits(seed, control=any(m.kind == "known_only" for m in methods))
-        self.log(f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else ""))
+        self.log(
+            f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else "")
+        )
         snapshot = self.snapshot(splits, seed, out)
-        result = {"seed": seed, "splits": splits.sizes,
-                  "control": None if splits.control is None else len(splits.control),
-                  "heldout_relations": list(splits.heldout["relation"]), "runs": {}}
+        result = {
+            "seed": seed,
+            "splits": splits.sizes,
+            "control": None if splits.control is None else len(splits.control),
+            "heldout_relations": list(splits.heldout["relation"]),
+            "runs": {},
+        }
         for method in methods:
             baseline = sft_baseline(result["runs"]) if method.kind == "selfdistill" else None
-            result["runs"][method.name] = self.run(method, splits, snapshot, seed, out, baseline,
-                                                   save=save and method.name == self.save_method)
+            result["runs"][method.name] = self.run(
+                method, splits, snapshot, seed, out, baseline, save=save and method.name == self.save_method
+            )
             if self.args.distributed_state.is_main_process:
                 (out / SEED_RESULTS).write_text(json.dumps(result, indent=2))
         return result
 
-    def run_study(self, seeds: Sequence[int], methods: Sequence[Method], out: Path, settings: dict | None = None) -> dict:
+    def run_study(
+        self, seeds: Sequence[int], methods: Sequence[Method], out: Path, settings: dict | None = None
+    ) -> dict:
         """Every seed (`out/seed-<s>` each, `out` itself for a single seed), then the summary; writes the outputs
         (`settings`, the front end's own, go into `results.json` as they are)."""
         start = time.perf_counter()
         out = Path(out)
-        per_seed = [self.run_seed(seed, methods, out if len(seeds) == 1 else out / f"seed-{seed}", save=i == 0)
-                    for i, seed in enumerate(seeds)]
+        per_seed = [
+            self.run_seed(seed, methods, out if len(seeds) == 1 else out / f"seed-{seed}", save=i == 0)
+            for i, seed in enumerate(seeds)
+        ]
         study = make_study(per_seed, [m.name for m in methods], settings)
         study["wall_time_s"] = time.perf_counter() - start
         if self.args.distributed_state.is_main_process:
@@ -381,8 +464,14 @@ def make_study(per_seed: Sequence[dict], methods: Sequence[str] | None = None, s
     if unknown := [m for m in methods if not any(m in seed["runs"] for seed in per_seed)]:
         raise ValueError(f"No seed ran {unknown}: choose among {_methods(per_seed)}.")
     per_seed = [{**seed, "runs": {m: seed["runs"][m] for m in methods if m in seed["runs"]}} for seed in per_seed]
-    return {"settings": settings or {}, "seeds": seeds, "methods": methods, "per_seed": list(per_seed),
-            "summary": summarize(per_seed), "frontier": frontier_readings(per_seed)}
+    return {
+        "settings": settings or {},
+        "seeds": seeds,
+        "methods": methods,
+        "per_seed": list(per_seed),
+        "summary": summarize(per_seed),
+        "frontier": frontier_readings(per_seed),
+    }
 
 
 def combine(paths: Sequence[str | Path], out: str | Path, methods: Sequence[str] | None = None) -> dict:
@@ -397,8 +486,10 @@ def combine(paths: Sequence[str | Path], out: str | Path, methods: Sequence[str]
         if not file.is_file():
             file = path / "results.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{path}: no {SEED_RESULTS} or results.json. Pass the output folders of runs "
-                                    f"that finished at least one method (or their {SEED_RESULTS} files).")
+            raise FileNotFoundError(
+                f"{path}: no {SEED_RESULTS} or results.json. Pass the output folders of runs "
+                f"that finished at least one method (or their {SEED_RESULTS} files)."
+            )
         data = json.loads(file.read_text())
         if "per_seed" in data:
             per_seed += data["per_seed"]
@@ -421,8 +512,10 @@ def _merge_seeds(per_seed: Sequence[dict]) -> list[dict]:
             continue
         same_start = _start(first) == _start(seed)
         if first["splits"] != seed["splits"] or not same_start:
-            raise ValueError(f"Seed {seed['seed']} appears twice with different splits or snapshot answers: combine "
-                             "results of the same protocol settings only.")
+            raise ValueError(
+                f"Seed {seed['seed']} appears twice with different splits or snapshot answers: combine "
+                "results of the same protocol settings only."
+            )
         if repeated := set(first["runs"]) & set(seed["runs"]):
             raise ValueError(f"Seeds repeat: seed {seed['seed']} has {sorted(repeated)} twice. Combine each run once.")
         first["runs"].update(seed["runs"])
@@ -434,7 +527,7 @@ def _start(seed: dict) -> list[int]:
     return next(iter(seed["runs"].values()))["per_fact"]["heldout_start"]
 
 
-# ---- statistics over seeds -------------------------------------------------------------------------------------------
+# ---- statistics over seeds ------------------------------------------------------------------------------------------
 def _per_fact(per_seed: Sequence[dict], method: str, key: str) -> list[list[int]]:
     return [seed["runs"][method]["per_fact"][key] for seed in per_seed]
 
@@ -454,26 +547,41 @@ def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
         new = _per_fact(seeds, method, "new_end")
         runs = [seed["runs"][method] for seed in seeds]
         row = {
-            "title": runs[0]["title"], "seeds": [seed["seed"] for seed in seeds],
-            "forgetting": bootstrap([len(s) for s in start],
-                                    lambda s, idx: relative_forgetting(start[s], end[s], idx), resamples=resamples),
+            "title": runs[0]["title"],
+            "seeds": [seed["seed"] for seed in seeds],
+            "forgetting": bootstrap(
+                [len(s) for s in start],
+                lambda s, idx, start=start, end=end: relative_forgetting(start[s], end[s], idx),
+                resamples=resamples,
+            ),
             "forgetting_by_seed": [relative_forgetting(start[s], end[s]) for s in range(len(seeds))],
             "heldout_start": mean_interval([accuracy(s) for s in start]),
             "heldout_end": mean_interval([accuracy(e) for e in end]),
-            "new_fact_accuracy": (bootstrap([len(n) for n in new], lambda s, idx: accuracy([new[s][i] for i in idx]),
-                                            resamples=resamples) if all(new) else None),
+            "new_fact_accuracy": (
+                bootstrap(
+                    [len(n) for n in new],
+                    lambda s, idx, new=new: accuracy([new[s][i] for i in idx]),
+                    resamples=resamples,
+                )
+                if all(new)
+                else None
+            ),
             "s_per_step": mean_interval([run["s_per_step"] for run in runs]),
-            "peak_memory_mb": mean_interval([run["peak_memory_mb"] for run in runs
-                                             if run["peak_memory_mb"] is not None]),
+            "peak_memory_mb": mean_interval(
+                [run["peak_memory_mb"] for run in runs if run["peak_memory_mb"] is not None]
+            ),
         }
         paired = [seed for seed in seeds if BASELINE in seed["runs"]]
         if method != BASELINE and paired:
             start = [_start(seed) for seed in paired]
             base, end = _per_fact(paired, BASELINE, "heldout_end"), _per_fact(paired, method, "heldout_end")
-            row["vs_sft"] = bootstrap([len(s) for s in start],
-                                      lambda s, idx: _difference(start[s], base[s], end[s], idx), resamples=resamples)
+            row["vs_sft"] = bootstrap(
+                [len(s) for s in start],
+                lambda s, idx, start=start, base=base, end=end: _difference(start[s], base[s], end[s], idx),
+                resamples=resamples,
+            )
             kept, lost = 0, 0
-            for b, e in zip(base, end):
+            for b, e in zip(base, end, strict=True):
                 method_only, sft_only = discordant(e, b)
                 kept, lost = kept + method_only, lost + sft_only
             row["vs_sft_facts"] = {"method_only": kept, "sft_only": lost, "p_value": sign_test(kept, lost)}
@@ -493,8 +601,11 @@ def _difference(start, base_end, end, indices) -> float | None:
 
 def frontier_by_step(result: dict) -> dict[int, tuple[float, float]]:
     """Step → (new-fact accuracy, held-out Known accuracy) at each evaluation of a run, in training order."""
-    return {h["step"]: (h["new_fact_accuracy"], h["heldout_known_accuracy"]) for h in result["history"]
-            if h["new_fact_accuracy"] is not None and h["heldout_known_accuracy"] is not None}
+    return {
+        h["step"]: (h["new_fact_accuracy"], h["heldout_known_accuracy"])
+        for h in result["history"]
+        if h["new_fact_accuracy"] is not None and h["heldout_known_accuracy"] is not None
+    }
 
 
 def frontier_points(result: dict) -> list[tuple[float, float]]:
@@ -518,8 +629,11 @@ def frontier_readings(per_seed: Sequence[dict], targets: Sequence[float] = FRONT
             values = {s: v for s, v in values.items() if v is not None}
             cell = {**mean_interval(list(values.values())), "reached": len(values), "seeds": len(seeds)}
             if method != BASELINE:
-                base = {seed["seed"]: _reading(seed["runs"][BASELINE], target) for seed in seeds
-                        if BASELINE in seed["runs"]}
+                base = {
+                    seed["seed"]: _reading(seed["runs"][BASELINE], target)
+                    for seed in seeds
+                    if BASELINE in seed["runs"]
+                }
                 cell["vs_sft"] = mean_interval([base[s] - v for s, v in values.items() if base.get(s) is not None])
             by_target[f"{target:g}"] = cell
         readings[method] = by_target
@@ -533,7 +647,7 @@ def _reading(result: dict, target: float) -> float | None:
     return None if heldout is None or not initial else 1 - heldout / initial
 
 
-# ---- outputs ---------------------------------------------------------------------------------------------------------
+# ---- outputs --------------------------------------------------------------------------------------------------------
 def _interval(cell: dict | None, percent: bool = True, signed: bool = False) -> str:
     if cell is None or cell.get("mean") is None:
         return "–"
@@ -548,9 +662,11 @@ def _interval(cell: dict | None, percent: bool = True, signed: bool = False) -> 
 
 def study_table(study: dict) -> str:
     """Per method, at the end of training: forgetting, new-fact accuracy, paired difference to SFT, cost."""
-    lines = ["| method | seeds | relative forgetting [95% CI] | new-fact acc. [95% CI] | SFT − method [95% CI] | "
-             "facts kept only by method / only by SFT (p) | s/step | peak memory |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | seeds | relative forgetting [95% CI] | new-fact acc. [95% CI] | SFT − method [95% CI] | "
+        "facts kept only by method / only by SFT (p) | s/step | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in study["summary"].values():
         facts = row.get("vs_sft_facts")
         facts_text = f"{facts['method_only']} / {facts['sft_only']} (p={facts['p_value']:.3f})" if facts else "–"
@@ -566,7 +682,9 @@ def study_table(study: dict) -> str:
 def frontier_table(study: dict) -> str:
     """Per method and target new-fact accuracy: forgetting where the curve reaches it, and SFT − method there."""
     targets = list(next(iter(study["frontier"].values())))
-    header = "| method | " + " | ".join(f"forgetting at new-fact acc. {t} | SFT − method at {t}" for t in targets) + " |"
+    header = (
+        "| method | " + " | ".join(f"forgetting at new-fact acc. {t} | SFT − method at {t}" for t in targets) + " |"
+    )
     lines = [header, "|---" + "|---:|---:" * len(targets) + "|"]
     for method, by_target in study["frontier"].items():
         cells = []
@@ -577,8 +695,11 @@ def frontier_table(study: dict) -> str:
                 continue
             reached = "" if cell["reached"] == cell["seeds"] else f" ({cell['reached']}/{cell['seeds']} seeds)"
             difference = cell.get("vs_sft")
-            paired = "–" if difference is None or difference["mean"] is None else (
-                _interval(difference, signed=True) + f" (n={difference['n']})")
+            paired = (
+                "–"
+                if difference is None or difference["mean"] is None
+                else (_interval(difference, signed=True) + f" (n={difference['n']})")
+            )
             cells += [_interval(cell) + reached, paired]
         lines.append(f"| {study['summary'][method]['title']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -601,7 +722,7 @@ def relation_table(study: dict) -> str | None:
                 continue
             run = seed["runs"][method or next(iter(seed["runs"]))]
             answers = run["per_fact"]["heldout_start" if method is None else "heldout_end"]
-            for rel, ok in zip(seed["heldout_relations"], answers):
+            for rel, ok in zip(seed["heldout_relations"], answers, strict=True):
                 if rel == relation:
                     correct, total = correct + ok, total + 1
         return "–" if not total else f"{correct / total:.2f}"
@@ -609,21 +730,30 @@ def relation_table(study: dict) -> str | None:
     counts = {r: sum(seed["heldout_relations"].count(r) for seed in study["per_seed"]) for r in relations}
     methods = study["methods"]
     titles = [study["summary"][m]["title"] for m in methods]
-    lines = ["| relation | held-out facts (all seeds) | S | " + " | ".join(titles) + " |",
-             "|---|---:|---:|" + "---:|" * len(methods)]
+    lines = [
+        "| relation | held-out facts (all seeds) | S | " + " | ".join(titles) + " |",
+        "|---|---:|---:|" + "---:|" * len(methods),
+    ]
     for relation in relations:
-        lines.append(f"| {relation} | {counts[relation]} | {pooled(None, relation)} | "
-                     + " | ".join(pooled(m, relation) for m in methods) + " |")
+        lines.append(
+            f"| {relation} | {counts[relation]} | {pooled(None, relation)} | "
+            + " | ".join(pooled(m, relation) for m in methods)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def run_table(runs: dict) -> str:
     """One seed's runs: held-out Known at S and at the end, forgetting, new-fact and task accuracy, wall time."""
+
     def fmt(value):
         return "–" if value is None else f"{value:.3f}"
 
-    lines = ["| run | held-out Known: S | end | relative forgetting from S | from peak | new-fact acc. | task acc. | "
-             "wall time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | held-out Known: S | end | relative forgetting from S | from peak | new-fact acc. | task acc. | "
+        "wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for result in runs.values():
         final = result["final"]
         from_start, from_peak = final["forgetting_from_start"], final["forgetting_from_peak"]
@@ -640,11 +770,16 @@ def write_outputs(study: dict, out: Path) -> None:
     """`results.json`, `table.md` (the study table, then each seed's runs), `plot.png` and `frontier.png`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(study, indent=2))
-    parts = [study_table(study), "\nAt matched plasticity (the stability–plasticity curves read at fixed new-fact "
-             "accuracies; Student-t intervals over seeds):\n\n" + frontier_table(study)]
+    parts = [
+        study_table(study),
+        "\nAt matched plasticity (the stability–plasticity curves read at fixed new-fact "
+        "accuracies; Student-t intervals over seeds):\n\n" + frontier_table(study),
+    ]
     if (relations := relation_table(study)) is not None:
-        parts.append("\nHeld-out Known accuracy per relation, pooled over the seeds (a method's column: the seeds that "
-                     "ran it):\n\n" + relations)
+        parts.append(
+            "\nHeld-out Known accuracy per relation, pooled over the seeds (a method's column: the seeds that "
+            "ran it):\n\n" + relations
+        )
     for seed in study["per_seed"]:
         parts.append(f"\nSeed {seed['seed']}:\n\n" + run_table(seed["runs"]))
     (out / "table.md").write_text("\n".join(parts) + "\n")
@@ -676,8 +811,9 @@ def plot_curves(study: dict, path: Path) -> None:
         for i, seed in enumerate(s for s in study["per_seed"] if method in s["runs"]):
             result = seed["runs"][method]
             steps = [h["step"] for h in result["history"]]
-            style = dict(marker="o", markersize=3, alpha=0.8, label=result["title"] if i == 0 else None,
-                         **styles[method])
+            style = dict(
+                marker="o", markersize=3, alpha=0.8, label=result["title"] if i == 0 else None, **styles[method]
+            )
             left.plot(steps, [h["heldout_known_accuracy"] for h in result["history"]], **style)
             if result["history"][0]["new_fact_accuracy"] is not None:
                 right.plot(steps, [h["new_fact_accuracy"] for h in result["history"]], **style)
@@ -708,18 +844,27 @@ def plot_frontier(study: dict, path: Path) -> None:
             curve = {step: (x, y / initial) for step, (x, y) in frontier_by_step(result).items()} if initial else {}
             if not curve:
                 continue
-            ax.plot(*zip(*curve.values()), linewidth=0.7, alpha=0.3, **styles[method])
+            ax.plot(*zip(*curve.values(), strict=True), linewidth=0.7, alpha=0.3, **styles[method])
             curves.append(curve)
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         mean = [[sum(c[step][k] for c in curves) / len(curves) for step in steps] for k in (0, 1)]
-        ax.plot(*mean, linewidth=2, marker="o", markersize=4, label=f"{study['summary'][method]['title']} "
-                f"(mean of {len(curves)})", **styles[method])
+        ax.plot(
+            *mean,
+            linewidth=2,
+            marker="o",
+            markersize=4,
+            label=f"{study['summary'][method]['title']} (mean of {len(curves)})",
+            **styles[method],
+        )
     for target in FRONTIER_TARGETS:
         ax.axvline(target, color="grey", linestyle=":", linewidth=1)
-    ax.set(title="Stability–plasticity frontier (thin: each seed; thick: mean over seeds at each evaluation)",
-           xlabel="new-fact accuracy", ylabel="held-out Known accuracy / accuracy of S")
+    ax.set(
+        title="Stability–plasticity frontier (thin: each seed; thick: mean over seeds at each evaluation)",
+        xlabel="new-fact accuracy",
+        ylabel="held-out Known accuracy / accuracy of S",
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
@@ -727,7 +872,7 @@ def plot_frontier(study: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# ---- helpers ---------------------------------------------------------------------------------------------------------
+# ---- helpers --------------------------------------------------------------------------------------------------------
 class PeakMemory:
     """Peak memory of a block in MB: `torch.cuda.max_memory_allocated` on CUDA, else the process's resident set size
     sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read. A block starts

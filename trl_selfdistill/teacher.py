@@ -144,7 +144,7 @@ def adapter_parameters(model: PeftModel) -> set[int]:
 
 
 def check_adapter_teacher(model: PeftModel) -> None:
-    """Refuse set-ups where the adapter-disabled model would not be the initial model, or the kernel would miss a delta."""
+    """Refuse set-ups where the adapter-disabled model would not be the initial model, or the kernel miss a delta."""
     config = model.peft_config[model.active_adapter]
     if config.is_prompt_learning:
         raise ValueError(
@@ -158,7 +158,8 @@ def check_adapter_teacher(model: PeftModel) -> None:
         )
     if getattr(config, "modules_to_save", None):
         raise ValueError(
-            f"`modules_to_save={config.modules_to_save}` trains full copies of base modules, which the adapter-disabled "
+            f"`modules_to_save={config.modules_to_save}` trains full copies of base modules, which the "
+            "adapter-disabled "
             "teacher would not see consistently. Drop `modules_to_save`, or train fully with a copied teacher."
         )
     if isinstance(causal_lm(model).get_output_embeddings(), BaseTunerLayer):
@@ -170,7 +171,8 @@ def check_adapter_teacher(model: PeftModel) -> None:
     trainable_base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
     if trainable_base:
         raise ValueError(
-            f"Base weights are trainable ({', '.join(trainable_base[:3])}{', ...' if len(trainable_base) > 3 else ''}) "
-            "while the teacher is the adapter-disabled model: the teacher would drift with the student. Freeze them "
-            "(`requires_grad_(False)`), or train fully with `teacher_mode='model_copy'`."
+            f"Base weights are trainable ({', '.join(trainable_base[:3])}"
+            f"{', ...' if len(trainable_base) > 3 else ''}) while the teacher is the adapter-disabled model: the "
+            "teacher would drift with the student. Freeze them (`requires_grad_(False)`), or train fully with "
+            "`teacher_mode='model_copy'`."
         )

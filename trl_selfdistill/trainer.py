@@ -1,4 +1,4 @@
-"""`SelfDistillSFTTrainer`: SFT plus λ·τ²·D(teacher ‖ student) per token, the teacher being the frozen initial model."""
+"""`SelfDistillSFTTrainer`: SFT plus λ·τ²·D(teacher ‖ student) per token, the teacher the frozen initial model."""
 
 import contextlib
 import hashlib
@@ -82,7 +82,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "self-distillation", "trl-selfdistill"]
 
-    def __init__(self, model, args: SelfDistillConfig | None = None, freeze_config: FreezeConfig | None = None, **kwargs):
+    def __init__(
+        self, model, args: SelfDistillConfig | None = None, freeze_config: FreezeConfig | None = None, **kwargs
+    ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = SelfDistillConfig(f"{name.split('/')[-1]}-SelfDistill")
@@ -131,7 +133,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if self.teacher is None and value != self._distill_coef:
             raise ValueError(
                 f"Cannot set `distill_coef` to {value}: this trainer was built with `distill_coef=0`, so it has no "
-                "teacher and trains plain SFT. Build it with `SelfDistillConfig(distill_coef > 0)` (e.g. 1.0) to change "
+                "teacher and trains plain SFT. Build it with `SelfDistillConfig(distill_coef > 0)` (e.g. 1.0) to "
+                "change "
                 "λ during training."
             )
         self._distill_coef = value
@@ -158,7 +161,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if mode == "adapter_copy":
             if not given_peft_model:
                 raise ValueError(
-                    "`teacher_mode='adapter_copy'` copies the adapter of an already-adapted PeftModel, but the adapter "
+                    "`teacher_mode='adapter_copy'` copies the adapter of an already-adapted PeftModel, but the "
+                    "adapter "
                     "was just created from `peft_config`, so it equals the base model: use `teacher_mode="
                     "'adapter_disabled'` (or 'auto'), which needs no copy."
                 )
@@ -181,7 +185,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
         teacher_vocab = full_shape(teacher.model.get_output_embeddings().weight)[0]
         if teacher_vocab != student_vocab:
             raise ValueError(
-                f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}). Distillation "
+                f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}). "
+                "Distillation "
                 "compares distributions over the same tokens: use a teacher with the student's tokenizer."
             )
         # Sharded like the student under ZeRO-3 and FSDP2 (each rank holds 1/N of the teacher), replicated otherwise
@@ -226,7 +231,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
         that shape it; a `teacher_cache_topk` above the vocabulary is refused here, before any step."""
         student_adapters = adapter_parameters(self.model) if isinstance(self.model, PeftModel) else set()
         teacher_tensors = [
-            (n, p) for n, p in self.teacher.model.named_parameters() if id(p) not in student_adapters or ".teacher." in n
+            (n, p)
+            for n, p in self.teacher.model.named_parameters()
+            if id(p) not in student_adapters or ".teacher." in n
         ]
         data = hashlib.sha256()
         if hasattr(self.train_dataset, "__len__"):
@@ -299,13 +306,18 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if "attention_mask" not in self.data_collator([self.train_dataset[0]]):
             raise ValueError(
                 "`teacher_cache_prefill` needs per-example rows, but this collator packs a batch into one row "
-                "(padding-free): its cache keys depend on the batch. Set `teacher_cache_prefill=False` (the first epoch "
+                "(padding-free): its cache keys depend on the batch. Set `teacher_cache_prefill=False` (the first "
+                "epoch "
                 "fills the cache), or turn off `padding_free`."
             )
-        loader = self.accelerator.prepare(torch.utils.data.DataLoader(
-            self.train_dataset, batch_size=args.teacher_cache_prefill_batch_size, collate_fn=self.data_collator,
-            num_workers=args.dataloader_num_workers,
-        ))
+        loader = self.accelerator.prepare(
+            torch.utils.data.DataLoader(
+                self.train_dataset,
+                batch_size=args.teacher_cache_prefill_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=args.dataloader_num_workers,
+            )
+        )
         stored = 0
         for batch in tqdm(loader, desc="Teacher pre-pass", disable=not self.is_world_process_zero()):
             inputs = self._prepare_inputs(batch)
@@ -322,7 +334,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
             with gathered_heads(student, self.teacher) as (_, teacher_head), self._head_autocast():
                 ids, logps = teacher_topk(hidden, teacher_head, args.teacher_cache_topk, args.distill_temperature)
             counts = positions.sum(1).tolist()
-            for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
+            for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts), strict=True):
                 self.teacher_cache.put(key, row_ids, row_logps, epoch=0)
             stored += len(keys)
         self.accelerator.wait_for_everyone()
@@ -355,7 +367,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         sync for all)."""
         device = checks[0][0].device
         finite = torch.stack([torch.isfinite(v.detach()).all().to(device) for v, _, _ in checks]).tolist()
-        for ok, (_, term, fix) in zip(finite, checks):
+        for ok, (_, term, fix) in zip(finite, checks, strict=True):
             if not ok:
                 step, epoch = self.state.global_step, self.state.epoch or 0.0
                 raise NonFiniteError(
@@ -381,11 +393,15 @@ class SelfDistillSFTTrainer(SFTTrainer):
         checks = []  # (value, term, fix) read together before the step ends, in one host transfer
         if cached is None:
             teacher_hidden = self._teacher_hidden(model_inputs)
-            checks.append((
-                teacher_hidden, "teacher output (last hidden states)",
-                "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use bf16 or "
-                "fp32 for the teacher), or the inputs of this batch.",
-            ))
+            checks.append(
+                (
+                    teacher_hidden,
+                    "teacher output (last hidden states)",
+                    "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use "
+                    "bf16 or "
+                    "fp32 for the teacher), or the inputs of this batch.",
+                )
+            )
 
         # The student's forward runs through the wrapped model (DDP/FSDP/DeepSpeed hooks); its LM head projects one
         # position per row only, and the losses project the selected hidden states once, below
@@ -403,9 +419,10 @@ class SelfDistillSFTTrainer(SFTTrainer):
             hidden = (hidden[:, :-1] if shifted else hidden)[where].to(device)
             if cached is not None:
                 uniform = -math.log(cached[1].shape[1] + 1)  # rows the divergence does not cover: a finite stand-in
-                teacher = TeacherTarget(topk_ids=self._rows_from_positions(cached[0], rows, positions, 0).to(device),
-                                        topk_logps=self._rows_from_positions(cached[1], rows, positions, uniform)
-                                        .to(device))
+                teacher = TeacherTarget(
+                    topk_ids=self._rows_from_positions(cached[0], rows, positions, 0).to(device),
+                    topk_logps=self._rows_from_positions(cached[1], rows, positions, uniform).to(device),
+                )
             else:
                 selected = (teacher_hidden[:, :-1] if shifted else teacher_hidden)[where].to(device)
                 teacher = TeacherTarget(selected, teacher_head)
@@ -413,9 +430,15 @@ class SelfDistillSFTTrainer(SFTTrainer):
             ce_scale, distill_scale = self._loss_scales(label_mask, positions, num_items_in_batch)
             with self._head_autocast():
                 fused = fused_token_losses(
-                    hidden, student_head, targets, teacher,
-                    ce_weights=(targets != -100) * ce_scale, divergence_weights=covered * distill_scale,
-                    beta=args.divergence_beta, temperature=args.distill_temperature, dft=args.loss_type == "dft",
+                    hidden,
+                    student_head,
+                    targets,
+                    teacher,
+                    ce_weights=(targets != -100) * ce_scale,
+                    divergence_weights=covered * distill_scale,
+                    beta=args.divergence_beta,
+                    temperature=args.distill_temperature,
+                    dft=args.loss_type == "dft",
                     topk=args.teacher_cache_topk if self.teacher_cache is not None and cached is None else None,
                     rows=args.loss_chunk_rows,
                 )
@@ -430,10 +453,14 @@ class SelfDistillSFTTrainer(SFTTrainer):
         self._stop_if_nonfinite(
             *checks,
             (ce_sum, "SFT loss (CE)", _CE_FIX),
-            (kl_sum, "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
-             "Rebuild the teacher cache (delete `teacher_cache_dir`)" if cached else
-             "Lower the learning rate or `distill_temperature`-sharpened logits overflow: try τ ≥ 0.5, bf16/fp32, or "
-             "`max_grad_norm`."),
+            (
+                kl_sum,
+                "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
+                "Rebuild the teacher cache (delete `teacher_cache_dir`)"
+                if cached
+                else "Lower the learning rate or `distill_temperature`-sharpened logits overflow: try τ ≥ 0.5, "
+                "bf16/fp32, or `max_grad_norm`.",
+            ),
         )
         if fused.topk_ids is not None:
             self._store_or_compare_cache(keys, positions, covered, fused, mode)
@@ -477,11 +504,11 @@ class SelfDistillSFTTrainer(SFTTrainer):
         return out
 
     def _store_or_compare_cache(self, keys, positions, covered, fused, mode) -> None:
-        """Training: store the teacher's top-k per row. Eval (held-out batches): log the top-k KL beside the exact one."""
+        """Training: store the teacher's top-k per row. Eval (held-out batches): log the top-k KL beside the exact."""
         if mode == "train":
             ids, logps = fused.topk_ids[covered], fused.topk_logps[covered]
             counts = positions.sum(1).tolist()
-            for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts)):
+            for key, row_ids, row_logps in zip(keys, ids.split(counts), logps.split(counts), strict=True):
                 self.teacher_cache.put(key, row_ids, row_logps, epoch=int(self.state.epoch or 0))
             return
         gather = self.accelerator.gather_for_metrics
@@ -508,7 +535,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
             parts["aux_loss"] = outputs.aux_loss.detach()
         local = torch.stack([v.to(device=fused.ce.device, dtype=torch.float32) for v in parts.values()])
         gathered = self.accelerator.gather_for_metrics(local.unsqueeze(0)).tolist()  # [processes][len(parts)]
-        sums = dict(zip(parts, map(math.fsum, zip(*gathered))))  # summed in Python: counts stay exact past 2^24
+        sums = dict(
+            zip(parts, map(math.fsum, zip(*gathered, strict=True)), strict=True)
+        )  # summed in Python: counts stay exact past 2^24
         num_valid = sums["valid"]
         scale = self.distill_coef * self.args.distill_temperature**2
         metrics = self._metrics[mode]
@@ -531,12 +560,13 @@ class SelfDistillSFTTrainer(SFTTrainer):
     # Saving, model card and Hub
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """`Trainer.save_model`, refused when a trainable weight is NaN/inf: non-finite weights never overwrite a save."""
+        """`Trainer.save_model`, refused when a trainable weight is NaN/inf: non-finite weights overwrite no save."""
         bad = nonfinite_parameters(self.model, trainable_only=True)
         if bad:
             raise NonFiniteError(
                 f"Refusing to save: {len(bad)} trainable tensors hold NaN/inf ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}) at step {self.state.global_step}. What is on disk is kept. Resume "
+                f"{', ...' if len(bad) > 3 else ''}) at step {self.state.global_step}. What is on disk is kept. "
+                "Resume "
                 "from the last checkpoint with a lower learning rate, `max_grad_norm`, or bf16/fp32 instead of fp16."
             )
         return super().save_model(output_dir, _internal_call)

@@ -107,7 +107,7 @@ class ForgettingCallback(TrainerCallback):
         self.history: list[dict] = []
         self.per_category: dict[str, float] = {}
         self.answered: list[bool] | None = None  # held-out facts answered correctly at the first evaluation
-        self.correct: list[list[bool]] | None = None  # per fact of train Known, train Unknown, held-out: last evaluation
+        self.correct: list[list[bool]] | None = None
         self.eval_seconds = 0.0  # time spent evaluating (inside the trainer's run time)
         self.run_id: str | None = None  # a new id each time training begins, written with the results
         self._logs: dict[str, float] = {}
@@ -156,7 +156,9 @@ class ForgettingCallback(TrainerCallback):
             "eval_seconds": self.eval_seconds,
             # Per-fact correctness (0/1, in the order of the splits): held-out at the first and last evaluation, new
             # facts at the last; what paired statistics over facts need (`knowledge.stats`)
-            "per_fact": None if self.correct is None else {
+            "per_fact": None
+            if self.correct is None
+            else {
                 "heldout_start": [int(ok) for ok in self.answered],
                 "heldout_end": [int(ok) for ok in self.correct[2]],
                 "new_end": [int(ok) for ok in self.correct[1]],

@@ -45,5 +45,7 @@ class ExactMatchAlias(evaluate.Metric):
     def _compute(self, predictions, references):
         if not predictions:
             raise ValueError("No predictions to score: pass at least one prediction with its aliases.")
-        correct = [is_correct(prediction, aliases) for prediction, aliases in zip(predictions, references)]
+        correct = [
+            is_correct(prediction, aliases) for prediction, aliases in zip(predictions, references, strict=True)
+        ]
         return {"exact_match": sum(correct) / len(correct)}

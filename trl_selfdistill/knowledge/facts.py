@@ -141,7 +141,7 @@ def _json_records(file: Path) -> list[dict]:
                     "is one JSON object; fix or delete that line."
                 ) from err
             where.append(f"{file}:{number}")
-    for record, place in zip(records, where):
+    for record, place in zip(records, where, strict=True):
         if not isinstance(record, dict):
             raise ValueError(
                 f"{place} is a JSON {_json_kind(record)} ({json.dumps(record)[:60]}), not an object. Each fact is "

@@ -30,7 +30,7 @@ def score(predictions: Sequence[str], facts: Dataset) -> list[bool]:
     """Exact match (normalised, any alias) of each prediction against its fact's answers."""
     if len(predictions) != len(facts):
         raise ValueError(f"{len(predictions)} predictions for {len(facts)} facts: give one prediction per fact.")
-    return [is_correct(prediction, answers) for prediction, answers in zip(predictions, facts["answers"])]
+    return [is_correct(prediction, answers) for prediction, answers in zip(predictions, facts["answers"], strict=True)]
 
 
 def accuracy(correct: Sequence[bool]) -> float | None:
@@ -41,7 +41,7 @@ def accuracy(correct: Sequence[bool]) -> float | None:
 def accuracy_by(groups: Sequence[str], correct: Sequence[bool]) -> dict[str, float]:
     """Accuracy per group label (e.g. SliCK category or relation)."""
     by_group = defaultdict(list)
-    for group, ok in zip(groups, correct):
+    for group, ok in zip(groups, correct, strict=True):
         by_group[group].append(ok)
     return {group: accuracy(oks) for group, oks in sorted(by_group.items())}
 
@@ -88,9 +88,11 @@ def knowledge_metrics(splits: KnowledgeSplits, correct: Sequence[Sequence[bool]]
     sets (in that order). With `answered` (one flag per held-out fact: answered correctly by the reference model in
     the evaluation format), also `answered_known_accuracy`, the accuracy on those facts only (None when none is).
     """
-    metrics = {name: accuracy(ok) for name, ok in zip(SET_METRICS, correct)}
+    metrics = {name: accuracy(ok) for name, ok in zip(SET_METRICS, correct, strict=True)}
     if answered is not None:
-        metrics["answered_known_accuracy"] = accuracy([ok for ok, keep in zip(correct[2], answered) if keep])
+        metrics["answered_known_accuracy"] = accuracy(
+            [ok for ok, keep in zip(correct[2], answered, strict=True) if keep]
+        )
     train_sets, train_correct = (splits.train_known, splits.train_unknown), [*correct[0], *correct[1]]
     if all("category" in facts.column_names for facts in train_sets):
         metrics["per_category"] = accuracy_by([c for facts in train_sets for c in facts["category"]], train_correct)

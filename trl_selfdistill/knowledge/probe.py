@@ -4,6 +4,10 @@ For each fact, `num_prompts` different `num_shots`-shot prompts (same-relation e
 the fact itself) are answered once greedily and `num_samples` times at temperature T. With P0 the share of correct
 greedy answers and Ps the share of correct samples: HighlyKnown P0 = 1, MaybeKnown 0 < P0 < 1, WeaklyKnown P0 = 0 and
 Ps > 0, Unknown P0 = Ps = 0. Without samples (the cheap setting) WeaklyKnown cannot be told from Unknown.
+
+Every probed fact also gets a heuristic label (`copy`, `prior` or `none`, see `heuristics`): the model is asked the
+same few-shot prompts about fictional entities of each relation, and the answers it gives whatever the entity are its
+default answers.
 """
 
 import random
@@ -16,9 +20,10 @@ from datasets import Dataset
 from .facts import is_correct
 from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn, Generator
+from .heuristics import FICTIONAL_PER_RELATION, default_answers, fictional_facts, label_heuristics
 
 SLICK_CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-PROBE_COLUMNS = ("p_greedy", "p_sample", "category", "greedy_answers")
+PROBE_COLUMNS = ("p_greedy", "p_sample", "category", "greedy_answers", "heuristic", "defaults")
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,13 @@ class ProbeConfig:
     max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per answer (stops at end of line)."})
     batch_size: int = field(default=32, metadata={"help": "Sequences generated per batch (prompts × samples)."})
     seed: int = field(default=0, metadata={"help": "Seeds exemplar choice and sampling."})
+    fictional_per_relation: int = field(
+        default=FICTIONAL_PER_RELATION,
+        metadata={"help": "Fictional entities asked per relation to find the model's default answers (0: none)."},
+    )
 
     def __post_init__(self):
-        if self.num_prompts < 1 or self.num_shots < 0 or self.num_samples < 0:
+        if self.num_prompts < 1 or self.num_shots < 0 or self.num_samples < 0 or self.fictional_per_relation < 0:
             raise ValueError(
                 f"num_prompts={self.num_prompts}, num_shots={self.num_shots}, num_samples={self.num_samples}: need "
                 "at least one prompt and non-negative shots and samples."
@@ -88,6 +97,36 @@ def few_shot_prompts(
     return prompts
 
 
+def _generator(model, tokenizer, generate_fn, fmt: AnswerFormat, config: "ProbeConfig", progress: bool) -> GenerateFn:
+    if (model is None) == (generate_fn is None):
+        raise ValueError("Pass either `model` (with `tokenizer`) or `generate_fn`, not both or neither.")
+    if generate_fn is not None:
+        return generate_fn
+    return Generator(
+        model,
+        tokenizer,
+        fmt,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
+
+
+def _fictional_prompts(facts: Dataset, pool: Dataset, fmt: AnswerFormat, config: "ProbeConfig"):
+    fictional = fictional_facts(facts, config.fictional_per_relation, config.seed)
+    prompts = few_shot_prompts(fictional, pool, fmt, 1, config.num_shots, config.seed)
+    return fictional["relation"], [per_fact[0] for per_fact in prompts]
+
+
+def _label(facts: Dataset, relations: list[str], fictional_greedy: list[list[str]]) -> Dataset:
+    fictional_answers: dict[str, list[str]] = defaultdict(list)
+    for relation, outputs in zip(relations, fictional_greedy, strict=True):
+        fictional_answers[relation].append(outputs[0])
+    return label_heuristics(facts, default_answers(facts, fictional_answers))
+
+
 def probe(
     facts: Dataset,
     model=None,
@@ -102,30 +141,23 @@ def probe(
     """
     Categorise `facts` with SliCK. Generation runs with `model` + `tokenizer`, or an injected `generate_fn`.
     `exemplars` defaults to `facts` itself (a fact is never its own exemplar). Returns `facts` with the columns
-    `p_greedy`, `p_sample` (None without samples), `category` and `greedy_answers`.
+    `p_greedy`, `p_sample` (None without samples), `category`, `greedy_answers`, `heuristic` (`copy`, `prior` or
+    `none`) and `defaults` (the relation's default answers, normalised).
     """
     config = config or ProbeConfig.cheap()
     fmt = fmt or AnswerFormat()
-    if (model is None) == (generate_fn is None):
-        raise ValueError("Pass either `model` (with `tokenizer`) or `generate_fn` to `probe`, not both or neither.")
-    if generate_fn is None:
-        generate_fn = Generator(
-            model,
-            tokenizer,
-            fmt,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            batch_size=config.batch_size,
-            progress=progress,
-        )
+    generate_fn = _generator(model, tokenizer, generate_fn, fmt, config, progress)
     facts = facts.remove_columns([c for c in PROBE_COLUMNS if c in facts.column_names])
-    per_fact = few_shot_prompts(
-        facts, facts if exemplars is None else exemplars, fmt, config.num_prompts, config.num_shots, config.seed
-    )
+    if len(facts) == 0:
+        raise ValueError("No facts to probe: the fact set is empty. Load at least one fact with `load_facts`.")
+    pool = facts if exemplars is None else exemplars
+    per_fact = few_shot_prompts(facts, pool, fmt, config.num_prompts, config.num_shots, config.seed)
     prompts = [prompt for prompts in per_fact for prompt in prompts]
+    relations, fictional_prompts = _fictional_prompts(facts, pool, fmt, config)
     torch.manual_seed(config.seed)
-    greedy = _checked(generate_fn(prompts, True, 1), len(prompts), 1)
+    # One greedy pass over the facts' prompts and the fictional entities' prompts
+    greedy = _checked(generate_fn(prompts + fictional_prompts, True, 1), len(prompts) + len(fictional_prompts), 1)
+    greedy, fictional_greedy = greedy[: len(prompts)], greedy[len(prompts) :]
     sampled = None
     if config.num_samples:
         sampled = _checked(generate_fn(prompts, False, config.num_samples), len(prompts), config.num_samples)
@@ -144,12 +176,36 @@ def probe(
         p_sample.append(ps)
         categories.append(slick_category(p0, ps))
         greedy_answers.append(firsts)
-    return (
+    probed = (
         facts.add_column("p_greedy", p_greedy)
         .add_column("p_sample", p_sample)
         .add_column("category", categories)
         .add_column("greedy_answers", greedy_answers)
     )
+    return _label(probed, relations, fictional_greedy)
+
+
+def label_with_model(
+    facts: Dataset,
+    model=None,
+    tokenizer=None,
+    *,
+    generate_fn: GenerateFn | None = None,
+    exemplars: Dataset | None = None,
+    fmt: AnswerFormat | None = None,
+    config: ProbeConfig | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """
+    Add `heuristic` and `defaults` to already-categorised `facts` (asking the model only about fictional entities),
+    with the prompts `probe` would use: the same `exemplars`, `fmt` and `config` as the categories' probe.
+    """
+    config = config or ProbeConfig.cheap()
+    fmt = fmt or AnswerFormat()
+    generate_fn = _generator(model, tokenizer, generate_fn, fmt, config, progress)
+    relations, prompts = _fictional_prompts(facts, facts if exemplars is None else exemplars, fmt, config)
+    torch.manual_seed(config.seed)
+    return _label(facts, relations, _checked(generate_fn(prompts, True, 1), len(prompts), 1) if prompts else [])
 
 
 def _checked(outputs: list[list[str]], num_prompts: int, per_prompt: int) -> list[list[str]]:

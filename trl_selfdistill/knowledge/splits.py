@@ -1,7 +1,9 @@
 """Training and held-out sets: a Known + Unknown training mix, a Known-only control, held-out Known facts.
 
 Held-out facts share no entity (subject) with any training fact, so held-out accuracy measures knowledge the
-fine-tuning never touched directly: its drop is forgetting.
+fine-tuning never touched directly: its drop is forgetting. Known facts (held-out, training and control) are genuine
+(`heuristic` = `none`) by default when the facts carry heuristic labels: a fact the model answers by copying from the
+question or by a default answer measures no knowledge of its entity (see `heuristics`).
 """
 
 import random
@@ -13,8 +15,18 @@ from typing import Literal
 from datasets import Dataset, concatenate_datasets
 
 from .facts import FACT_COLUMNS, normalize_answer
+from .heuristics import GENUINE
 
 KNOWN_CATEGORIES = ("HighlyKnown", "MaybeKnown")
+GENUINE_ONLY = (GENUINE,)
+
+
+def known_facts(facts: Dataset, categories: Sequence[str], heuristics: Sequence[str] | None = GENUINE_ONLY) -> Dataset:
+    """The facts of `categories` whose heuristic label is one of `heuristics` (None, or no label column: any)."""
+    known = facts.filter(lambda c: c in categories, input_columns="category")
+    if heuristics is None or "heuristic" not in known.column_names:
+        return known
+    return known.filter(lambda h: h in heuristics, input_columns="heuristic")
 
 
 def entity_of(fact: dict) -> str:
@@ -84,6 +96,7 @@ def build_splits(
     unknown_categories: Sequence[str] = ("Unknown",),
     control: bool = True,
     control_size: int | Literal["available"] | None = None,
+    heuristics: Sequence[str] | None = GENUINE_ONLY,
     seed: int = 0,
 ) -> KnowledgeSplits:
     """
@@ -99,7 +112,7 @@ def build_splits(
         raise ValueError(f"unknown_share={unknown_share} must be a share between 0 and 1.")
     num_unknown = round(train_size * unknown_share)
     num_known = train_size - num_unknown
-    known = facts.filter(lambda c: c in known_categories, input_columns="category")
+    known = known_facts(facts, known_categories, heuristics)
     if new_facts is None:
         unknown = facts.filter(lambda c: c in unknown_categories, input_columns="category")
     else:
@@ -131,9 +144,11 @@ def build_splits(
     needed = control_size if control else num_known
     if len(heldout_indices) < heldout_size or len(train_indices) < needed:
         raise ValueError(
-            f"{len(known)} Known facts ({', '.join(known_categories)}) cannot fill {heldout_size} held-out facts plus "
-            f"{needed} training Known facts{' (the control set)' if control else ''} with disjoint entities. Lower "
-            "`heldout_size` or `train_size`, probe more facts, widen `known_categories`, or pass `control=False`."
+            f"{len(known)} Known facts ({', '.join(known_categories)}"
+            f"{'; heuristic: ' + ', '.join(heuristics) if heuristics and 'heuristic' in facts.column_names else ''}) "
+            f"cannot fill {heldout_size} held-out facts plus {needed} training Known facts"
+            f"{' (the control set)' if control else ''} with disjoint entities. Lower `heldout_size` or `train_size`, "
+            "probe more facts, widen `known_categories` or `heuristics`, or pass `control=False`."
         )
 
     unknown_indices = [i for i, fact in enumerate(unknown) if entity_of(fact) not in heldout_entities]
@@ -159,16 +174,28 @@ def concatenate_facts(sets: list[Dataset]) -> Dataset:
 
 
 def monitor_splits(
-    facts: Dataset, *, heldout_size: int | None = None, known_categories: Sequence[str] = KNOWN_CATEGORIES, seed: int = 0
+    facts: Dataset,
+    *,
+    heldout_size: int | None = None,
+    known_categories: Sequence[str] = KNOWN_CATEGORIES,
+    heuristics: Sequence[str] | None = GENUINE_ONLY,
+    seed: int = 0,
 ) -> KnowledgeSplits:
     """
     Splits for monitoring a run on the user's own data: no training facts, and up to `heldout_size` (None: all)
-    of the categorised `facts` (the output of `probe`) that the model knows, in a seeded random order. Raises when it
-    knows none of them.
+    of the categorised `facts` (the output of `probe`) that the model knows, in a seeded random order, genuine ones
+    only by default (`heuristics`, as in `build_splits`). Raises when it knows none of them.
     """
     if "category" not in facts.column_names:
         raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
-    known = facts.filter(lambda c: c in known_categories, input_columns="category")
+    known = known_facts(facts, known_categories, heuristics)
+    if len(known) == 0 and len(known_facts(facts, known_categories, None)):
+        counts = ", ".join(f"{h}: {n}" for h, n in sorted(Counter(facts["heuristic"]).items()))
+        raise ValueError(
+            f"Every fact the model knows is answerable by a heuristic ({counts}): copied from the question or the "
+            "relation's default answer, which measures no knowledge. Use facts whose answers the model cannot guess, "
+            "or pass `heuristics=None` to monitor them anyway."
+        )
     if len(known) == 0:
         counts = ", ".join(f"{c}: {n}" for c, n in sorted(Counter(facts["category"]).items()))
         raise ValueError(

@@ -84,7 +84,10 @@ def sign_test(b: int, c: int) -> float:
 
 def discordant(a_end: Correct, b_end: Correct) -> tuple[int, int]:
     """(facts a answers and b does not, facts b answers and a does not)."""
-    return (sum(x and not y for x, y in zip(a_end, b_end)), sum(y and not x for x, y in zip(a_end, b_end)))
+    return (
+        sum(x and not y for x, y in zip(a_end, b_end, strict=True)),
+        sum(y and not x for x, y in zip(a_end, b_end, strict=True)),
+    )
 
 
 def reading_at(points: Sequence[tuple[float, float]], target: float) -> float | None:
@@ -149,8 +152,10 @@ def _betainc(a: float, b: float, x: float) -> float:
     d = 1 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1 + numerator * d
             d = 1 / (d if abs(d) > tiny else tiny)
             c = 1 + numerator / c

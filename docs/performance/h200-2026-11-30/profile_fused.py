@@ -1,6 +1,10 @@
-import torch, time
-from trl_selfdistill.losses import LMHead, TeacherTarget, fused_token_losses
+import time
+
+import torch
+
 import trl_selfdistill.losses as L
+from trl_selfdistill.losses import LMHead, TeacherTarget, fused_token_losses
+
 d="cuda"; V,H=151936,1536
 for N in (4096,8192):
   for ac in (False,True):
@@ -17,7 +21,7 @@ for N in (4096,8192):
     torch.cuda.synchronize(); print("fused N",N,"autocast",ac,(time.perf_counter()-t)/3, flush=True)
     def naive():
       with torch.autocast("cuda",dtype=torch.bfloat16,enabled=ac):
-        z=(h@W.t()).float(); 
+        z=(h@W.t()).float()
         with torch.no_grad(): lt=torch.log_softmax((ht@Wt.t()).float()/0.5,-1)
         loss=torch.nn.functional.cross_entropy(z,tg)+(lt.exp()*(lt-torch.log_softmax(z/0.5,-1))).sum()/N
       loss.backward()

