@@ -10,7 +10,7 @@ from trl_selfdistill import SelfDistillSFTTrainer
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, Generator, KnowledgeSplits, evaluate_knowledge
 
 HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "answered_known_accuracy",
-                "drift_kl"}
+                "drift_kl", "default_answer_share"}
 FINAL_KEYS = {
     "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "heldout_known_peak", "heldout_known_initial",
     "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "answered_known_accuracy",
@@ -57,7 +57,13 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
 
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
     assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "facts", "format", "run",
-                            "eval_seconds", "per_fact"}
+                            "eval_seconds", "per_fact", "collapse"}
+    # The collapse diagnostic: held-out facts lost since the start, read from the per-fact records
+    lost = sum(a and not b for a, b in zip(callback.answered, callback.correct[2], strict=True))
+    assert results["collapse"]["lost"] == lost and 0 <= results["collapse"]["lost_to_default"] <= lost
+    assert results["collapse"]["default_answer_share_end"] == results["history"][-1]["default_answer_share"]
+    assert results["per_fact"]["heldout_answers_end"] == callback.heldout_answers
+    assert len(callback.heldout_answers) == 3
     assert results["per_fact"]["heldout_start"] == [int(ok) for ok in callback.answered]
     assert results["per_fact"]["heldout_end"] == [int(ok) for ok in callback.correct[2]]
     assert len(results["per_fact"]["new_end"]) == 2 and 0 < results["eval_seconds"] < 600

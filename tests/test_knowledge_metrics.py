@@ -95,3 +95,25 @@ def test_exact_match_metric_loads_from_the_package():
     result = metric.compute(predictions=["The Paris", "Lima", "usa"],
                             references=[["Paris"], ["Cusco"], ["United States", "USA"]])
     assert result == {"exact_match": pytest.approx(2 / 3)}
+
+
+def test_collapse_counts_lost_facts_that_now_get_a_default_answer():
+    from trl_selfdistill.knowledge.metrics import collapse, default_answers_of, default_share
+
+    known = facts([("Country of Lyon?", ["United States"]), ("Country of Graz?", ["United States"]),
+                   ("Country of Kobe?", ["Japan"])], "HighlyKnown")
+    unknown = facts([("Language of Zorb?", ["English"]), ("Language of Quax?", ["English"])],
+                    "Unknown").map(lambda row: {"relation": "language"})
+    heldout = facts([("Country of Dubai?", ["United Arab Emirates"]), ("Country of Oslo?",
+                    ["Norway"]), ("Country of Perth?", ["Australia"]), ("Language of Faust?",
+                    ["German"])], "HighlyKnown")
+    heldout = heldout.add_column("defaults", [["france"], [], [], []])
+    splits = KnowledgeSplits(known, unknown, heldout)
+    defaults = default_answers_of(splits)
+    # each relation's most common training answer (seen twice), pooled; plus the fact's own probe defaults
+    assert defaults == [{"united states", "english", "france"}] + [{"united states", "english"}] * 3
+    start, end = [True, True, True, False], [False, False, True, False]
+    answers = ["United States of America", "the United States", "Australia", "English"]
+    assert collapse(start, end, answers, defaults) == {"lost": 2, "lost_to_default": 1, "lost_to_default_share": 0.5}
+    assert default_share(answers, defaults) == 0.5
+    assert collapse([True], [True], ["x"], [set()])["lost_to_default_share"] is None

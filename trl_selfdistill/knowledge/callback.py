@@ -12,7 +12,16 @@ from ..teacher import eval_mode
 from .drift import DriftMeter
 from .formats import AnswerFormat
 from .generation import Generator
-from .metrics import correct_for_prompts, forgetting_summary, knowledge_metrics
+from .metrics import (
+    accuracy_by,
+    answers_for_prompts,
+    collapse,
+    default_answers_of,
+    default_share,
+    forgetting_summary,
+    knowledge_metrics,
+    score,
+)
 from .probe import few_shot_prompts
 from .splits import KnowledgeSplits
 
@@ -63,6 +72,12 @@ class ForgettingCallback(TrainerCallback):
     evaluation (step 0): SliCK's few-shot "Known" does not imply a correct zero-shot answer in the evaluation format,
     and a fact never answered in that format cannot be forgotten in it. `results()["answered_known"]` counts them.
 
+    Each evaluation also records `default_answer_share`, the share of held-out answers that are a default answer
+    (`metrics.default_answers_of`: the training mix's most common answers, the probe's defaults of the fact's
+    relation), and `heldout_by_heuristic` when the held-out facts carry heuristic labels. `results()["collapse"]`
+    counts the held-out facts lost since the start and how many of them now get a default answer: forgetting by
+    collapse onto the mix's common answers, not by interference between facts.
+
     Every `Trainer.evaluate()` also returns the latest metrics as `eval_knowledge/<name>` (evaluating first when the
     last evaluation is from an earlier step), so `metric_for_best_model="knowledge/heldout_known_accuracy"`,
     `load_best_model_at_end` and `EarlyStoppingCallback` can use them. `attach` puts the callback first so that
@@ -108,6 +123,8 @@ class ForgettingCallback(TrainerCallback):
         self.per_category: dict[str, float] = {}
         self.answered: list[bool] | None = None  # held-out facts answered correctly at the first evaluation
         self.correct: list[list[bool]] | None = None
+        self.heldout_answers: list[str] | None = None  # the latest held-out answers
+        self.defaults = default_answers_of(splits)
         self.eval_seconds = 0.0  # time spent evaluating (inside the trainer's run time)
         self.run_id: str | None = None  # a new id each time training begins, written with the results
         self._logs: dict[str, float] = {}
@@ -154,6 +171,13 @@ class ForgettingCallback(TrainerCallback):
             "format": {"prompt": self.fmt.prompt, "chat": self.fmt.chat, "num_shots": self.num_shots},
             "run": self.run_id,
             "eval_seconds": self.eval_seconds,
+            "collapse": None
+            if self.correct is None
+            else {
+                **collapse(self.answered, self.correct[2], self.heldout_answers, self.defaults),
+                "default_answer_share_start": self.history[0]["default_answer_share"],
+                "default_answer_share_end": self.history[-1]["default_answer_share"],
+            },
             # Per-fact correctness (0/1, in the order of the splits): held-out at the first and last evaluation, new
             # facts at the last; what paired statistics over facts need (`knowledge.stats`)
             "per_fact": None
@@ -162,6 +186,7 @@ class ForgettingCallback(TrainerCallback):
                 "heldout_start": [int(ok) for ok in self.answered],
                 "heldout_end": [int(ok) for ok in self.correct[2]],
                 "new_end": [int(ok) for ok in self.correct[1]],
+                "heldout_answers_end": self.heldout_answers,
             },
         }
 
@@ -214,7 +239,9 @@ class ForgettingCallback(TrainerCallback):
         splits = self.splits
         sets = [splits.train_known, splits.train_unknown, splits.heldout]
         start = time.perf_counter()
-        correct = self.correct = correct_for_prompts(self._generator, self.prompts, sets)
+        answers = answers_for_prompts(self._generator, self.prompts)
+        correct = self.correct = [score(a, facts) for a, facts in zip(answers, sets, strict=True)]
+        self.heldout_answers = answers[2]
         if self.answered is None:
             self.answered = list(correct[2])
             if not any(self.answered):
@@ -226,10 +253,15 @@ class ForgettingCallback(TrainerCallback):
                 )
         metrics = knowledge_metrics(splits, correct, self.answered)
         self.per_category = metrics.pop("per_category")
+        metrics["default_answer_share"] = default_share(answers[2], self.defaults)
+        if "heuristic" in splits.heldout.column_names:
+            metrics["heldout_by_heuristic"] = accuracy_by(splits.heldout["heuristic"], correct[2])
         entry = {"step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None}
         self.eval_seconds += time.perf_counter() - start
         self.history.append(entry)
+        by_heuristic = metrics.pop("heldout_by_heuristic", {})
         logs = {**metrics, "drift_kl": entry["drift_kl"]}
+        logs.update({f"heldout_accuracy_{label}": value for label, value in by_heuristic.items()})
         final = self.final
         forgetting = ("forgetting_from_peak", "forgetting_from_start", "answered_known_forgetting")
         logs.update({key: final[key] for key in forgetting})

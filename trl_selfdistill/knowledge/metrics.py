@@ -6,15 +6,18 @@
 - forgetting: the relative drop of held-out Known accuracy from its peak, (peak − final) / peak, and from the start;
 - answered Known accuracy: held-out accuracy on the facts the reference model answered correctly in the evaluation
   format at the start. SliCK "Known" comes from few-shot prompts; a fact the model does not answer zero-shot in the
-  evaluation format at step 0 cannot be forgotten in it, so forgetting measured on these facts is the cleaner signal.
+  evaluation format at step 0 cannot be forgotten in it, so forgetting measured on these facts is the cleaner signal;
+- collapse: of the held-out facts answered at the start and lost since, the share now answered with a default answer
+  (`default_answers_of`), and the share of all held-out answers that are a default answer. A model that forgets by
+  collapsing onto the training mix's common answers shows it here.
 """
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from datasets import Dataset
 
-from .facts import is_correct
+from .facts import is_correct, normalize_answer
 from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn
 from .splits import KnowledgeSplits
@@ -64,16 +67,57 @@ def answer_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: Ans
     return answers
 
 
+def answers_for_prompts(generate_fn: GenerateFn, prompts: Sequence[Sequence[Prompt]]) -> list[list[str]]:
+    """Per set, the greedy answer to each of its prompts, in one batched call."""
+    outputs = generate_fn([prompt for per_set in prompts for prompt in per_set], True, 1)
+    answers, start = [], 0
+    for per_set in prompts:
+        answers.append([output[0] for output in outputs[start : start + len(per_set)]])
+        start += len(per_set)
+    return answers
+
+
 def correct_for_prompts(
     generate_fn: GenerateFn, prompts: Sequence[Sequence[Prompt]], facts: Sequence[Dataset]
 ) -> list[list[bool]]:
     """Per fact of each set: is the greedy answer to its prompt (`prompts[i][j]` asks fact j of set i) correct?"""
-    outputs = generate_fn([prompt for per_set in prompts for prompt in per_set], True, 1)
-    correct, start = [], 0
-    for dataset in facts:
-        correct.append(score([output[0] for output in outputs[start : start + len(dataset)]], dataset))
-        start += len(dataset)
-    return correct
+    return [score(answers, dataset) for answers, dataset in zip(answers_for_prompts(generate_fn, prompts), facts,
+                                                                strict=True)]
+
+
+def default_answers_of(splits: KnowledgeSplits, min_count: int = 2) -> list[set[str]]:
+    """
+    Per held-out fact, the answers (normalised) that count as default answers: the most common first alias of each
+    relation among the training facts (seen at least `min_count` times), pooled over relations since a mix's common
+    answer ("United States of America") can take over another relation's facts; plus the fact's own relation's
+    defaults from the probe (its `defaults` column, when present: the model's answers to fictional entities).
+    """
+    per_relation: dict[str, Counter] = defaultdict(Counter)
+    for facts in (splits.train_known, splits.train_unknown):
+        for relation, answers in zip(facts["relation"], facts["answers"], strict=True):
+            per_relation[relation][normalize_answer(answers[0])] += 1
+    common = set()
+    for counts in per_relation.values():
+        top = max(counts.values())
+        if top >= min_count:
+            common |= {answer for answer, count in counts.items() if count == top}
+    heldout = splits.heldout
+    own = heldout["defaults"] if "defaults" in heldout.column_names else [[]] * len(heldout)
+    return [common | set(defaults or []) for defaults in own]
+
+
+def default_share(answers: Sequence[str], defaults: Sequence[set[str]]) -> float | None:
+    """Share of `answers` that are one of their fact's default answers."""
+    hits = [normalize_answer(a) in d for a, d in zip(answers, defaults, strict=True)]
+    return accuracy(hits)
+
+
+def collapse(start: Sequence[bool], end: Sequence[bool], answers: Sequence[str], defaults: Sequence[set[str]]) -> dict:
+    """Held-out facts right at the start and wrong at the end (`lost`), and how many of them now get a default."""
+    lost = [i for i, (was, now) in enumerate(zip(start, end, strict=True)) if was and not now]
+    to_default = sum(normalize_answer(answers[i]) in defaults[i] for i in lost)
+    share = to_default / len(lost) if lost else None
+    return {"lost": len(lost), "lost_to_default": to_default, "lost_to_default_share": share}
 
 
 def correct_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: AnswerFormat) -> list[list[bool]]:
