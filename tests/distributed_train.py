@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer  # noqa: E402
-from trl_selfdistill.distributed import gathered_heads, gathered_parameters, local_bytes, unwrap  # noqa: E402
+from trl_selfdistill.distributed import gathered_heads, gathered_parameters, local_shard, unwrap  # noqa: E402
 from trl_selfdistill.teacher import causal_lm  # noqa: E402
 
 out, mode = Path(spec["out"]), spec["mode"]
@@ -129,7 +129,8 @@ torch.save(
         "teacher_after": after,
         "teacher_kind": teacher.kind if teacher else None,
         "heads_shared": heads_shared,
-        "teacher_bytes": local_bytes(teacher_model),
+        # bytes of parameter data this rank holds for the teacher (its shards only, when sharded)
+        "teacher_bytes": sum(local_shard(p).numel() * p.element_size() for p in teacher_model.parameters()),
         "teacher_full_bytes": sum(
             p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
             for p in teacher_model.parameters()

@@ -92,3 +92,16 @@ def test_installed_trl_is_in_the_range_the_package_claims():
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     (trl,) = [Requirement(dep) for dep in project["dependencies"] if Requirement(dep).name == "trl"]
     assert trl.specifier.contains(importlib.metadata.version("trl")), (trl, importlib.metadata.version("trl"))
+
+
+def test_configs_raise_no_deprecation_warning_and_keep_the_checkpointing_choice(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default = SelfDistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+        off = SelfDistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False)
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
+    assert default.gradient_checkpointing is True and off.gradient_checkpointing is False
+    if hasattr(off, "activation_checkpointing"):  # transformers ≥ 5.x renamed it
+        assert off.activation_checkpointing is False

@@ -214,3 +214,23 @@ def test_a_run_whose_trainer_fails_to_build_leaves_no_memory_sampler_running(tmp
             parse_methods("sft")[0], splits=SimpleNamespace(sizes={}), snapshot="unused", seed=0, out=tmp_path
         )
     assert sum(t.name == "PeakMemory" for t in threading.enumerate()) == before
+
+
+@pytest.mark.parametrize("min_gain, epochs_run", [(0.01, 1), (-1.0, 3)])
+def test_format_learning_stops_once_the_monitor_facts_stop_improving(tmp_path, min_gain, epochs_run):
+    from trl_selfdistill.demo import SIZES, base_config, make_parser
+    from trl_selfdistill.knowledge import builtin_facts
+    from trl_selfdistill.protocol import Protocol
+    from trl_selfdistill.recipes import tiny_checkpoint
+
+    args = base_config(make_parser().parse_args(["--output_dir", str(tmp_path)]), SIZES["smoke"])
+    protocol = Protocol(model=tiny_checkpoint(), facts=builtin_facts("curated-smollm2"), args=args, train_size=16,
+                        heldout_size=8, new_facts="real", snapshot_max_epochs=3, snapshot_min_gain=min_gain,
+                        budget_monitor_size=24, log=lambda *_: None)
+    splits = protocol.splits(seed=0, control=False)
+    path, curve = protocol.snapshot(splits, 0, tmp_path)
+    per_epoch = -(-len(splits.train_known) // args.per_device_train_batch_size)
+    # A random model answers nothing, so an epoch never gains: it stops after the first one unless told not to
+    assert [point["step"] for point in curve] == [per_epoch * e for e in range(epochs_run + 1)]
+    assert all(point["monitor_accuracy"] == 0 for point in curve)
+    assert (tmp_path / "snapshot" / "config.json").is_file() and path == str(tmp_path / "snapshot")

@@ -142,6 +142,10 @@ class SelfDistillConfig(SFTConfig):
 
     def __post_init__(self):
         check_numeric_fields(self)  # before any comparison: `distill_coef="1.0"` gets a TypeError naming the field
+        # TRL's configs still default the old `gradient_checkpointing` name (True), which transformers 5 renamed
+        # `activation_checkpointing` and warns about on every config: carry the value over, as transformers would
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
+            self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
         check_finite("distill_coef", self.distill_coef, "Use a float ≥ 0, e.g. 1.0 (paper), or 0 for plain SFT.")
         check_finite("distill_temperature", self.distill_temperature, "Use a float > 0, e.g. 0.5 (paper).")

@@ -52,11 +52,6 @@ def local_shard(param: torch.Tensor) -> torch.Tensor:
     return param
 
 
-def local_bytes(model: nn.Module) -> int:
-    """Bytes of parameter data this rank holds for `model` (its shards only, when sharded)."""
-    return sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
-
-
 def forward_through(wrapper: nn.Module, method, *args, **kwargs):
     """Call `method(*args, **kwargs)` inside `wrapper`'s forward when its weights are sharded, directly otherwise.
 

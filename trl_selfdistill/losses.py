@@ -149,9 +149,8 @@ FUSED_BUFFERS = 14
 # Default budget of those buffers: chunks are as large as fit, one chunk (the full logits) when everything fits
 FUSED_BUDGET_BYTES = 256 * 2**20
 # On an accelerator, chunks have at least this many rows whatever the budget: with fewer, the projection is a skinny
-# matrix product that leaves most of the chip idle and the loss pays one launch per kernel per chunk (measured on an
-# H200, V=152k: the budget's 31-row chunks ran the loss 7× slower than full bf16 logits, half of it in GEMV-like
-# kernels; `docs/performance.md`). At V=152k, 256 rows are 0.6 GB per 4 buffers, a few % of such a run's memory.
+# matrix product that leaves most of the chip idle and the loss pays one launch per kernel per chunk (measured in
+# `docs/performance.md`). At V=152k, 256 rows are 0.6 GB per 4 buffers, a few % of such a run's memory.
 FUSED_MIN_ROWS_ACCELERATOR = 256
 
 

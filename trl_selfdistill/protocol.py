@@ -44,14 +44,14 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainerCallback
 
 from .config import SelfDistillConfig
 from .freezing import FreezeConfig
 from .knowledge import AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits, synthetic_facts
 from .knowledge.facts import FACT_COLUMNS
 from .knowledge.metrics import accuracy, accuracy_by
-from .knowledge.splits import entity_of
+from .knowledge.splits import GENUINE_ONLY, entity_of, known_facts
 from .knowledge.stats import (
     bootstrap,
     discordant,
@@ -173,8 +173,13 @@ class Protocol:
     unknown_share: float = 0.5
     new_facts: str = "mixed"
     known_categories: tuple[str, ...] = ("HighlyKnown",)
+    heuristics: tuple[str, ...] | None = GENUINE_ONLY  # heuristic labels of the Known facts used (None: any)
     eval_steps: int | None = 20
     snapshot_learning_rate: float | None = None
+    # Format learning runs up to this many epochs, stopping once the monitor facts' accuracy gains less than
+    # `snapshot_min_gain` over an epoch (1: one epoch, no monitor)
+    snapshot_max_epochs: int = 1
+    snapshot_min_gain: float = 0.01
     lora_lr_scale: float = 10.0
     lora_rank: int = 16
     budget_defaults: dict = field(default_factory=dict)  # ForgettingBudgetCallback keywords but `mode`
@@ -207,6 +212,7 @@ class Protocol:
             unknown_share=self.unknown_share,
             new_facts=self._new_facts(count, seed),
             known_categories=self.known_categories,
+            heuristics=self.heuristics,
             control=control,
             control_size="available",
             seed=seed,
@@ -250,7 +256,7 @@ class Protocol:
             )
             for f in facts.select_columns(["subject", "question"])
         }
-        known = self.facts.filter(lambda c: c in self.known_categories, input_columns="category")
+        known = known_facts(self.facts, self.known_categories, self.heuristics)
         free = [i for i, f in enumerate(known.select_columns(["subject", "question"])) if entity_of(f) not in used]
         random.Random(f"monitor:{seed}").shuffle(free)
         if len(free) < MIN_MONITOR:
@@ -263,23 +269,38 @@ class Protocol:
         return KnowledgeSplits(monitor.select([]), monitor.select([]), monitor)
 
     # ---- 2. snapshot ------------------------------------------------------------------------------------------------
-    def snapshot(self, splits: KnowledgeSplits, seed: int, out: Path) -> str:
-        """Stage 1: one epoch of plain SFT on the mix's Known facts, saved in `out/snapshot` (model and tokenizer)."""
+    def snapshot(self, splits: KnowledgeSplits, seed: int, out: Path) -> tuple[str, list[dict]]:
+        """
+        Stage 1: plain SFT on the mix's Known facts, saved in `out/snapshot` (model and tokenizer): one epoch, or up
+        to `snapshot_max_epochs` until converged, i.e. until an epoch raises the accuracy on other Known facts (the
+        budget's `monitor_splits`, never the held-out set) by less than `snapshot_min_gain`. Returns the folder and
+        the monitor's curve (step, accuracy; empty for one epoch).
+        """
         lr = self.snapshot_learning_rate or self.args.learning_rate
-        self.log(f"Stage 1: format learning, 1 epoch of plain SFT on {len(splits.train_known)} Known facts (lr {lr})")
-        trainer = SelfDistillSFTTrainer(
-            model=self.model,
-            args=self._run_args(
-                out / "snapshot", seed, distill_coef=0.0, num_train_epochs=1, max_steps=-1, learning_rate=lr
-            ),
-            train_dataset=self.fmt.training_dataset(splits.train_known.shuffle(seed=seed)),
+        epochs = self.snapshot_max_epochs
+        self.log(f"Stage 1: format learning, {'up to ' if epochs > 1 else ''}{epochs} epoch(s) of plain SFT on "
+                 f"{len(splits.train_known)} Known facts (lr {lr})")
+        dataset = self.fmt.training_dataset(splits.train_known.shuffle(seed=seed))
+        run_args = self._run_args(
+            out / "snapshot", seed, distill_coef=0.0, num_train_epochs=epochs, max_steps=-1, learning_rate=lr
         )
+        trainer = SelfDistillSFTTrainer(model=self.model, args=run_args, train_dataset=dataset)
+        monitor = None
+        if epochs > 1:
+            per_epoch = -(-len(dataset) // (run_args.per_device_train_batch_size * run_args.world_size
+                                            * run_args.gradient_accumulation_steps))
+            monitor = ForgettingCallback(self.monitor_splits(splits, seed), fmt=self.fmt, eval_steps=per_epoch,
+                                         drift_size=0).attach(trainer)
+            trainer.add_callback(_Plateau(monitor, self.snapshot_min_gain, self.log))
         trainer.train()
         trainer.save_model()
         self.args.distributed_state.wait_for_everyone()
+        curve = [] if monitor is None else [
+            {"step": e["step"], "monitor_accuracy": e["heldout_known_accuracy"]} for e in monitor.history
+        ]
         del trainer
         _free_memory()
-        return str(out / "snapshot")
+        return str(out / "snapshot"), curve
 
     # ---- 3. one stage-2 run -----------------------------------------------------------------------------------------
     def run(
@@ -420,10 +441,11 @@ class Protocol:
         self.log(
             f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else "")
         )
-        snapshot = self.snapshot(splits, seed, out)
+        snapshot, curve = self.snapshot(splits, seed, out)
         result = {
             "seed": seed,
             "splits": splits.sizes,
+            "snapshot_curve": curve,
             "control": None if splits.control is None else len(splits.control),
             "heldout_relations": list(splits.heldout["relation"]),
             "runs": {},
@@ -920,3 +942,20 @@ def _free_memory():
         torch.cuda.empty_cache()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _Plateau(TrainerCallback):
+    """Stops format learning at the first epoch-end evaluation that beats the best earlier one by < `min_gain`."""
+
+    def __init__(self, monitor: ForgettingCallback, min_gain: float, log: Callable[[str], None]):
+        self.monitor, self.min_gain, self.log = monitor, min_gain, log
+
+    def on_step_end(self, args, state, control, **kwargs):
+        history = self.monitor.history
+        if len(history) < 2 or history[-1]["step"] != state.global_step:
+            return
+        accuracies = [entry["heldout_known_accuracy"] for entry in history]
+        self.log(f"  format learning, step {state.global_step}: monitor accuracy {accuracies[-1]:.3f}")
+        if accuracies[-1] - max(accuracies[:-1]) < self.min_gain:
+            self.log(f"  converged at step {state.global_step} (gain < {self.min_gain} over an epoch)")
+            control.should_training_stop = True
