@@ -34,7 +34,12 @@ def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
     card = (tmp_path / "selfdistill" / "README.md").read_text()
     assert "heldout_known_accuracy" in card and "plain SFT" in card
     assert (tmp_path / "selfdistill" / "model.safetensors").exists()
-    assert "| attention only | 1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| attention only | 1 |" in out
+    # Progress: one line per evaluation of each run, with where it is and the ETA; no raw metric dicts
+    assert "[run 1/5 · seed 0 · Known only] step 0/2" in out and "[run 5/5 · seed 0 · " in out
+    assert "step 2/2 · held-out" in out and "study ETA" in out
+    assert "{'loss'" not in out and "'knowledge/" not in out
 
 
 def test_demo_with_seeds_writes_one_folder_per_seed_and_the_paired_summary(tmp_path):

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
 from .config import SelfDistillConfig
 from .freezing import FreezeConfig
@@ -189,6 +189,7 @@ class Protocol:
     save_method: str | None = "selfdistill"  # the run whose model and card are saved (first seed only)
     dataset_name: str = "trl-selfdistill facts"  # what the saved run's card names as its data
     log: Callable[[str], None] = print
+    progress: "StudyProgress" = field(default_factory=lambda: StudyProgress())
 
     def __post_init__(self):
         if self.new_facts not in NEW_FACTS:
@@ -285,6 +286,7 @@ class Protocol:
             out / "snapshot", seed, distill_coef=0.0, num_train_epochs=epochs, max_steps=-1, learning_rate=lr
         )
         trainer = SelfDistillSFTTrainer(model=self.model, args=run_args, train_dataset=dataset)
+        trainer.remove_callback(PrinterCallback)
         monitor = None
         if epochs > 1:
             per_epoch = -(-len(dataset) // (run_args.per_device_train_batch_size * run_args.world_size
@@ -326,6 +328,8 @@ class Protocol:
             forgetting = ForgettingCallback(
                 run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher, baseline=baseline
             ).attach(trainer)
+            trainer.add_callback(_Progress(forgetting, f"seed {seed} · {method.title}", self.progress, self.log))
+            trainer.remove_callback(PrinterCallback)  # the progress lines say it, without raw metric dicts
             budget = monitor = None
             if method.kind in BUDGET_MODES:
                 # The budget steers on its own Known facts, disjoint from the held-out set it is judged on
@@ -344,6 +348,7 @@ class Protocol:
             start = time.perf_counter()
             trainer.train()
             wall = time.perf_counter() - start
+        self.progress.run_done(wall)
         steps = trainer.state.global_step
         if save:  # model (or adapter), forgetting_results.json and card; uploaded with `push_to_hub`
             save_and_push(trainer, self.dataset_name, self.log)
@@ -466,6 +471,7 @@ class Protocol:
         (`settings`, the front end's own, go into `results.json` as they are)."""
         start = time.perf_counter()
         out = Path(out)
+        self.progress.start(len(seeds) * len(methods))
         per_seed = [
             self.run_seed(seed, methods, out if len(seeds) == 1 else out / f"seed-{seed}", save=i == 0)
             for i, seed in enumerate(seeds)
@@ -959,3 +965,59 @@ class _Plateau(TrainerCallback):
         if accuracies[-1] - max(accuracies[:-1]) < self.min_gain:
             self.log(f"  converged at step {state.global_step} (gain < {self.min_gain} over an epoch)")
             control.should_training_stop = True
+
+
+@dataclass
+class StudyProgress:
+    """Runs done out of the study's, and their wall times: the study's ETA is the mean run time × the runs left."""
+
+    total: int = 0
+    walls: list[float] = field(default_factory=list)
+
+    def start(self, total: int) -> None:
+        self.total, self.walls = total, []
+
+    def run_done(self, wall: float) -> None:
+        self.walls.append(wall)
+
+    def eta(self, run_left_s: float) -> str:
+        """`this run ~X min, study ~Y min` (the study part once a run has finished, when there is a study)."""
+        text = f"run ETA {run_left_s / 60:.1f} min"
+        later = self.total - len(self.walls) - 1
+        if self.walls and later >= 0:
+            text += f", study ETA {(run_left_s + later * sum(self.walls) / len(self.walls)) / 60:.0f} min"
+        return text
+
+
+class _Progress(TrainerCallback):
+    """One line at each evaluation of a run: where it is, what the held-out and new facts read, and the ETA."""
+
+    def __init__(self, forgetting: ForgettingCallback, name: str, study: StudyProgress, log: Callable[[str], None]):
+        self.forgetting, self.name, self.study, self.log = forgetting, name, study, log
+        self.begin = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin = time.perf_counter()
+        self._report(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        history = self.forgetting.history
+        if history and history[-1]["step"] == state.global_step:
+            self._report(state)
+
+    def _report(self, state) -> None:
+        entry = self.forgetting.history[-1] if self.forgetting.history else None
+        if entry is None:
+            return
+        done, total = state.global_step, state.max_steps
+        elapsed = time.perf_counter() - self.begin
+        left = elapsed / done * (total - done) if done else 0.0
+        reading = ", ".join(
+            f"{label} {entry[key]:.3f}"
+            for label, key in (("held-out", "heldout_known_accuracy"), ("new facts", "new_fact_accuracy"))
+            if entry.get(key) is not None
+        )
+        run = len(self.study.walls) + 1
+        where = f"run {run}/{self.study.total}" if self.study.total else "run"
+        eta = self.study.eta(left) if done else "ETA after the first evaluation"
+        self.log(f"  [{where} · {self.name}] step {done}/{total} · {reading} · {eta}")
