@@ -40,7 +40,7 @@ def run_method(spec: dict) -> dict:
     import torch
 
     from trl_selfdistill.demo import build_protocol, make_parser
-    from trl_selfdistill.protocol import parse_methods
+    from trl_selfdistill.methods import parse_methods
     from trl_selfdistill.recipes import count_parameters
 
     if spec["threads"]:
@@ -51,8 +51,8 @@ def run_method(spec: dict) -> dict:
     protocol = build_protocol(make_parser().parse_args(argv + (["--smoke"] if spec["smoke"] else [])))
     protocol.args = replace(protocol.args, max_steps=spec["steps"], logging_steps=10**6)
     method = parse_methods(spec["method"])[0]
-    splits = protocol.splits(spec["seed"], control=method.kind == "known_only")
-    splits = splits.known_only() if method.kind == "known_only" else splits
+    splits = protocol.splits(spec["seed"], control=method.spec.control)
+    splits = splits.known_only() if method.spec.control else splits
     meter = bench.MemoryMeter(device)
     gc.collect()
     meter.reset_peak()
@@ -145,10 +145,10 @@ def main(argv=None) -> list[dict]:
     if args._worker is not None:
         print(bench.RESULT_MARKER + json.dumps(_execute(json.loads(args._worker))), flush=True)
         return []
-    from trl_selfdistill.protocol import BUDGET_MODES, parse_methods
+    from trl_selfdistill.methods import parse_methods
 
     methods = parse_methods(args.methods)
-    if refused := [m.name for m in methods if m.kind in BUDGET_MODES]:
+    if refused := [m.name for m in methods if m.spec.budget_mode]:
         raise SystemExit(
             f"{', '.join(refused)}: a budget run is self-distillation plus its monitor's evaluations: "
             "time `selfdistill`"

@@ -81,7 +81,8 @@ from trl import ModelConfig, TrlParser
 from trl_selfdistill import SelfDistillConfig, recipes
 from trl_selfdistill.embedded import EMBEDDED, resolve
 from trl_selfdistill.knowledge import SLICK_CATEGORIES, AnswerFormat
-from trl_selfdistill.protocol import Protocol, frontier_table, parse_methods, parse_seeds, study_table
+from trl_selfdistill.methods import parse_methods
+from trl_selfdistill.protocol import Protocol, frontier_table, parse_seeds, study_table
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze")  # the paper's four stage-2 runs, (a)-(d)
 

@@ -2,12 +2,11 @@
 
 import pytest
 
+from trl_selfdistill.methods import Method, parse_methods
 from trl_selfdistill.protocol import (
-    Method,
     frontier_readings,
     frontier_table,
     make_study,
-    parse_methods,
     parse_seeds,
     study_table,
     summarize,
@@ -234,3 +233,28 @@ def test_format_learning_stops_once_the_monitor_facts_stop_improving(tmp_path, m
     assert [point["step"] for point in curve] == [per_epoch * e for e in range(epochs_run + 1)]
     assert all(point["monitor_accuracy"] == 0 for point in curve)
     assert (tmp_path / "snapshot" / "config.json").is_file() and path == str(tmp_path / "snapshot")
+
+
+def test_each_method_is_one_entry_whose_overrides_set_what_it_says():
+    from types import SimpleNamespace
+
+    from trl_selfdistill.methods import METHODS
+
+    protocol = SimpleNamespace(args=SimpleNamespace(distill_coef=1.0, learning_rate=1e-4), lora_lr_scale=10.0)
+
+    def overrides(name):
+        method = parse_methods(name)[0]
+        return method.spec.overrides(method, protocol)
+
+    assert overrides("sft") == overrides("known_only") == overrides("freeze") == {"distill_coef": 0.0}
+    assert overrides("selfdistill") == {"distill_coef": 1.0} and overrides("selfdistill:2") == {"distill_coef": 2.0}
+    assert overrides("budget:0.1") == {"distill_coef": 1.0}  # the value is the budget, λ stays the config's
+    assert overrides("lora_selfdistill:0.5") == {"distill_coef": 0.5, "learning_rate": pytest.approx(1e-3)}
+    assert overrides("lora_sft") == {"distill_coef": 0.0, "learning_rate": pytest.approx(1e-3)}
+    assert [k for k, spec in METHODS.items() if spec.control] == ["known_only"]
+    assert {k: spec.budget_mode for k, spec in METHODS.items() if spec.budget_mode} == {
+        "budget": "adapt", "budget_stop": "adapt_or_stop", "stop_at_budget": "stop"}
+    # every parameter a method takes is named in its title
+    for kind, spec in METHODS.items():
+        if spec.parameter:
+            assert parse_methods(f"{kind}:3")[0].title == f"{spec.title} ({spec.parameter}=3)"

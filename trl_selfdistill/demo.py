@@ -25,7 +25,8 @@ from .config import SelfDistillConfig
 from .embedded import EMBEDDED, load_model, resolve
 from .knowledge import AnswerFormat, ProbeConfig, builtin_facts, probe
 from .knowledge.splits import concatenate_facts
-from .protocol import KINDS, NEW_FACTS, Protocol, combine, frontier_table, parse_methods, parse_seeds, study_table
+from .methods import METHODS, parse_methods
+from .protocol import NEW_FACTS, Protocol, combine, frontier_table, parse_seeds, study_table
 from .recipes import tiny_checkpoint
 
 DEFAULT_METHODS = "known_only,sft,selfdistill,freeze"
@@ -86,7 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill_temperature", type=float, default=0.5)
     parser.add_argument("--distill_scope", default="all", choices=["all", "completion"])
     parser.add_argument("--methods", "--runs", dest="methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated stage-2 runs among {', '.join(KINDS)}; `name:value` sets λ "
+                        help=f"comma-separated stage-2 runs among {', '.join(METHODS)}; `name:value` sets λ "
                         "(selfdistill:2), the forgetting budget (budget:0.05, budget_stop:0.05, "
                         "stop_at_budget:0.05) or μ (l2init:0.01)")
     parser.add_argument("--seeds", default=None, help="seeds to run, e.g. `0,1,2` or `0-4` (default: --seed)")

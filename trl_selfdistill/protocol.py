@@ -44,10 +44,9 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from .config import SelfDistillConfig
-from .freezing import FreezeConfig
 from .knowledge import AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits, synthetic_facts
 from .knowledge.facts import FACT_COLUMNS
 from .knowledge.metrics import accuracy, accuracy_by
@@ -60,85 +59,16 @@ from .knowledge.stats import (
     relative_forgetting,
     sign_test,
 )
+from .methods import Build, Method
 from .recipes import count_parameters, save_and_push, sft_baseline
 from .trainer import SelfDistillSFTTrainer
 
-KINDS = {
-    "known_only": "Known only",
-    "sft": "SFT",
-    "selfdistill": "self-distillation",
-    "selfdistill_cache": "self-distillation, teacher cache",
-    "freeze": "attention only",
-    "lora_sft": "LoRA SFT",
-    "lora_selfdistill": "LoRA self-distillation",
-    "budget": "self-distillation, forgetting budget",
-    "budget_stop": "self-distillation, forgetting budget or stop",
-    "stop_at_budget": "self-distillation, stopped at the budget",
-    "l2init": "SFT + L2 to S",
-    "gkd": "GKD (off-policy, teacher copy)",
-    "sdft": "SDFT (on-policy)",
-}
-PARAMETER = {
-    "selfdistill": "λ",
-    "selfdistill_cache": "λ",
-    "lora_selfdistill": "λ",
-    "budget": "budget",
-    "budget_stop": "budget",
-    "stop_at_budget": "budget",
-    "l2init": "μ",
-}
-# kind → `ForgettingBudgetCallback` mode
-BUDGET_MODES = {"budget": "adapt", "budget_stop": "adapt_or_stop", "stop_at_budget": "stop"}
-PEER_KINDS = ("l2init", "gkd", "sdft")
 NEW_FACTS = ("real", "mixed", "synthetic-name", "synthetic-uuid")
 BASELINE = "sft"  # the paired comparisons are against plain SFT
 FRONTIER_TARGETS = (0.8, 0.9)
 DEFAULT_BUDGET = 0.05  # relative forgetting a `budget` run allows when no value is given
 MIN_MONITOR = 20
 SEED_RESULTS = "seed_results.json"
-
-
-@dataclass(frozen=True)
-class Method:
-    """One stage-2 run: a `kind` of `KINDS` and its parameter (λ, budget or μ; None: the kind's default)."""
-
-    kind: str
-    value: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
-
-    @property
-    def title(self) -> str:
-        suffix = "" if self.value is None else f" ({PARAMETER[self.kind]}={self.value:g})"
-        return KINDS[self.kind] + suffix
-
-
-def parse_methods(spec: str | Sequence[str]) -> list[Method]:
-    """`"sft,selfdistill:0.5,freeze"` → methods; refuses unknown kinds and parameters of kinds without."""
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    if not items:
-        raise ValueError("No methods given: pass e.g. `sft,selfdistill`.")
-    methods = []
-    for item in items:
-        kind, _, value = item.partition(":")
-        if kind not in KINDS:
-            raise ValueError(f"Unknown method {kind!r} in {item!r}: choose among {', '.join(KINDS)}.")
-        if value and kind not in PARAMETER:
-            raise ValueError(
-                f"Method {kind!r} takes no parameter ({item!r}); parameters: "
-                + ", ".join(f"{k}:{v}" for k, v in PARAMETER.items())
-            )
-        try:
-            number = float(value) if value else None
-        except ValueError as err:
-            raise ValueError(f"{item!r}: the parameter after ':' must be a number, e.g. {kind}:0.5.") from err
-        methods.append(Method(kind, number))
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Methods repeat: {names}. Give each once.")
-    return methods
 
 
 def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
@@ -316,7 +246,7 @@ class Protocol:
         save: bool = False,
     ) -> dict:
         """One method from the snapshot: the `ForgettingCallback` results plus cost and per-relation numbers."""
-        run_splits = splits.known_only() if method.kind == "known_only" else splits
+        run_splits = splits.known_only() if method.spec.control else splits
         self.log(f"\nStage 2, seed {seed}: {method.title} — {run_splits.sizes}")
         run_out = out / method.name.replace(":", "_")
         # From the trainer's construction on (its teacher copy or θ₀ counts); the sampler stops however this ends
@@ -331,7 +261,7 @@ class Protocol:
             trainer.add_callback(_Progress(forgetting, f"seed {seed} · {method.title}", self.progress, self.log))
             trainer.remove_callback(PrinterCallback)  # the progress lines say it, without raw metric dicts
             budget = monitor = None
-            if method.kind in BUDGET_MODES:
+            if method.spec.budget_mode:
                 # The budget steers on its own Known facts, disjoint from the held-out set it is judged on
                 from .budget import ForgettingBudgetCallback
 
@@ -341,7 +271,7 @@ class Protocol:
                     drift_size=0,
                     eval_steps=max(1, (self.eval_steps or 16) // 2),
                 ).attach(trainer)
-                options = {"budget": DEFAULT_BUDGET, **self.budget_defaults, "mode": BUDGET_MODES[method.kind]}
+                options = {"budget": DEFAULT_BUDGET, **self.budget_defaults, "mode": method.spec.budget_mode}
                 if method.value is not None:
                     options["budget"] = method.value
                 budget = ForgettingBudgetCallback(forgetting=monitor, **options).attach(trainer)
@@ -387,40 +317,12 @@ class Protocol:
         """The untrained trainer of one stage-2 run of `method` from `snapshot` on `splits` (the mix, or for
         `known_only` the caller's `splits.known_only()`), with the protocol's settings; `run` adds the evaluation
         callbacks (and a budget's) and trains it. `benchmarks/method_cost.py` times it alone."""
-        dataset = self.fmt.training_dataset(splits.train(seed=seed))
-        kind = method.kind
-        if kind in PEER_KINDS:
-            from .peers import PEERS
-
-            options = dict(self.peer_options.get(kind, {}))
-            if method.value is not None:
-                options["l2init_coef"] = method.value
-            args = self._run_args(out, seed, distill_coef=0.0)
-            return PEERS[kind](snapshot, args, dataset, AutoTokenizer.from_pretrained(snapshot), **options)
-        distilled = kind in ("selfdistill", "selfdistill_cache", "lora_selfdistill", *BUDGET_MODES)
-        coef = method.value if method.value is not None and kind not in BUDGET_MODES else self.args.distill_coef
-        overrides = {"distill_coef": coef if distilled else 0.0, "push_to_hub": push}
-        if kind == "selfdistill_cache":
+        overrides = {**method.spec.overrides(method, self), "push_to_hub": push}
+        if method.spec.teacher_cache:
             overrides["teacher_cache_dir"] = str(out / "teacher_cache")
-        peft_config = None
-        if kind.startswith("lora_"):
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(
-                r=self.lora_rank,
-                lora_alpha=2 * self.lora_rank,
-                lora_dropout=0.0,
-                target_modules="all-linear",
-                task_type="CAUSAL_LM",
-            )
-            overrides["learning_rate"] = self.args.learning_rate * self.lora_lr_scale
-        return SelfDistillSFTTrainer(
-            model=snapshot,
-            args=self._run_args(out, seed, **overrides),
-            train_dataset=dataset,
-            peft_config=peft_config,
-            freeze_config=FreezeConfig.attention_only() if kind == "freeze" else None,
-        )
+        build = Build(self, method, self.fmt.training_dataset(splits.train(seed=seed)), snapshot,
+                      self._run_args(out, seed, **overrides))
+        return method.spec.build(build)
 
     def _run_args(self, output_dir: Path, seed: int, **overrides) -> SelfDistillConfig:
         overrides = {
@@ -442,7 +344,7 @@ class Protocol:
         to `out/seed_results.json` after each run, so an interrupted seed keeps the runs it finished.
         """
         torch.manual_seed(seed)
-        splits = self.splits(seed, control=any(m.kind == "known_only" for m in methods))
+        splits = self.splits(seed, control=any(m.spec.control for m in methods))
         self.log(
             f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else "")
         )

@@ -17,7 +17,8 @@ from pathlib import Path
 from trl_selfdistill.demo import SIZES, base_config, categorised_facts, make_parser
 from trl_selfdistill.knowledge import AnswerFormat
 from trl_selfdistill.knowledge.metrics import accuracy_by
-from trl_selfdistill.protocol import Method, Protocol
+from trl_selfdistill.methods import Method
+from trl_selfdistill.protocol import Protocol
 
 root = Path(sys.argv[1])
 args = make_parser().parse_args(["--output_dir", "/tmp/unused"])
