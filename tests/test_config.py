@@ -51,7 +51,7 @@ def test_every_new_field_has_help():
         ({"divergence": "kl"}, "forward_kl, reverse_kl, jsd"),
         ({"divergence": "jsd", "jsd_beta": 1.5}, "strictly between 0 and 1"),
         ({"divergence": "jsd", "jsd_beta": 0.0}, "forward_kl"),
-        ({"distill_scope": "prompt"}, "completion, all"),
+        ({"distill_scope": "answer"}, "completion, all, prompt"),
         ({"teacher_mode": "ema"}, "auto, adapter_disabled"),
         ({"teacher_mode": "adapter_disabled", "teacher_model_name_or_path": "x"}, "contradicts"),
         ({"teacher_cache_topk": 0}, "teacher_cache_topk"),

@@ -37,6 +37,9 @@ OPTIONS = {
     "assistant_only_loss": (conversational_dataset, {"assistant_only_loss": True}),
     "dft": (prompt_completion_dataset, {"loss_type": "dft"}),
     "scope_all": (prompt_completion_dataset, {"distill_scope": "all"}),
+    "scope_prompt": (prompt_completion_dataset, {"distill_scope": "prompt"}),
+    "scope_prompt_padding_free": (prompt_completion_dataset, {"distill_scope": "prompt", "padding_free": True,
+                                                              "max_length": None}),
     "chunked_rows": (prompt_completion_dataset, {"loss_chunk_rows": 3}),
 }
 

@@ -182,6 +182,13 @@ def test_scope_selects_completion_or_all_real_positions(tmp_path):
     assert torch.equal(mask_c, inputs["labels"][:, 1:] != -100)
     assert torch.equal(mask_a, inputs["attention_mask"][:, 1:].bool())  # right padding: real tokens are a prefix
     assert (mask_c & ~mask_a).sum() == 0 and mask_a.sum() > mask_c.sum()
+    # `prompt`: the real positions the CE does not train on, i.e. `all` without `completion`
+    prompt_only = SelfDistillSFTTrainer(
+        model=tiny_model(), args=config(tmp_path / "p", distill_scope="prompt"), train_dataset=ds,
+        processing_class=make_tokenizer(), peft_config=lora(),
+    )
+    mask_p, _ = prompt_only._distill_positions(inputs)
+    assert torch.equal(mask_p, mask_a & ~mask_c) and mask_p.sum() > 0
 
 
 def test_args_must_be_a_selfdistill_config(tmp_path):

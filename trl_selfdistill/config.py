@@ -10,7 +10,7 @@ from trl import SFTConfig
 from .data_checks import check_finite, check_numeric_fields
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-DISTILL_SCOPES = ("completion", "all")
+DISTILL_SCOPES = ("completion", "all", "prompt")
 TEACHER_MODES = ("auto", "adapter_disabled", "adapter_copy", "model_copy")
 # Keys of nested dicts (`model_init_kwargs`, ...) whose values are credentials
 SECRET_KEYS = frozenset({"token", "hub_token", "use_auth_token", "api_key", "password"})
@@ -66,11 +66,13 @@ class SelfDistillConfig(SFTConfig):
             "`divergence='forward_kl'` or `'reverse_kl'` instead). Only read when `divergence='jsd'`."
         },
     )
-    distill_scope: Literal["completion", "all"] = field(
+    distill_scope: Literal["completion", "all", "prompt"] = field(
         default="completion",
         metadata={
             "help": "Positions the distillation term covers. `completion`: the positions the CE loss trains on "
-            "(answer tokens for prompt-completion data). `all`: every non-padding position, prompt included."
+            "(answer tokens for prompt-completion data). `all`: every non-padding position, prompt included. "
+            "`prompt`: the real positions the CE does not train on (the prompt), so the term constrains how the "
+            "question is read and leaves the answer free to learn."
         },
     )
     teacher_mode: Literal["auto", "adapter_disabled", "adapter_copy", "model_copy"] = field(

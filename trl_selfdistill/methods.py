@@ -66,6 +66,13 @@ def _distilled(method: "Method", protocol: "Protocol") -> dict:
     return {"distill_coef": protocol.args.distill_coef if method.value is None else method.value}
 
 
+def _scoped(scope: str) -> Callable:
+    def with_scope(method: "Method", protocol: "Protocol") -> dict:
+        return {**_distilled(method, protocol), "distill_scope": scope}
+
+    return with_scope
+
+
 def _budgeted(method: "Method", protocol: "Protocol") -> dict:
     return {"distill_coef": protocol.args.distill_coef}  # the value is the budget, not λ
 
@@ -94,6 +101,10 @@ METHODS: dict[str, MethodSpec] = {
     "known_only": MethodSpec("Known only", control=True),
     "sft": MethodSpec("SFT"),
     "selfdistill": MethodSpec("self-distillation", "λ", overrides=_distilled),
+    # The KL's reach, whatever the protocol's `distill_scope`: the answer tokens, every position, the prompt only
+    "selfdistill_completion": MethodSpec("self-distillation, KL on the answer", "λ", overrides=_scoped("completion")),
+    "selfdistill_all": MethodSpec("self-distillation, KL everywhere", "λ", overrides=_scoped("all")),
+    "selfdistill_prompt": MethodSpec("self-distillation, KL on the prompt", "λ", overrides=_scoped("prompt")),
     "selfdistill_cache": MethodSpec("self-distillation, teacher cache", "λ", overrides=_distilled, teacher_cache=True),
     "freeze": MethodSpec("attention only", build=_frozen_trainer),
     "lora_sft": MethodSpec("LoRA SFT", overrides=_lora(_plain), build=_lora_trainer),

@@ -5,27 +5,13 @@ Per seed:
 1. **Splits** (`build_splits`): a training mix of `train_size` facts (`unknown_share` of them new), a Known-only
    control of the same size when the facts allow (else every Known fact left), and `heldout_size` held-out Known
    facts about entities no training fact mentions.
-2. **Snapshot S** (format learning): one epoch of plain SFT on the mix's Known facts at `snapshot_learning_rate`;
-   S is every stage-2 run's starting point and the self-distillation teacher.
+2. **Snapshot S** (format learning): plain SFT on the mix's Known facts at `snapshot_learning_rate`, one epoch or
+   until converged (`snapshot_max_epochs`); S is every stage-2 run's starting point and the self-distillation teacher.
 3. **Stage 2**: each method from S with the same data, steps, batch and schedule; a `ForgettingCallback` evaluates
    task, new-fact and held-out Known accuracy (greedy, zero-shot, in the training format) at step 0 and every
-   `eval_steps`. Methods (`parse_methods`; `name:value` sets the method's parameter):
-
-   | method | what |
-   |---|---|
-   | `known_only` | plain SFT on the Known-only control |
-   | `sft` | plain SFT on the mix |
-   | `selfdistill[:λ]` | CE + λ·τ²·KL to S (λ default: the config's `distill_coef`) |
-   | `selfdistill_cache[:λ]` | the same with the teacher cache |
-   | `freeze` | plain SFT, attention only (`FreezeConfig.attention_only()`) |
-   | `lora_sft`, `lora_selfdistill[:λ]` | LoRA (r=16, all linear layers, lr × `lora_lr_scale`); teacher = adapter off |
-   | `budget[:b]` | under a forgetting budget b (default 0.05): λ adapted by `ForgettingBudgetCallback` (adapt) |
-   | `budget_stop[:b]` | the same with `mode="adapt_or_stop"`: also stops once over the budget at the largest λ |
-   | `stop_at_budget[:b]` | λ fixed, stopped at the first evaluation over the budget (`mode="stop"`) |
-
-   The budget methods steer on other Known facts (`monitor_splits`), never on the held-out set.
-   | `l2init[:μ]`, `gkd`, `sdft` | the peers of `trl_selfdistill.peers` |
-
+   `eval_steps`. The methods are the entries of `trl_selfdistill.methods.METHODS` (`parse_methods`; `name:value` sets
+   a method's parameter: λ, a forgetting budget or μ). The budget methods steer on other Known facts
+   (`monitor_splits`), never on the held-out set.
 4. **Study** (`run_study`): every seed, then `summarize` (intervals and paired differences, `knowledge.stats`),
    `frontier_readings` (forgetting at matched new-fact accuracy), `results.json`, `table.md`, `plot.png`,
    `frontier.png`.

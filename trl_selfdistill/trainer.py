@@ -256,14 +256,15 @@ class SelfDistillSFTTrainer(SFTTrainer):
     def _distill_positions(self, inputs: dict) -> tuple[torch.Tensor, bool]:
         """Boolean `[B, T']` mask of the positions the term covers, and whether hidden states need shifting."""
         shifted = "shift_labels" not in inputs
+        labels = inputs["labels"][:, 1:] if shifted else inputs["shift_labels"]
         if self.args.distill_scope == "completion":
-            labels = inputs["labels"][:, 1:] if shifted else inputs["shift_labels"]
             return labels != -100, shifted
         if "attention_mask" in inputs:
             real = inputs["attention_mask"].bool()
-            return (real[:, 1:] & real[:, :-1]) if shifted else real, shifted
-        # Padding-free batches: every position is real, but a position must not predict the next document's start
-        return inputs["position_ids"][:, 1:] != 0, shifted
+            real = (real[:, 1:] & real[:, :-1]) if shifted else real
+        else:  # padding-free batches: every position is real, but none may predict the next document's start
+            real = inputs["position_ids"][:, 1:] != 0
+        return (real & (labels == -100) if self.args.distill_scope == "prompt" else real), shifted
 
     def _row_keys(self, inputs: dict, positions: torch.Tensor) -> list[str]:
         """Cache keys of the batch rows: real tokens and covered positions, independent of the batch's padding."""
@@ -477,7 +478,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         CE: Σ over label tokens / `num_items_in_batch` (tokens of the global batch; the micro-batch's own count when
         Trainer gives none), times the number of processes under `average_tokens_across_devices` (DDP averages the
         gradients). Divergence, scaled by λ·τ²: with `distill_scope="completion"` the same denominator as the CE; with
-        `"all"` a mean over the micro-batch's covered positions, averaged over the accumulation steps.
+        `"all"` or `"prompt"` a mean over the micro-batch's covered positions, averaged over the accumulation steps.
         """
         args = self.args
         processes = self.accelerator.num_processes // self.get_tp_size()
