@@ -260,3 +260,20 @@ def test_each_method_is_one_entry_whose_overrides_set_what_it_says():
     for kind, spec in METHODS.items():
         if spec.parameter:
             assert parse_methods(f"{kind}:3")[0].title == f"{spec.title} ({spec.parameter}=3)"
+
+
+def test_known_rows_only_puts_no_distillation_on_new_fact_rows(tmp_path):
+    from trl_selfdistill.demo import SIZES, base_config, make_parser
+    from trl_selfdistill.knowledge import builtin_facts
+    from trl_selfdistill.protocol import Protocol
+    from trl_selfdistill.recipes import tiny_checkpoint
+
+    args = base_config(make_parser().parse_args(["--output_dir", str(tmp_path)]), SIZES["smoke"])
+    protocol = Protocol(model="unused", facts=builtin_facts("curated-smollm2"), args=args, train_size=16,
+                        heldout_size=8, new_facts="real", log=lambda *_: None)
+    splits = protocol.splits(seed=0, control=False)
+    trainer = protocol.trainer(parse_methods("selfdistill_known")[0], splits, tiny_checkpoint(), 0, tmp_path)
+    weights = sorted(trainer._row_weights.values())
+    assert weights == [0.0] * len(splits.train_unknown) + [1.0] * len(splits.train_known)
+    plain = protocol.trainer(parse_methods("selfdistill")[0], splits, tiny_checkpoint(), 0, tmp_path)
+    assert plain._row_weights is None

@@ -229,3 +229,47 @@ def test_freeze_config_with_lora_places_adapters_on_attention_only(tmp_path):
     trainer.train()
     assert trainer.freeze_report.trainable == sum(before[n].numel() for n in adapters)
     assert_params_changed(before, trainer.model, [n for n in adapters if "lora_B" in n])
+
+
+def test_a_distill_weight_column_weights_each_rows_distillation_term(tmp_path):
+    data = prompt_completion_dataset(16)
+    distinct = len(set(data["prompt"]))
+
+    def loss(weights, inputs=None):
+        """The first batch's loss of a perturbed student (the same perturbation each time) against the initial
+        model, with `weights[i % distinct]` on row i's term (no column when None)."""
+        rows = data if weights is None else data.add_column("distill_weight", [weights[i % distinct] for i in
+                                                                               range(len(data))])
+        trainer = SelfDistillSFTTrainer(model=tiny_model(), args=config(tmp_path, distill_coef=1.0),
+                                        train_dataset=rows, processing_class=make_tokenizer())
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        inputs = inputs or one_batch(trainer)
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, dict(inputs)).item(), inputs
+
+    none, inputs = loss(None)
+    ones, _ = loss([1.0] * distinct, inputs)
+    zeros, _ = loss([0.0] * distinct, inputs)
+    twos, _ = loss([2.0] * distinct, inputs)
+    first = [1.0 if i < distinct // 2 else 0.0 for i in range(distinct)]
+    part_a, _ = loss(first, inputs)
+    part_b, _ = loss([1.0 - w for w in first], inputs)
+    kl = ones - zeros
+    assert none == pytest.approx(ones, rel=1e-6) and kl > 1e-4
+    assert twos - zeros == pytest.approx(2 * kl, rel=1e-5)
+    assert (part_a - zeros) + (part_b - zeros) == pytest.approx(kl, rel=1e-5)  # each row's term, once
+    assert 0 < part_a - zeros < kl
+
+
+def test_distill_weights_are_refused_where_rows_cannot_be_told_apart(tmp_path):
+    data = prompt_completion_dataset(8)
+    with pytest.raises(ValueError, match="packing"):
+        SelfDistillSFTTrainer(model=tiny_model(), args=config(tmp_path, padding_free=True, max_length=None),
+                              train_dataset=data.add_column("distill_weight", [1.0] * 8),
+                              processing_class=make_tokenizer())
+    with pytest.raises(ValueError, match="finite number"):
+        SelfDistillSFTTrainer(model=tiny_model(), args=config(tmp_path), processing_class=make_tokenizer(),
+                              train_dataset=data.add_column("distill_weight", [-1.0] * 8))

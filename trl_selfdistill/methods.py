@@ -95,6 +95,7 @@ class MethodSpec:
     build: Callable[[Build], object] = _sft_trainer
     budget_mode: str | None = None  # `ForgettingBudgetCallback` mode, for budget methods
     teacher_cache: bool = False  # the run keeps a teacher cache in its folder
+    new_fact_weight: float | None = None  # the distillation term's weight on new-fact rows (Known rows: 1)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -105,6 +106,10 @@ METHODS: dict[str, MethodSpec] = {
     "selfdistill_completion": MethodSpec("self-distillation, KL on the answer", "λ", overrides=_scoped("completion")),
     "selfdistill_all": MethodSpec("self-distillation, KL everywhere", "λ", overrides=_scoped("all")),
     "selfdistill_prompt": MethodSpec("self-distillation, KL on the prompt", "λ", overrides=_scoped("prompt")),
+    # λ on Known rows only: the teacher does not know the new facts, and its distribution there is its default answer
+    "selfdistill_known": MethodSpec(
+        "self-distillation, Known rows only", "λ", overrides=_distilled, new_fact_weight=0.0
+    ),
     "selfdistill_cache": MethodSpec("self-distillation, teacher cache", "λ", overrides=_distilled, teacher_cache=True),
     "freeze": MethodSpec("attention only", build=_frozen_trainer),
     "lora_sft": MethodSpec("LoRA SFT", overrides=_lora(_plain), build=_lora_trainer),

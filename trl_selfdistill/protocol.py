@@ -306,8 +306,12 @@ class Protocol:
         overrides = {**method.spec.overrides(method, self), "push_to_hub": push}
         if method.spec.teacher_cache:
             overrides["teacher_cache_dir"] = str(out / "teacher_cache")
-        build = Build(self, method, self.fmt.training_dataset(splits.train(seed=seed)), snapshot,
-                      self._run_args(out, seed, **overrides))
+        facts = splits.train(seed=seed)
+        dataset = self.fmt.training_dataset(facts)
+        if method.spec.new_fact_weight is not None:  # per-row weights of the distillation term, by SliCK category
+            weights = [method.spec.new_fact_weight if c == "Unknown" else 1.0 for c in facts["category"]]
+            dataset = dataset.add_column("distill_weight", weights)
+        build = Build(self, method, dataset, snapshot, self._run_args(out, seed, **overrides))
         return method.spec.build(build)
 
     def _run_args(self, output_dir: Path, seed: int, **overrides) -> SelfDistillConfig:

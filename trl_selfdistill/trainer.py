@@ -116,6 +116,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if self.teacher is not None:
             self._check_teacher_weights()
         self.teacher_cache = self._make_teacher_cache() if args.teacher_cache_dir and self.teacher else None
+        self._row_weights = self._read_row_weights() if self.teacher is not None else None
 
     @property
     def distill_coef(self) -> float:
@@ -266,6 +267,37 @@ class SelfDistillSFTTrainer(SFTTrainer):
             real = inputs["position_ids"][:, 1:] != 0
         return (real & (labels == -100) if self.args.distill_scope == "prompt" else real), shifted
 
+    def _read_row_weights(self) -> dict[tuple[int, ...], float] | None:
+        """
+        A training row's own weight on the distillation term, from a `distill_weight` column of the training data
+        (e.g. 0 on new facts, whose answers the teacher does not know): token ids of the prepared row → weight.
+        None without the column. Rows are told apart by their tokens, so packing and padding-free are refused.
+        """
+        dataset = self.train_dataset
+        if dataset is None or "distill_weight" not in (dataset.column_names or []):
+            return None
+        if self.args.packing or self.args.padding_free:
+            raise ValueError(
+                "A `distill_weight` column weights each training row's distillation term, but packing and "
+                "padding-free merge rows. Turn off `packing`/`padding_free`, or drop the column."
+            )
+        weights: dict[tuple[int, ...], float] = {}
+        for ids, weight in zip(dataset["input_ids"], dataset["distill_weight"], strict=True):
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"`distill_weight` must be a finite number ≥ 0 per row, got {weight!r}.")
+            if weights.setdefault(tuple(ids), float(weight)) != float(weight):
+                raise ValueError(
+                    "Two training rows with the same tokens have different `distill_weight`s: give identical rows "
+                    "the same weight, or de-duplicate the data."
+                )
+        return weights
+
+    def _row_weight_tensor(self, inputs: dict) -> torch.Tensor:
+        """`[B]` weights of the batch's rows (1 for rows not in the training data, e.g. evaluation rows)."""
+        rows = zip(inputs["input_ids"], inputs["attention_mask"].bool(), strict=True)  # no packing: rows are padded
+        weights = [self._row_weights.get(tuple(row[real].tolist()), 1.0) for row, real in rows]
+        return torch.tensor(weights, dtype=torch.float32)
+
     def _row_keys(self, inputs: dict, positions: torch.Tensor) -> list[str]:
         """Cache keys of the batch rows: real tokens and covered positions, independent of the batch's padding."""
         keys = []
@@ -399,8 +431,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
                     teacher_hidden,
                     "teacher output (last hidden states)",
                     "The teacher produces NaN/inf on this batch: check its weights and dtype (fp16 overflows; use "
-                    "bf16 or "
-                    "fp32 for the teacher), or the inputs of this batch.",
+                    "bf16 or fp32 for the teacher), or the inputs of this batch.",
                 )
             )
 
@@ -429,6 +460,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 teacher = TeacherTarget(selected, teacher_head)
             targets, covered = labels[where].to(device), positions[where].to(device)
             ce_scale, distill_scale = self._loss_scales(label_mask, positions, num_items_in_batch)
+            divergence_weights = covered * distill_scale
+            if self._row_weights is not None:
+                divergence_weights = divergence_weights * self._row_weight_tensor(inputs).to(device)[where[0]]
             with self._head_autocast():
                 fused = fused_token_losses(
                     hidden,
@@ -436,7 +470,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
                     targets,
                     teacher,
                     ce_weights=(targets != -100) * ce_scale,
-                    divergence_weights=covered * distill_scale,
+                    divergence_weights=divergence_weights,
                     beta=args.divergence_beta,
                     temperature=args.distill_temperature,
                     dft=args.loss_type == "dft",
