@@ -134,3 +134,20 @@ def test_monitoring_only_heuristic_facts_is_refused_with_the_way_out():
     facts = categorised(4).add_column("heuristic", ["copy"] * 8)
     with pytest.raises(ValueError, match="heuristics=None"):
         monitor_splits(facts)
+
+
+def test_training_known_facts_can_follow_other_labels_than_the_held_out_set():
+    facts = labelled(90)
+    splits = build_splits(facts, train_size=10, heldout_size=20, unknown_share=0.5, seed=0,
+                          train_heuristics=("prior",))
+    assert set(splits.heldout["heuristic"]) == {"none"}
+    assert set(splits.train_known["heuristic"]) == set(splits.control["heuristic"]) == {"prior"}
+    trained = entities(splits.train_known) | entities(splits.train_unknown) | entities(splits.control)
+    assert not trained & entities(splits.heldout)
+    # the default follows the held-out labels, and unlabelled facts split as before
+    same = build_splits(facts, train_size=10, heldout_size=20, unknown_share=0.5, seed=0)
+    assert set(same.train_known["heuristic"]) == {"none"}
+    plain = build_splits(categorised(), train_size=12, heldout_size=10, unknown_share=0.25, seed=1,
+                         train_heuristics=("prior",))
+    assert plain.heldout["id"] == build_splits(categorised(), train_size=12, heldout_size=10, unknown_share=0.25,
+                                               seed=1).heldout["id"]

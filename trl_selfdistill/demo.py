@@ -24,6 +24,7 @@ import torch
 from .config import SelfDistillConfig
 from .embedded import EMBEDDED, load_model, resolve
 from .knowledge import AnswerFormat, ProbeConfig, builtin_facts, probe
+from .knowledge.heuristics import HEURISTICS
 from .knowledge.splits import concatenate_facts
 from .methods import METHODS, parse_methods
 from .protocol import NEW_FACTS, Protocol, combine, frontier_table, parse_seeds, study_table
@@ -60,6 +61,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _labels(text: str) -> tuple[str, ...] | None:
+    """`none,prior` → ("none", "prior"); `any` → None (every label)."""
+    if text.strip() == "any":
+        return None
+    labels = tuple(label.strip() for label in text.split(",") if label.strip())
+    if not labels or set(labels) - set(HEURISTICS):
+        raise SystemExit(f"Heuristic labels {text!r}: give some of {', '.join(HEURISTICS)}, or `any`.")
+    return labels
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trl-selfdistill demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +96,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snapshot_learning_rate", type=float, default=5e-5)
     parser.add_argument("--distill_coef", type=float, default=1.0)
     parser.add_argument("--distill_temperature", type=float, default=0.5)
-    parser.add_argument("--distill_scope", default="all", choices=["all", "completion"])
+    parser.add_argument("--distill_scope", default="all", choices=["all", "completion", "prompt"])
+    parser.add_argument("--snapshot_max_epochs", type=positive_int, default=1,
+                        help="format learning: up to this many epochs, stopped once an epoch gains < 1 point on "
+                        "other Known facts (1: one epoch)")
+    parser.add_argument("--heuristics", default="none",
+                        help="heuristic labels of the Known facts used (comma-separated among copy, prior, none; "
+                        "`any`: all): `none` = genuine facts only")
+    parser.add_argument("--train_heuristics", default=None,
+                        help="the training Known facts' labels when they differ from --heuristics (e.g. `prior,copy`)")
     parser.add_argument("--methods", "--runs", dest="methods", default=DEFAULT_METHODS,
                         help=f"comma-separated stage-2 runs among {', '.join(METHODS)}; `name:value` sets λ "
                         "(selfdistill:2), the forgetting budget (budget:0.05, budget_stop:0.05, "
@@ -148,6 +167,8 @@ def build_protocol(args) -> Protocol:
         model=model_path, facts=facts, args=base_config(args, sizes), fmt=fmt, train_size=sizes.train,
         heldout_size=sizes.heldout, unknown_share=args.unknown_share, new_facts=args.new_facts,
         eval_steps=sizes.eval_steps, snapshot_learning_rate=args.snapshot_learning_rate,
+        snapshot_max_epochs=args.snapshot_max_epochs, heuristics=_labels(args.heuristics),
+        train_heuristics="same" if args.train_heuristics is None else _labels(args.train_heuristics),
         base_name="HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == EMBEDDED else args.model,
     )
 

@@ -90,6 +90,7 @@ class Protocol:
     new_facts: str = "mixed"
     known_categories: tuple[str, ...] = ("HighlyKnown",)
     heuristics: tuple[str, ...] | None = GENUINE_ONLY  # heuristic labels of the Known facts used (None: any)
+    train_heuristics: tuple[str, ...] | None | str = "same"  # the training Known facts' labels, if other
     eval_steps: int | None = 20
     snapshot_learning_rate: float | None = None
     # Format learning runs up to this many epochs, stopping once the monitor facts' accuracy gains less than
@@ -130,6 +131,7 @@ class Protocol:
             new_facts=self._new_facts(count, seed),
             known_categories=self.known_categories,
             heuristics=self.heuristics,
+            train_heuristics=self.train_heuristics,
             control=control,
             control_size="available",
             seed=seed,

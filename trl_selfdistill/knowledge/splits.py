@@ -97,6 +97,7 @@ def build_splits(
     control: bool = True,
     control_size: int | Literal["available"] | None = None,
     heuristics: Sequence[str] | None = GENUINE_ONLY,
+    train_heuristics: Sequence[str] | None | Literal["same"] = "same",
     seed: int = 0,
 ) -> KnowledgeSplits:
     """
@@ -104,7 +105,10 @@ def build_splits(
     Unknown, and `heldout_size` held-out Known facts about other entities. The Unknown facts come from `new_facts`
     when given (e.g. `synthetic_facts`), else from `facts`. With `control`, also a Known-only set of `control_size`
     facts (default `train_size`; `"available"`: every Known fact left, up to `train_size`), a superset of the training
-    Known facts, disjoint from the held-out entities too.
+    Known facts, disjoint from the held-out entities too. Known facts are those of `known_categories` whose
+    `heuristic` label is in `heuristics` (default: genuine only; None: any; unlabelled facts: any); the training and
+    control Known facts may follow other labels (`train_heuristics`, default the same), e.g. heuristic ones, to see
+    what a mix of copy and default-answer facts does to genuine held-out knowledge.
     """
     if "category" not in facts.column_names:
         raise ValueError("The facts have no `category` column: categorise them first with `probe`.")
@@ -112,7 +116,16 @@ def build_splits(
         raise ValueError(f"unknown_share={unknown_share} must be a share between 0 and 1.")
     num_unknown = round(train_size * unknown_share)
     num_known = train_size - num_unknown
+    train_heuristics = heuristics if train_heuristics == "same" else train_heuristics
     known = known_facts(facts, known_categories, heuristics)
+    if train_heuristics != heuristics and "heuristic" in facts.column_names:
+        # every Known fact of either kind, each usable where its label allows
+        known = known_facts(facts, known_categories, None)
+        labels = known["heuristic"]
+        heldout_ok = [heuristics is None or label in heuristics for label in labels]
+        train_ok = [train_heuristics is None or label in train_heuristics for label in labels]
+    else:
+        heldout_ok = train_ok = [True] * len(known)
     if new_facts is None:
         unknown = facts.filter(lambda c: c in unknown_categories, input_columns="category")
     else:
@@ -127,11 +140,11 @@ def build_splits(
     rng.shuffle(entities)
     heldout_indices, train_indices, heldout_entities = [], [], set()
     for entity in entities:
-        if len(heldout_indices) < heldout_size:
-            heldout_indices += groups[entity]
+        if len(heldout_indices) < heldout_size and any(heldout_ok[i] for i in groups[entity]):
+            heldout_indices += [i for i in groups[entity] if heldout_ok[i]]
             heldout_entities.add(entity)
         else:
-            train_indices += groups[entity]
+            train_indices += [i for i in groups[entity] if train_ok[i]]
     # The last held-out entity may overshoot: its surplus facts are dropped, never trained on
     heldout_indices = heldout_indices[:heldout_size]
     rng.shuffle(train_indices)
