@@ -251,6 +251,8 @@ def test_each_method_is_one_entry_whose_overrides_set_what_it_says():
     assert overrides("budget:0.1") == {"distill_coef": 1.0}  # the value is the budget, λ stays the config's
     assert overrides("selfdistill_prompt:2") == {"distill_coef": 2.0, "distill_scope": "prompt"}
     assert overrides("selfdistill_completion")["distill_scope"] == "completion"
+    protocol.args.distill_temperature = 0.5
+    assert overrides("selfdistill_tau:2") == {"distill_coef": 1.0, "distill_temperature": 2.0}
     assert overrides("lora_selfdistill:0.5") == {"distill_coef": 0.5, "learning_rate": pytest.approx(1e-3)}
     assert overrides("lora_sft") == {"distill_coef": 0.0, "learning_rate": pytest.approx(1e-3)}
     assert [k for k, spec in METHODS.items() if spec.control] == ["known_only"]

@@ -73,6 +73,11 @@ def _scoped(scope: str) -> Callable:
     return with_scope
 
 
+def _tempered(method: "Method", protocol: "Protocol") -> dict:
+    temperature = protocol.args.distill_temperature if method.value is None else method.value
+    return {"distill_coef": protocol.args.distill_coef, "distill_temperature": temperature}
+
+
 def _budgeted(method: "Method", protocol: "Protocol") -> dict:
     return {"distill_coef": protocol.args.distill_coef}  # the value is the budget, not λ
 
@@ -106,6 +111,7 @@ METHODS: dict[str, MethodSpec] = {
     "selfdistill_completion": MethodSpec("self-distillation, KL on the answer", "λ", overrides=_scoped("completion")),
     "selfdistill_all": MethodSpec("self-distillation, KL everywhere", "λ", overrides=_scoped("all")),
     "selfdistill_prompt": MethodSpec("self-distillation, KL on the prompt", "λ", overrides=_scoped("prompt")),
+    "selfdistill_tau": MethodSpec("self-distillation", "τ", overrides=_tempered),
     # λ on Known rows only: the teacher does not know the new facts, and its distribution there is its default answer
     "selfdistill_known": MethodSpec(
         "self-distillation, Known rows only", "λ", overrides=_distilled, new_fact_weight=0.0
