@@ -10,7 +10,7 @@ from trl_selfdistill import SelfDistillSFTTrainer
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, Generator, KnowledgeSplits, evaluate_knowledge
 
 HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "answered_known_accuracy",
-                "drift_kl", "default_answer_share"}
+                "drift_kl", "default_answer_share", "representation_drift"}
 FINAL_KEYS = {
     "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "heldout_known_peak", "heldout_known_initial",
     "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "answered_known_accuracy",
@@ -79,6 +79,9 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
     # The teacher is the initial model: no drift at step 0, some after training at a high learning rate
     assert results["history"][0]["drift_kl"] == pytest.approx(0.0, abs=1e-5)
     assert results["history"][-1]["drift_kl"] > 1e-3
+    # The middle layer's state at each held-out subject moved too, from exactly S's at step 0
+    assert results["history"][0]["representation_drift"] == pytest.approx(0.0, abs=1e-6)
+    assert results["history"][-1]["representation_drift"] > 1e-4
     assert results["final"] == callback.final
     assert results["final"]["heldout_known_peak"] == callback.peak["heldout_known_accuracy"]
     assert results["final"]["heldout_known_initial"] == results["history"][0]["heldout_known_accuracy"]

@@ -60,3 +60,47 @@ def test_drift_against_a_teacher_equals_the_snapshot(tokenizer):
 def test_drift_needs_a_reference(tokenizer):
     with pytest.raises(ValueError, match="call `snapshot"):
         DriftMeter(PROMPTS, tokenizer)(tiny_model())
+
+
+def naive_representation_drift(reference, model, tokenizer, prompts, subjects, layer) -> float:
+    """1 − cos of layer `layer`'s state at the subject's last token, one unpadded prompt at a time."""
+    drifts = []
+    with torch.no_grad():
+        for prompt, subject in zip(prompts, subjects, strict=True):
+            cut = prompt.rfind(subject) + len(subject)
+            index = len(tokenizer(prompt[:cut]).input_ids) - 1  # the subject ends a word: no token straddles it
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            a = reference(ids, output_hidden_states=True).hidden_states[layer][0, index].double()
+            b = model(ids, output_hidden_states=True).hidden_states[layer][0, index].double()
+            drifts.append(1 - torch.nn.functional.cosine_similarity(a, b, dim=0))
+    return torch.stack(drifts).mean().item()
+
+
+def test_representation_drift_matches_the_definition_at_the_subjects_last_token(tokenizer):
+    from trl_selfdistill.knowledge.drift import RepresentationDrift
+
+    subjects = ["France", "Hamlet", "Gold"]
+    initial, model = tiny_model(), tiny_model()
+    layer = model.config.num_hidden_layers // 2
+    meter = RepresentationDrift(PROMPTS, subjects, tokenizer, batch_size=2)
+    meter.snapshot(model)
+    assert meter(model) == pytest.approx(0.0, abs=1e-6)
+    perturb(model)
+    want = naive_representation_drift(initial, model, tokenizer, PROMPTS, subjects, layer)
+    assert meter(model) == pytest.approx(want, rel=1e-4) and want > 1e-4
+
+
+def test_representation_drift_ignores_layers_above_the_middle(tokenizer):
+    from trl_selfdistill.knowledge.drift import RepresentationDrift
+
+    model = tiny_model()
+    meter = RepresentationDrift(PROMPTS, ["France", "Hamlet", "Gold"], tokenizer)
+    meter.snapshot(model)
+    layers = model.model.layers
+    for upper in layers[len(layers) // 2 :]:
+        perturb(upper)
+    assert meter(model) == pytest.approx(0.0, abs=1e-6)
+    perturb(layers[0])
+    assert meter(model) > 1e-4
+    with pytest.raises(ValueError, match="names its subject"):
+        RepresentationDrift(PROMPTS, ["Paris", "", "Silver"], tokenizer)

@@ -9,7 +9,7 @@ import uuid
 from transformers import TrainerCallback
 
 from ..teacher import eval_mode
-from .drift import DriftMeter
+from .drift import DriftMeter, RepresentationDrift
 from .formats import AnswerFormat
 from .generation import Generator
 from .metrics import (
@@ -60,7 +60,9 @@ class ForgettingCallback(TrainerCallback):
 
     `drift_kl` is the mean KL(reference ‖ model) of the first-answer-token distribution on up to `drift_size`
     held-out prompts; the reference is `teacher` when given, else the model as it was when training began
-    (`drift_size=0` disables it).
+    (`drift_size=0` disables it). `representation_drift` is the paper's mechanism signal on the same prompts: mean
+    1 − cos of the middle layer's hidden state at the subject's last token, against the model when training began
+    (None when no held-out fact names its subject).
 
     With `num_shots`, each fact is asked after `num_shots` same-relation exemplars from `exemplars` (fixed per fact,
     drawn with `seed`, never the fact itself), as the SliCK probe asks it: a model whose training data does not
@@ -128,7 +130,7 @@ class ForgettingCallback(TrainerCallback):
         self.eval_seconds = 0.0  # time spent evaluating (inside the trainer's run time)
         self.run_id: str | None = None  # a new id each time training begins, written with the results
         self._logs: dict[str, float] = {}
-        self._generator = self._drift = None
+        self._generator = self._drift = self._representation = None
         self._every = eval_steps  # resolved against the trainer's `eval_steps` when training begins
 
     def attach(self, trainer) -> "ForgettingCallback":
@@ -206,9 +208,15 @@ class ForgettingCallback(TrainerCallback):
             batch_size=self.batch_size,
             progress=self.progress,
         )
+        self._representation = None
         if self.drift_size:
             self._drift = DriftMeter(self.prompts[2][: self.drift_size], tokenizer, self.batch_size)
             self._drift.snapshot(model, self.teacher)
+            subjects = self.splits.heldout["subject"][: self.drift_size]
+            if any(subjects):
+                self._representation = RepresentationDrift(self.prompts[2][: self.drift_size], subjects, tokenizer,
+                                                           self.batch_size)
+                self._representation.snapshot(model)
         if self.trainer is None:
             logger.warning(
                 "ForgettingCallback is not attached to the trainer: its metrics go to `trainer.state.log_history` "
@@ -256,11 +264,12 @@ class ForgettingCallback(TrainerCallback):
         metrics["default_answer_share"] = default_share(answers[2], self.defaults)
         if "heuristic" in splits.heldout.column_names:
             metrics["heldout_by_heuristic"] = accuracy_by(splits.heldout["heuristic"], correct[2])
-        entry = {"step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None}
+        entry = {"step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None,
+                 "representation_drift": self._representation(model) if self._representation else None}
         self.eval_seconds += time.perf_counter() - start
         self.history.append(entry)
         by_heuristic = metrics.pop("heldout_by_heuristic", {})
-        logs = {**metrics, "drift_kl": entry["drift_kl"]}
+        logs = {**metrics, "drift_kl": entry["drift_kl"], "representation_drift": entry["representation_drift"]}
         logs.update({f"heldout_accuracy_{label}": value for label, value in by_heuristic.items()})
         final = self.final
         forgetting = ("forgetting_from_peak", "forgetting_from_start", "answered_known_forgetting")
