@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import httpx2
@@ -48,10 +47,6 @@ PATH_KEYS = {
     "tokenizer_config.json": ("name_or_path",),
     "trainer_state.json": ("best_model_checkpoint",),
 }
-# A file whose modification time is at most this much older than the save's start counts as written by it (file
-# systems store times at up to 2 s resolution)
-_CLOCK_SLACK_NS = 2_000_000_000
-
 
 def _stamps(folder: Path) -> dict[str, tuple]:
     """Identity and times of the files at the top of `folder`: any write changes them."""
@@ -68,28 +63,28 @@ def _stamps(folder: Path) -> dict[str, tuple]:
 def save_with_manifest(trainer, save, folder):
     """
     Run `save()` (a save into `folder`) and record in `trainer._upload_manifests` the files it created or rewrote
-    there, and when it started; returns what `save()` returns.
+    there, and the folder as it was before; returns what `save()` returns.
     """
     folder = Path(folder)
-    started, before = time.time_ns(), _stamps(folder)
+    before = _stamps(folder)
     result = save()
-    after = _stamps(folder)
-    written = sorted(name for name, stamp in after.items() if before.get(name) != stamp)
-    trainer.__dict__.setdefault("_upload_manifests", {})[str(folder.resolve())] = (written, started)
+    written = sorted(name for name, stamp in _stamps(folder).items() if before.get(name) != stamp)
+    trainer.__dict__.setdefault("_upload_manifests", {})[str(folder.resolve())] = (written, before)
     return result
 
 
 def _manifest(trainer, folder: Path, resume: bool) -> list[str] | None:
     """The files of `folder` a push may upload: those this run's last save there wrote (with `resume`, also the resume
-    files written since it began). None when no save of this run recorded that folder."""
+    files written since that save began: Trainer writes them after the model). None when no save of this run recorded
+    that folder."""
     record = getattr(trainer, "_upload_manifests", {}).get(str(folder.resolve()))
     if record is None:
         return None
-    written, started = record
+    written, before = record
     if not resume:
         return written
     fresh = [name for name, stamp in _stamps(folder).items()
-             if any(fnmatch.fnmatch(name, p) for p in RESUME_PATTERNS) and stamp[2] >= started - _CLOCK_SLACK_NS]
+             if any(fnmatch.fnmatch(name, p) for p in RESUME_PATTERNS) and before.get(name) != stamp]
     return sorted({*written, *fresh})
 
 

@@ -69,7 +69,10 @@ def _check_model_folder(path: Path, where: str, tokenizer: bool) -> None:
         )
     for name in JSON_FILES:
         if (path / name).is_file():
-            check_json_file(path / name, "Save the model there again, or copy the file from the base model.")
+            try:
+                check_json_file(path / name, "Save the model there again, or copy the file from the base model.")
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from err.__cause__
     if not _has(path, WEIGHT_PATTERNS):
         raise ValueError(
             f"{where}: the model folder {path} has no weights (no *.safetensors, pytorch_model*.bin or "
@@ -147,13 +150,15 @@ def check_prompt_template(template: str, what: str = "The prompt template") -> N
         raise TypeError(f"{what} must be a string with `{{question}}`, got the {type(template).__name__} "
                         f"{template!r}.")
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        parsed = [(name, conversion) for _, name, _, conversion in string.Formatter().parse(template)]
     except ValueError as err:
         raise ValueError(
             f"{what} {template!r} has an unmatched brace ({err}). Write a literal brace as `{{{{` or `}}}}`; the only "
             "placeholder is `{question}`."
         ) from err
+    fields = [name for name, _ in parsed if name is not None]
     unknown = [f"{{{name}}}" for name in fields if name != "question"]
+    unknown += [f"{{{name}!{conversion}}}" for name, conversion in parsed if conversion not in (None, "r", "s", "a")]
     if unknown:
         raise ValueError(
             f"{what} {template!r} has the placeholder(s) {', '.join(dict.fromkeys(unknown))}, but only `{{question}}` "
@@ -163,12 +168,12 @@ def check_prompt_template(template: str, what: str = "The prompt template") -> N
         raise ValueError(f"{what} {template!r} has no `{{question}}` placeholder; add one.")
 
 
-def check_facts(facts, name: str = "fact set") -> None:
+def check_facts(facts, name: str = "fact set", categories: bool = True) -> None:
     """
     Refuse a fact set (a `Dataset` of `id`/`question`/`answers` rows, from `load_facts` or built by hand) that probing
     or scoring would fail on or get wrong: empty, without the fact columns, a fact without answers, two facts with one
-    id (a fact's own id keeps its exemplars out, so shared ids silently drop exemplars), or a `category` on only
-    some facts.
+    id (a fact's own id keeps its exemplars out, so shared ids silently drop exemplars), or, with `categories` (results
+    are reported by category), a `category` on only some facts.
     """
     if facts is None or len(facts) == 0:
         raise ValueError(
@@ -189,16 +194,8 @@ def check_facts(facts, name: str = "fact set") -> None:
             f"{no_answers[0]} ({facts[no_answers[0]]['question']!r}). Give each fact at least one gold alias, or drop "
             "those rows; `load_facts` refuses them with the row named."
         )
-    repeated = {fact_id: n for fact_id, n in Counter(facts["id"]).items() if n > 1}
-    if repeated:
-        shown = ", ".join(f"{fact_id!r} ({n}×)" for fact_id, n in list(repeated.items())[:5])
-        raise ValueError(
-            f"{len(repeated)} fact ids of the {name} are used by several facts: {shown}"
-            f"{', …' if len(repeated) > 5 else ''}. Ids must be unique (a fact's id keeps it out of its own few-shot "
-            "exemplars, so a shared id drops the other facts too). Give each fact its own id, or drop the `id` "
-            "column: `load_facts` then makes one from each question."
-        )
-    if "category" in facts.column_names:
+    check_unique_ids(facts["id"], facts["question"], name)
+    if categories and "category" in facts.column_names:
         without = [i for i, category in enumerate(facts["category"]) if not category]
         if without and len(without) < len(facts):
             raise ValueError(
@@ -206,6 +203,23 @@ def check_facts(facts, name: str = "fact set") -> None:
                 f"{without[0]}: results by category need all of them. Categorise them all (`trl-selfdistill probe`, "
                 "or `probe(facts, ...)`), or drop the `category` column (`facts.remove_columns('category')`)."
             )
+
+
+def check_unique_ids(ids, questions, name: str = "fact set") -> None:
+    """Refuse fact ids used by more than one fact, naming them and the questions of the first."""
+    repeated = {fact_id: n for fact_id, n in Counter(ids).items() if n > 1}
+    if not repeated:
+        return
+    shown = ", ".join(f"{fact_id!r} ({n}×)" for fact_id, n in list(repeated.items())[:5]) + (
+        ", …" if len(repeated) > 5 else "")
+    first = next(iter(repeated))
+    asked = [question for fact_id, question in zip(ids, questions, strict=True) if fact_id == first][:2]
+    raise ValueError(
+        f"{len(repeated)} fact ids of the {name} are used by several facts: {shown} (id {first!r}: "
+        f"{' / '.join(map(repr, asked))}). Ids must be unique: a fact's id keeps it out of its own "
+        "few-shot exemplars, so a shared id silently drops the other facts from the pool. Give each fact its own id, "
+        "or drop the `id` column (`load_facts` then makes one from each question)."
+    )
 
 
 def check_output_dir(output_dir) -> None:

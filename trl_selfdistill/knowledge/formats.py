@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
+from ..validation import check_prompt_template
+
 Prompt = str | list[dict[str, str]]
 
 
@@ -37,8 +39,7 @@ class AnswerFormat:
     system_prompt: str | None = field(default=None, metadata={"help": "System message in chat mode."})
 
     def __post_init__(self):
-        if "{question}" not in self.prompt:
-            raise ValueError(f"The prompt template {self.prompt!r} has no `{{question}}` placeholder; add one.")
+        check_prompt_template(self.prompt)
         if self.system_prompt is not None and not self.chat:
             raise ValueError("`system_prompt` only applies in chat mode: set `chat=True` or drop `system_prompt`.")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from datasets import Dataset
 
+from ..validation import check_facts
 from .facts import is_correct
 from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn, Generator
@@ -106,6 +107,9 @@ def probe(
     """
     config = config or ProbeConfig.cheap()
     fmt = fmt or AnswerFormat()
+    check_facts(facts, "fact set to probe", categories=False)  # the probe replaces any categories
+    if exemplars is not None:
+        check_facts(exemplars, "exemplar pool", categories=False)
     if (model is None) == (generate_fn is None):
         raise ValueError("Pass either `model` (with `tokenizer`) or `generate_fn` to `probe`, not both or neither.")
     if generate_fn is None:
