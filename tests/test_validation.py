@@ -349,11 +349,17 @@ def test_a_folder_of_empty_dataset_files_is_named(tmp_path):
     (lambda: load_facts(facts_rows()).filter(lambda row: False), r"The fact set to probe is empty \(0 facts\)"),
     (lambda: Dataset.from_list([{"id": "1", "question": "Q?", "answers": [], "relation": "r"}]),
      r"1 facts of the fact set to probe have no answer \(an empty `answers` list\), the first at row 0"),
-    (lambda: Dataset.from_list([{"question": "Q?", "answers": ["a"]}]), r"has no `id` column.*load_facts"),
 ])
-def test_probe_refuses_fact_sets_it_cannot_score(facts, message):
+def test_probe_and_training_rows_refuse_fact_sets_they_cannot_use(facts, message):
     with pytest.raises(ValueError, match=message):
         probe(facts(), generate_fn=no_generation)
+    with pytest.raises(ValueError, match=message.replace("fact set to probe", "training fact set")):
+        AnswerFormat().training_dataset(facts().select_columns(["question", "answers"]) if len(facts()) else facts())
+
+
+def test_probe_needs_fact_ids():
+    with pytest.raises(ValueError, match=r"has no `id` column.*load_facts"):
+        probe(Dataset.from_list([{"question": "Q?", "answers": ["a"]}]), generate_fn=no_generation)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -143,13 +143,13 @@ def _probe(argv: list[str]) -> None:
         paper = ProbeConfig.paper()
         config = replace(config, num_prompts=paper.num_prompts, num_samples=paper.num_samples)
     fmt = _answer_format(fmt)
-    model_args.check()
     _check_out(args.out)
     facts = _load_facts(args.facts, categories=False)
     if args.limit:
         facts = facts.select(range(min(args.limit, len(facts))))
     exemplars = args.exemplars or ("entityquestions-dev" if args.facts == "entityquestions-train" else None)
     exemplars = _load_facts(exemplars, categories=False) if exemplars else None
+    model_args.check()
     model, tokenizer = model_args.load()
     start = time.perf_counter()
     categorised = probe(facts, model, tokenizer, exemplars=exemplars, fmt=fmt, config=config,
@@ -169,10 +169,10 @@ def _eval(argv: list[str]) -> None:
     parser = _parser((EvalArguments, ModelArguments, AnswerFormat), "trl-selfdistill eval")
     args, model_args, fmt = parser.parse_args_and_config(argv)
     fmt = _answer_format(fmt)
-    model_args.check()
     if args.out:
         _check_out(args.out)
     facts = _load_facts(args.facts)
+    model_args.check()
     model, tokenizer = model_args.load()
     generator = Generator(model, tokenizer, fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           progress=not model_args.quiet)

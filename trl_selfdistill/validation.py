@@ -168,19 +168,20 @@ def check_prompt_template(template: str, what: str = "The prompt template") -> N
         raise ValueError(f"{what} {template!r} has no `{{question}}` placeholder; add one.")
 
 
-def check_facts(facts, name: str = "fact set", categories: bool = True) -> None:
+def check_facts(facts, name: str = "fact set", categories: bool = True, ids: bool = True) -> None:
     """
     Refuse a fact set (a `Dataset` of `id`/`question`/`answers` rows, from `load_facts` or built by hand) that probing
     or scoring would fail on or get wrong: empty, without the fact columns, a fact without answers, two facts with one
     id (a fact's own id keeps its exemplars out, so shared ids silently drop exemplars), or, with `categories` (results
-    are reported by category), a `category` on only some facts.
+    are reported by category), a `category` on only some facts. Without `ids` (training rows), ids are not needed.
     """
     if facts is None or len(facts) == 0:
         raise ValueError(
             f"The {name} is empty (0 facts). Give facts with `question` and `answers` (`load_facts` reads files, "
             "folders and Hub datasets); if it came from a `filter`, `select` or split, check that step."
         )
-    missing = [column for column in ("id", "question", "answers") if column not in facts.column_names]
+    needed = ("id", "question", "answers") if ids else ("question", "answers")
+    missing = [column for column in needed if column not in facts.column_names]
     if missing:
         raise ValueError(
             f"The {name} has no {', '.join(f'`{c}`' for c in missing)} column (columns: {facts.column_names}). Load "
@@ -194,7 +195,8 @@ def check_facts(facts, name: str = "fact set", categories: bool = True) -> None:
             f"{no_answers[0]} ({facts[no_answers[0]]['question']!r}). Give each fact at least one gold alias, or drop "
             "those rows; `load_facts` refuses them with the row named."
         )
-    check_unique_ids(facts["id"], facts["question"], name)
+    if ids:
+        check_unique_ids(facts["id"], facts["question"], name)
     if categories and "category" in facts.column_names:
         without = [i for i, category in enumerate(facts["category"]) if not category]
         if without and len(without) < len(facts):

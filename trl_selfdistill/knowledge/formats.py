@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
-from ..validation import check_prompt_template
+from ..validation import check_facts, check_prompt_template
 
 Prompt = str | list[dict[str, str]]
 
@@ -66,6 +66,7 @@ class AnswerFormat:
 
     def training_dataset(self, facts: Dataset) -> Dataset:
         """`prompt`/`completion` rows for `SFTTrainer`, each fact answered with its first alias."""
+        check_facts(facts, "training fact set", categories=False, ids=False)
         return facts.map(
             lambda fact: {
                 "prompt": self.prompt_for(fact["question"]),
