@@ -49,26 +49,37 @@ PATH_KEYS = {
 }
 
 def _stamps(folder: Path) -> dict[str, tuple]:
-    """Identity and times of the files at the top of `folder`: any write changes them."""
+    """Identity and times of the files of `folder`, at its top and one folder down (not in `checkpoint-*`), by path
+    relative to it: any write changes them."""
     if not folder.is_dir():
         return {}
-    stamps = {}
+    files = []
     for path in folder.iterdir():
-        if path.is_file():
-            stat = path.stat()
-            stamps[path.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if path.is_dir() and not path.name.startswith("checkpoint-"):
+            files += [sub for sub in path.iterdir() if sub.is_file()]
+        elif path.is_file():
+            files.append(path)
+    stamps = {}
+    for path in files:
+        stat = path.stat()
+        stamps[path.relative_to(folder).as_posix()] = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     return stamps
+
+
+def _written(action, folder: Path):
+    """Run `action()`; return its result, the files of `folder` it created or rewrote, and those there before."""
+    before = _stamps(folder)
+    result = action()
+    return result, sorted(name for name, stamp in _stamps(folder).items() if before.get(name) != stamp), before
 
 
 def save_with_manifest(trainer, save, folder):
     """
     Run `save()` (a save into `folder`) and record in `trainer._upload_manifests` the files it created or rewrote
-    there, and the folder as it was before; returns what `save()` returns.
+    there, and the folder's files before; returns what `save()` returns.
     """
     folder = Path(folder)
-    before = _stamps(folder)
-    result = save()
-    written = sorted(name for name, stamp in _stamps(folder).items() if before.get(name) != stamp)
+    result, written, before = _written(save, folder)
     trainer.__dict__.setdefault("_upload_manifests", {})[str(folder.resolve())] = (written, before)
     return result
 
@@ -141,15 +152,17 @@ def stage_upload(folder: str | os.PathLike, patterns=UPLOAD_PATTERNS, results: d
     None: all of them) that match `patterns`, and `results` as the results file (see the module docstring).
     """
     folder, staging = Path(folder), Path(tempfile.mkdtemp(prefix="trl_selfdistill_upload_"))
+    # Files at the top are matched by the patterns without a "/", files in a subfolder by those with one
     chosen = [
-        source.name for source in sorted(folder.iterdir())
-        if source.is_file() and source.name != RESULTS_FILE  # only this run's results go up, written from memory
-        and (names is None or source.name in names)
-        and any(fnmatch.fnmatch(source.name, pattern) for pattern in patterns)
+        name for name in sorted(_stamps(folder))
+        if name != RESULTS_FILE  # only this run's results go up, written from memory
+        and (names is None or name in names)
+        and any(fnmatch.fnmatch(name, pattern) for pattern in patterns if ("/" in pattern) == ("/" in name))
     ]
     try:
         _check_consistent(folder, chosen)
         for name in chosen:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             _copy_for_upload(folder / name, staging / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,7 +173,7 @@ def stage_upload(folder: str | os.PathLike, patterns=UPLOAD_PATTERNS, results: d
 
 
 def _log_upload(staging: Path, repo_id: str, path_in_repo: str | None = None) -> list[str]:
-    files = sorted(p.name for p in staging.iterdir())
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
     where = f"{repo_id}/{path_in_repo}" if path_in_repo else repo_id
     print(f"[trl_selfdistill] uploading to {where}: {', '.join(files)}")
     return files
@@ -211,9 +224,13 @@ def push_to_hub(
     save_with_manifest(trainer, lambda: trainer.save_model(_internal_call=True), args.output_dir)
     if not trainer.is_world_process_zero():
         return None
-    write_model_card(trainer, kwargs.get("model_name"), kwargs.get("dataset_name"), kwargs.get("tags"))
+    folder = Path(args.output_dir)
+    _, card_files, _ = _written(
+        lambda: write_model_card(trainer, kwargs.get("model_name"), kwargs.get("dataset_name"), kwargs.get("tags")),
+        folder,
+    )
     token = token if token is not None else args.hub_token
-    names = [*_manifest(trainer, Path(args.output_dir), resume=False), "README.md"]  # the card was written just now
+    names = [*_manifest(trainer, folder, resume=False), *card_files, "README.md"]
     try:
         api = HfApi(token=token)
         if trainer.hub_model_id is None:
@@ -221,7 +238,7 @@ def push_to_hub(
             private = private if private is not None else args.hub_private_repo
             trainer.hub_model_id = api.create_repo(name, private=private, exist_ok=True).repo_id
         _wait_for_checkpoint_pushes(trainer)
-        staging = stage_upload(args.output_dir, results=run_results(trainer), names=names)
+        staging = stage_upload(folder, results=run_results(trainer), names=names)
         return upload_staged(
             api, staging, blocking, repo_id=trainer.hub_model_id, commit_message=commit_message,
             revision=revision if revision is not None else args.hub_revision,

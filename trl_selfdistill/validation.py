@@ -12,8 +12,9 @@ Python so give the same message, and each names the problem and the fix (docs/tr
 - `check_output_dir`: nothing in the way of what a save writes (a folder where a file goes).
 - `check_data_file`: a local training-data file that holds rows.
 
-Dataset columns and tokens are checked by `data_checks` (`check_raw_dataset`, `check_prepared_dataset`), fact files
-by `knowledge.facts.load_facts`: this module calls them rather than repeating them.
+Dataset columns and tokens are checked by `data_checks` (`check_raw_dataset`, `check_prepared_dataset`: inside the
+trainer, and by the training script before the model loads), fact files row by row by `knowledge.facts.load_facts`
+(which calls `check_unique_ids`); this module holds the rest rather than repeating them.
 """
 
 import json
@@ -31,6 +32,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
 # Any one of these is a tokenizer transformers can load (with tokenizer_config.json beside it, or alone)
 TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
                       "vocab.txt", "*.tiktoken")
+FILELESS_TOKENIZERS = ("ByT5Tokenizer", "CanineTokenizer")
 JSON_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "generation_config.json",
               "model.safetensors.index.json")
 # Names a save writes into `output_dir` (model, adapter, tokenizer, card, results, arguments)
@@ -58,6 +60,15 @@ def check_json_file(path: Path, fix: str) -> None:
         raise ValueError(f"{path} is not valid JSON ({where}); it may be truncated. {fix}") from err
 
 
+def _fileless_tokenizer(folder: Path) -> bool:
+    """A tokenizer that needs no vocabulary file: byte-level classes, or remote code (`auto_map`)."""
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text(encoding="utf-8"))
+    return data.get("tokenizer_class") in FILELESS_TOKENIZERS or "auto_map" in data
+
+
 def _check_model_folder(path: Path, where: str, tokenizer: bool) -> None:
     if not _has(path, CONFIG_FILES):
         checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
@@ -79,7 +90,7 @@ def _check_model_folder(path: Path, where: str, tokenizer: bool) -> None:
             f"adapter_model.*; it holds {_listing(path)}). Save the model there with `save_pretrained`, or point to a "
             "folder that has them."
         )
-    if tokenizer and not _has(path, TOKENIZER_PATTERNS):
+    if tokenizer and not _has(path, TOKENIZER_PATTERNS) and not _fileless_tokenizer(path):
         raise ValueError(
             f"{where}: the model folder {path} has no tokenizer files (none of {', '.join(TOKENIZER_PATTERNS)}; it "
             f"holds {_listing(path)}). Save the tokenizer beside the model (`tokenizer.save_pretrained('{path}')`, "
