@@ -225,6 +225,22 @@ def test_a_checkpoint_push_without_weights_is_refused(tmp_path, monkeypatch):
     assert hub.uploads == []
 
 
+def test_a_push_whose_save_wrote_no_weights_is_refused(tmp_path, monkeypatch):
+    """As under ZeRO-3 without gathering the weights: the save writes configs and tokenizer only."""
+    trainer = trainer_for(tmp_path, hub_model_id="someone/tiny", distill_coef=0.0)
+    trainer.model.save_pretrained(tmp_path / "out")  # weights of an earlier save: not this push's
+
+    def save_without_weights(output_dir=None, state_dict=None):
+        trainer.model.config.save_pretrained(output_dir)
+        trainer.processing_class.save_pretrained(output_dir)
+
+    monkeypatch.setattr(trainer, "_save", save_without_weights)
+    hub = FakeHub().patch(monkeypatch)
+    with pytest.raises(ValueError, match=r"out has no model weights to push.*stage3_gather_16bit_weights_on"):
+        trainer.push_to_hub()
+    assert hub.uploads == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 6, 7, 12. Model paths: a missing folder, a file, no tokenizer files, a truncated config
 

@@ -231,6 +231,8 @@ def push_to_hub(
     )
     token = token if token is not None else args.hub_token
     names = [*_manifest(trainer, folder, resume=False), *card_files, "README.md"]
+    staging = stage_upload(folder, results=run_results(trainer), names=names)
+    _check_weights(folder, staging, checkpoint=False)
     try:
         api = HfApi(token=token)
         if trainer.hub_model_id is None:
@@ -238,12 +240,12 @@ def push_to_hub(
             private = private if private is not None else args.hub_private_repo
             trainer.hub_model_id = api.create_repo(name, private=private, exist_ok=True).repo_id
         _wait_for_checkpoint_pushes(trainer)
-        staging = stage_upload(folder, results=run_results(trainer), names=names)
         return upload_staged(
             api, staging, blocking, repo_id=trainer.hub_model_id, commit_message=commit_message,
             revision=revision if revision is not None else args.hub_revision,
         )
     except (OSError, httpx2.HTTPError) as err:  # huggingface_hub's HTTP and token errors, and connection errors
+        shutil.rmtree(staging, ignore_errors=True)  # (already gone when the upload itself failed)
         output_dir = HF_TOKEN.sub(REDACTED, str(args.output_dir))  # as configured, so the hint works
         repo_id = trainer.hub_model_id or args.hub_model_id or Path(output_dir).name
         raise RuntimeError(
@@ -255,16 +257,17 @@ def push_to_hub(
         ) from err
 
 
-def _check_weights(folder: Path, staging: Path) -> None:
-    """Refuse a checkpoint push without model weights: configs and tokenizer alone are no usable model."""
+def _check_weights(folder: Path, staging: Path, checkpoint: bool) -> None:
+    """Refuse a push without model weights: configs and tokenizer alone are no usable model."""
     if any(next(staging.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
         return
     shutil.rmtree(staging, ignore_errors=True)
     raise ValueError(
-        f"The checkpoint {folder} has no model weights to push (no *.safetensors, pytorch_model*.bin or "
-        "adapter_model.*): the push would upload configs and tokenizer only. Under DeepSpeed ZeRO-3 set "
-        "`stage3_gather_16bit_weights_on_model_save: true`, under FSDP `fsdp_state_dict_type: FULL_STATE_DICT`, so "
-        "that checkpoints hold the weights; or push at the end of training only (`hub_strategy='end'`)."
+        f"{'The checkpoint ' if checkpoint else ''}{folder} has no model weights to push (the save wrote no "
+        "*.safetensors, pytorch_model*.bin or adapter_model.*): the push would upload configs and tokenizer only. "
+        "Under DeepSpeed ZeRO-3 set `stage3_gather_16bit_weights_on_model_save: true`, under FSDP "
+        "`fsdp_state_dict_type: FULL_STATE_DICT`, so that saves hold the weights"
+        + ("; or push at the end of training only (`hub_strategy='end'`)." if checkpoint else ".")
     )
 
 
@@ -284,7 +287,7 @@ def push_checkpoint(trainer, checkpoint_folder: str) -> None:
         return
     folder = Path(checkpoint_folder)
     staging = stage_upload(folder, results=run_results(trainer), names=_manifest(trainer, folder, resume=False))
-    _check_weights(folder, staging)
+    _check_weights(folder, staging, checkpoint=True)
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     api = HfApi(token=args.hub_token)
     state = trainer.state
