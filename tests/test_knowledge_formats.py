@@ -43,7 +43,8 @@ def test_chat_format_builds_turns(tokenizer):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"prompt": "Q: {q}\nA:"}, "no `{question}` placeholder"), ({"system_prompt": "Be brief."}, "chat=True")],
+    [({"prompt": "Q: {q}\nA:"}, r"placeholder\(s\) \{q\}, but only `\{question\}` is filled in"),
+     ({"prompt": "Q:\nA:"}, "no `{question}` placeholder"), ({"system_prompt": "Be brief."}, "chat=True")],
 )
 def test_bad_format_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from trl_selfdistill import ForgettingCallback, SelfDistillSFTTrainer
+from trl_selfdistill.hub import push_to_hub
 from trl_selfdistill.model_card import (
     RESULTS_FILE,
     CardInfo,
     base_model_name,
-    push_to_hub,
     render_model_card,
     sanitize,
     write_model_card,

@@ -39,6 +39,12 @@ class ModelArguments:
     )
     quiet: bool = field(default=False, metadata={"help": "No progress bars."})
 
+    def check(self) -> None:
+        """Refuse a model that cannot be loaded (`validation.check_model_source`), before any work."""
+        from .validation import check_model_source
+
+        check_model_source(self.model, "--model")
+
     def load(self):
         """Model and tokenizer, on `device` in `dtype`."""
         import torch
@@ -116,18 +122,19 @@ def _check_out(path: str) -> None:
                          "path.") from error
 
 
-def _load_facts(source: str):
-    """The fact set `source`; the loader's own errors (bad rows, bad JSON lines) pass through unchanged."""
+def _load_facts(source: str, categories: bool = True):
+    """The fact set `source`, checked (`validation.check_facts`; a category on all facts or none with `categories`);
+    the loader's own errors pass through unchanged."""
     from .knowledge import load_facts
+    from .validation import check_facts
 
     facts = load_facts(source)
-    if len(facts) == 0:
-        raise ValueError(f"The fact set {source!r} is empty: give it rows with `question` and `answers`.")
+    check_facts(facts, f"fact set {source!r}", categories)
     return facts
 
 
 def _probe(argv: list[str]) -> None:
-    from .knowledge import SLICK_CATEGORIES, AnswerFormat, ProbeConfig, load_facts, probe
+    from .knowledge import SLICK_CATEGORIES, AnswerFormat, ProbeConfig, probe
 
     parser = _parser((ProbeArguments, ModelArguments, ProbeConfig, AnswerFormat), "trl-selfdistill probe",
                      num_prompts=3, num_samples=0)
@@ -137,11 +144,12 @@ def _probe(argv: list[str]) -> None:
         config = replace(config, num_prompts=paper.num_prompts, num_samples=paper.num_samples)
     fmt = _answer_format(fmt)
     _check_out(args.out)
-    facts = _load_facts(args.facts)
+    facts = _load_facts(args.facts, categories=False)
     if args.limit:
         facts = facts.select(range(min(args.limit, len(facts))))
     exemplars = args.exemplars or ("entityquestions-dev" if args.facts == "entityquestions-train" else None)
-    exemplars = load_facts(exemplars) if exemplars else None
+    exemplars = _load_facts(exemplars, categories=False) if exemplars else None
+    model_args.check()
     model, tokenizer = model_args.load()
     start = time.perf_counter()
     categorised = probe(facts, model, tokenizer, exemplars=exemplars, fmt=fmt, config=config,
@@ -164,6 +172,7 @@ def _eval(argv: list[str]) -> None:
     if args.out:
         _check_out(args.out)
     facts = _load_facts(args.facts)
+    model_args.check()
     model, tokenizer = model_args.load()
     generator = Generator(model, tokenizer, fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           progress=not model_args.quiet)
@@ -196,10 +205,13 @@ def _sft(argv: list[str]) -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
-    from .scripts.sft import make_parser, parse_args
+    from .scripts.sft import check_inputs, check_models, make_parser, parse_args
 
-    # Parses (and checks) everything here, so a bad flag fails before any process starts; -h exits here
-    _, config_remaining, cli_remaining = parse_args(argv, make_parser(prog="trl-selfdistill sft"))
+    # Parses (and checks) everything here, so a bad flag or input fails before any process starts; -h exits here
+    parsed, config_remaining, cli_remaining = parse_args(argv, make_parser(prog="trl-selfdistill sft"))
+    script_args, training_args, model_args, _, _, knowledge_args = parsed
+    check_inputs(script_args, training_args, knowledge_args)
+    check_models(training_args, model_args)
     launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
     script_args = _without(argv, cli_remaining)
     launch_command(launch_command_parser().parse_args(launch_args + ["--module", SCRIPT_MODULE] + script_args))

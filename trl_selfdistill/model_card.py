@@ -1,4 +1,4 @@
-"""Model cards that say how the model was trained and how much it forgot, and a Hub push that uploads nothing else.
+"""Model cards that say how the model was trained and how much it forgot (the Hub push is `trl_selfdistill.hub`).
 
 `render_model_card(CardInfo)` is pure (it reads only the environment, for secret values to redact): it fills the
 package's own template (`templates/model_card.md`) and puts the forgetting metrics into the `model-index` metadata
@@ -7,29 +7,17 @@ through huggingface_hub's `EvalResult`, so the Hub page shows them.
 shows are this run's only: those of a `ForgettingCallback` registered with the trainer, never a results file found
 in `output_dir` (which may be an earlier run's). Every string that enters a card is sanitized: Hugging Face tokens and
 secret environment values are redacted, absolute paths cut to their last component.
-
-`push_to_hub` saves the model and the card before uploading, so a failed upload leaves everything on disk. What is
-uploaded is an allowlist (`UPLOAD_PATTERNS`: weights or adapter, configs, tokenizer files, the card, this run's
-results), copied into a staging folder with the local paths inside the JSON configs cut to their last component:
-never `training_args.bin`, checkpoints, or any other file that happens to lie in `output_dir` (a `.env`, logs).
-Checkpoint pushes during training (`hub_strategy`) go through the same allowlist.
 """
 
-import fnmatch
 import importlib.metadata
-import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import httpx2
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
-from transformers.utils.hub import PushInProgress
 
 from .config import HF_TOKEN
 from .embedded import EMBEDDED_HUB_ID, cache_dir
@@ -38,24 +26,6 @@ from .teacher import causal_lm
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PAPER_ID = "2604.15574"
-
-# What a model repo needs, matched against file names at the top of the folder; nothing else is uploaded
-UPLOAD_PATTERNS = (
-    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
-    "adapter_model.bin", "config.json", "generation_config.json", "adapter_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "tokenizer.model", "*.tiktoken", "spiece.model", "chat_template.jinja",
-    "chat_template.json", "processor_config.json", "preprocessor_config.json", "README.md",
-)
-# What resuming from a pushed checkpoint needs besides the model (`hub_strategy="checkpoint"`/`"all_checkpoints"`)
-RESUME_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json")
-# JSON files whose listed keys hold the local path a model was loaded from: cut to its last component on upload
-PATH_KEYS = {
-    "config.json": ("_name_or_path",),
-    "adapter_config.json": ("base_model_name_or_path",),
-    "tokenizer_config.json": ("name_or_path",),
-    "trainer_state.json": ("best_model_checkpoint",),
-}
 
 # metric key: (label, higher is better, split, what the split holds); one table for the card and the model-index
 METRICS = {
@@ -353,151 +323,3 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     card.save(path)
     return path
-
-
-def _display_path(value):
-    return display_name(value) if isinstance(value, str) and value else value
-
-
-def _copy_for_upload(source: Path, target: Path, results: dict | None) -> None:
-    """Copy `source` to `target`; JSON configs with local paths cut to their last component, secrets redacted."""
-    if source.name == RESULTS_FILE:
-        return  # only this run's results are uploaded, written from memory
-    if source.name in PATH_KEYS:
-        data = json.loads(source.read_text(encoding="utf-8"))
-        for key in PATH_KEYS[source.name]:
-            if key in data:
-                data[key] = _display_path(data[key])
-        if source.name != "tokenizer_config.json":  # tokenizer strings are vocabulary: leave them byte-exact
-            data = _sanitize_tree(data)
-        target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    elif source.name == "README.md":
-        target.write_text(sanitize(source.read_text(encoding="utf-8")), encoding="utf-8")
-    else:
-        try:
-            os.link(source, target)  # weights can be large: no copy where the file system allows
-        except OSError:
-            shutil.copy2(source, target)
-
-
-def stage_upload(folder: str | os.PathLike, patterns=UPLOAD_PATTERNS, results: dict | None = None) -> Path:
-    """A temporary folder holding what may leave the machine from `folder` (see the module docstring)."""
-    folder, staging = Path(folder), Path(tempfile.mkdtemp(prefix="trl_selfdistill_upload_"))
-    for source in sorted(folder.iterdir()):
-        if source.is_file() and any(fnmatch.fnmatch(source.name, pattern) for pattern in patterns):
-            _copy_for_upload(source, staging / source.name, results)
-    if results is not None:
-        (staging / RESULTS_FILE).write_text(json.dumps(_sanitize_tree(results), indent=2), encoding="utf-8")
-    return staging
-
-
-def upload_staged(api: HfApi, staging: Path, blocking: bool, **upload_kwargs):
-    """Upload a staging folder and delete it once the upload is done (at once, or when the future completes)."""
-    if blocking:
-        try:
-            return api.upload_folder(folder_path=str(staging), **upload_kwargs)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    try:
-        future = api.upload_folder(folder_path=str(staging), run_as_future=True, **upload_kwargs)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    future.add_done_callback(lambda _future: shutil.rmtree(staging, ignore_errors=True))
-    return future
-
-
-def _wait_for_checkpoint_pushes(trainer) -> None:
-    pending = getattr(trainer, "push_in_progress", None)
-    if pending is not None and not pending.is_done():
-        pending.wait_until_done()
-
-
-def push_to_hub(
-    trainer,
-    commit_message: str | None = "End of training",
-    blocking: bool = True,
-    token: str | None = None,
-    revision: str | None = None,
-    private: bool | None = None,
-    **kwargs,
-):
-    """
-    Save the model and write the card into `output_dir`, then upload what a model repo needs (see the module
-    docstring) to `hub_model_id` (created if needed).
-
-    Saving comes first, so a failed upload (no network, no token, no permission, unknown repo) loses nothing: the
-    `RuntimeError` it raises says how to upload the folder later. With `blocking=False`, the returned future carries
-    the upload (and its errors). `kwargs` (`model_name`, `dataset_name`, `tags`) go to the card.
-    """
-    args = trainer.args
-    trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
-    trainer.save_model(_internal_call=True)
-    if not trainer.is_world_process_zero():
-        return None
-    write_model_card(trainer, kwargs.get("model_name"), kwargs.get("dataset_name"), kwargs.get("tags"))
-    token = token if token is not None else args.hub_token
-    try:
-        api = HfApi(token=token)
-        if trainer.hub_model_id is None:
-            name = args.hub_model_id or Path(args.output_dir).absolute().name
-            private = private if private is not None else args.hub_private_repo
-            trainer.hub_model_id = api.create_repo(name, private=private, exist_ok=True).repo_id
-        _wait_for_checkpoint_pushes(trainer)
-        staging = stage_upload(args.output_dir, results=run_results(trainer))
-        return upload_staged(
-            api, staging, blocking, repo_id=trainer.hub_model_id, commit_message=commit_message,
-            revision=revision if revision is not None else args.hub_revision,
-        )
-    except (OSError, httpx2.HTTPError) as err:  # huggingface_hub's HTTP and token errors, and connection errors
-        output_dir = HF_TOKEN.sub(REDACTED, str(args.output_dir))  # as configured, so the hint works
-        repo_id = trainer.hub_model_id or args.hub_model_id or Path(output_dir).name
-        raise RuntimeError(
-            f"Uploading to the Hub repo {repo_id!r} failed ({type(err).__name__}). Nothing is lost: the model, the "
-            f"model card (README.md) and the evaluation results are saved in {output_dir!r}. To fix: log in with "
-            "`hf auth login` or set the `HF_TOKEN` environment variable to a token with write access, and check that "
-            "`hub_model_id` names a repo you may write to. Then call `trainer.push_to_hub()` again, or upload the "
-            f"folder with `huggingface_hub.upload_folder(folder_path={output_dir!r}, repo_id={repo_id!r})`."
-        ) from err
-
-
-def push_checkpoint(trainer, checkpoint_folder: str) -> None:
-    """
-    The checkpoint push of `hub_strategy` (`every_save`, `checkpoint`, `all_checkpoints`), through the allowlist:
-    the checkpoint's model files and the current card at the repo root; with `checkpoint`/`all_checkpoints`, also
-    what resuming needs (`RESUME_PATTERNS`) under `last-checkpoint/` or the checkpoint's name. Asynchronous, like
-    Trainer's own; `push_to_hub()` waits for it.
-    """
-    args = trainer.args
-    if not trainer.is_world_process_zero() or args.hub_strategy == "end":
-        return
-    pending = getattr(trainer, "push_in_progress", None)
-    if not args.hub_always_push and pending is not None and not pending.is_done():
-        return
-    trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
-    api = HfApi(token=args.hub_token)
-    by_steps = args.save_strategy == "steps"
-    step = f"step {trainer.state.global_step}" if by_steps else f"epoch {int(trainer.state.epoch)}"
-    staging = stage_upload(checkpoint_folder, results=run_results(trainer))
-    card = Path(args.output_dir) / "README.md"
-    if card.is_file():
-        _copy_for_upload(card, staging / "README.md", None)
-    upload = dict(repo_id=trainer.hub_model_id, revision=args.hub_revision)
-    jobs = [upload_staged(api, staging, False, commit_message=f"Training in progress, {step}", **upload)]
-    if args.hub_strategy in ("checkpoint", "all_checkpoints"):
-        resume = stage_upload(checkpoint_folder, patterns=UPLOAD_PATTERNS + RESUME_PATTERNS)
-        path_in_repo = "last-checkpoint" if args.hub_strategy == "checkpoint" else Path(checkpoint_folder).name
-        jobs.append(
-            upload_staged(
-                api,
-                resume,
-                False,
-                path_in_repo=path_in_repo,
-                commit_message=f"Training in progress, {step}, checkpoint",
-                **upload,
-            )
-        )
-    if pending is None or pending.is_done():
-        trainer.push_in_progress = PushInProgress(jobs)
-    else:
-        pending.jobs.extend(jobs)

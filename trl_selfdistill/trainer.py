@@ -19,15 +19,16 @@ from .data_checks import (
     check_prepared_dataset,
     check_raw_dataset,
     check_real,
-    check_teacher_source,
     check_token_ids,
 )
 from .distributed import check_engine, full_shape, full_tensors, gathered_heads, local_shard, unwrap
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
+from .hub import push_checkpoint, push_to_hub, save_with_manifest
 from .losses import TeacherTarget, fused_token_losses, teacher_topk
-from .model_card import push_checkpoint, push_to_hub, write_model_card
+from .model_card import write_model_card
 from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
+from .validation import check_model_source, check_output_dir, check_training_length
 
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "use_cache", "num_items_in_batch")
 
@@ -93,6 +94,12 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 f"`args` is a {type(args).__name__}; SelfDistillSFTTrainer needs a SelfDistillConfig. Build one with "
                 "`SelfDistillConfig(**your_config.to_dict())` plus the distillation fields."
             )
+        # What the user passed is checked before the model loads (`trl_selfdistill.validation`)
+        check_training_length(args.max_steps, args.num_train_epochs)
+        check_output_dir(args.output_dir)
+        if isinstance(model, str):
+            check_model_source(model, "model", tokenizer=kwargs.get("processing_class") is None,
+                               model_init_kwargs=args.model_init_kwargs)
         given_peft_model = isinstance(model, PeftModel)
         if freeze_config is not None and kwargs.get("peft_config") is not None and isinstance(model, PreTrainedModel):
             kwargs["peft_config"] = restrict_peft_config(kwargs["peft_config"], model, freeze_config)
@@ -177,7 +184,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 )
             teacher = ModelTeacher.copy_of(unwrap(model))
         else:
-            check_teacher_source(args.teacher_model_name_or_path, args.model_init_kwargs)
+            check_model_source(args.teacher_model_name_or_path, "teacher_model_name_or_path", tokenizer=False,
+                               model_init_kwargs=args.model_init_kwargs)
             loaded = AutoModelForCausalLM.from_pretrained(
                 args.teacher_model_name_or_path, **(args.model_init_kwargs or {})
             )
@@ -595,7 +603,10 @@ class SelfDistillSFTTrainer(SFTTrainer):
     # Saving, model card and Hub
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """`Trainer.save_model`, refused when a trainable weight is NaN/inf: non-finite weights overwrite no save."""
+        """`Trainer.save_model`, refused when a trainable weight is NaN/inf (non-finite weights never overwrite a save)
+        or when a folder stands where a file is written. Records the files it wrote, which a push uploads
+        (`hub.save_with_manifest`)."""
+        check_output_dir(output_dir or self.args.output_dir)
         bad = nonfinite_parameters(self.model, trainable_only=True)
         if bad:
             raise NonFiniteError(
@@ -604,7 +615,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 "Resume "
                 "from the last checkpoint with a lower learning rate, `max_grad_norm`, or bf16/fp32 instead of fp16."
             )
-        return super().save_model(output_dir, _internal_call)
+        save = super().save_model
+        return save_with_manifest(self, lambda: save(output_dir, _internal_call), output_dir or self.args.output_dir)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **_hub_kwargs):
         """The package's own card (method, freeze report, forgetting results), written to `output_dir`."""

@@ -9,6 +9,7 @@ import uuid
 from transformers import TrainerCallback
 
 from ..teacher import eval_mode
+from ..validation import check_facts
 from .drift import DriftMeter, RepresentationDrift
 from .formats import AnswerFormat
 from .generation import Generator
@@ -113,6 +114,11 @@ class ForgettingCallback(TrainerCallback):
         self.baseline = baseline
         self.num_shots, self.facts_source = num_shots, facts_source
         sets = [splits.train_known, splits.train_unknown, splits.heldout]
+        for label, facts in zip(("train Known facts", "train Unknown facts", "held-out facts"), sets, strict=True):
+            if len(facts):
+                check_facts(facts, label)
+        if exemplars is not None:
+            check_facts(exemplars, "exemplar pool", categories=False)
         if num_shots:
             if exemplars is None:
                 raise ValueError(f"num_shots={num_shots} needs `exemplars`, the pool the shots are drawn from.")

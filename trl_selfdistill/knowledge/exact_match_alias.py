@@ -1,4 +1,4 @@
-"""`evaluate` metric: exact match against any gold alias after normalisation (lowercase, no punctuation or articles).
+"""`evaluate` metric: exact match against any gold alias after normalisation (`knowledge.facts.is_correct`).
 
 Load it offline from the installed package:
 

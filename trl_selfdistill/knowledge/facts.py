@@ -9,10 +9,13 @@ import hashlib
 import json
 import re
 import string
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
+
+from ..validation import check_unique_ids
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN = {
@@ -26,20 +29,48 @@ TEMPLATE_FILES = ("templates.json", "relation_query_templates.json")
 FACT_COLUMNS = ("id", "question", "answers", "relation", "subject", "template")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-# Hyphens and dashes separate words ("Berners-Lee" = "Berners Lee"); other punctuation goes ("D.C." = "DC")
-_PUNCTUATION = str.maketrans({**{c: None for c in string.punctuation}, "-": " ", "–": " ", "—": " "})
+
+
+def _strip_punctuation(text: str) -> str:
+    """Hyphens and dashes separate words ("Berners-Lee" = "Berners Lee"); other punctuation, ASCII or Unicode, goes
+    ("D.C." = "DC", "O’Neil" = "O'Neil")."""
+    return "".join(
+        " " if unicodedata.category(c) == "Pd" else "" if c in string.punctuation or unicodedata.category(c)[0] == "P"
+        else c
+        for c in text
+    )
+
+
+def _match_keys(text: str) -> tuple[str, str, str]:
+    """
+    The text under three normalisations, lightest last: SQuAD's (no punctuation, no articles); without dropping
+    articles; without dropping punctuation either. All are NFKC-normalised (composed accents, full-width letters) and
+    case-folded, with whitespace collapsed.
+    """
+    light = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    no_punctuation = " ".join(_strip_punctuation(light).split())
+    return " ".join(_ARTICLES.sub(" ", no_punctuation).split()), no_punctuation, light
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation (hyphens become spaces) and articles, collapse whitespace (SQuAD-style)."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
-    return " ".join(text.split())
+    """NFKC, case-fold, drop punctuation (hyphens and dashes become spaces) and articles, collapse whitespace
+    (SQuAD-style). An answer made only of articles or punctuation ("A", "The", "...") normalises to ""."""
+    return _match_keys(text)[0]
 
 
 def is_correct(prediction: str, answers: Iterable[str]) -> bool:
-    """Exact match after normalisation against any gold alias."""
-    normalized = normalize_answer(prediction)
-    return bool(normalized) and any(normalized == normalize_answer(answer) for answer in answers)
+    """
+    Exact match after normalisation against any gold alias. An alias that `normalize_answer` empties (a
+    multiple-choice letter "A", "The", "...") is matched under the lightest normalisation that keeps something of it
+    (articles kept, then punctuation kept too), so "A" and "a." match it and "" never does.
+    """
+    predicted = _match_keys(prediction)
+    for answer in answers:
+        gold = _match_keys(answer)
+        level = next((i for i, key in enumerate(gold) if key), None)
+        if level is not None and predicted[level] == gold[level]:
+            return True
+    return False
 
 
 def subject_of(question: str, template: str) -> str:
@@ -82,7 +113,7 @@ def load_facts(
 
     Relations come from a `relation` column, else `relation`, else the file name. Templates come from `templates`,
     else a `templates.json` / `relation_query_templates.json` beside the files (for a folder, also one up). Rows
-    with the same question are merged, their aliases pooled.
+    with the same question are merged, their aliases pooled; two facts with one `id` are refused.
     """
     if isinstance(source, str) and source in BUILTIN:
         return builtin_facts(source)
@@ -99,8 +130,10 @@ def load_facts(
         dataset = load_dataset(source, split=split)
         rows, found_templates = [dict(row, _file_relation=relation) for row in dataset], {}
     templates = {**found_templates, **load_templates(templates)}
-    facts = [_clean(row, i, templates, question_column, answers_column) for i, row in enumerate(rows)]
-    return Dataset.from_list(_merge(facts))
+    facts = _merge([_clean(row, i, templates, question_column, answers_column) for i, row in enumerate(rows)])
+    check_unique_ids([fact["id"] for fact in facts], [fact["question"] for fact in facts], f"facts from {source}"
+                     if isinstance(source, (str, Path)) else "facts")
+    return Dataset.from_list(facts)
 
 
 def _looks_like_a_path(path: Path) -> bool:

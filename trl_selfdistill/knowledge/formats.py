@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
+from ..validation import check_facts, check_prompt_template
+
 Prompt = str | list[dict[str, str]]
 
 
@@ -37,8 +39,7 @@ class AnswerFormat:
     system_prompt: str | None = field(default=None, metadata={"help": "System message in chat mode."})
 
     def __post_init__(self):
-        if "{question}" not in self.prompt:
-            raise ValueError(f"The prompt template {self.prompt!r} has no `{{question}}` placeholder; add one.")
+        check_prompt_template(self.prompt)
         if self.system_prompt is not None and not self.chat:
             raise ValueError("`system_prompt` only applies in chat mode: set `chat=True` or drop `system_prompt`.")
 
@@ -65,6 +66,7 @@ class AnswerFormat:
 
     def training_dataset(self, facts: Dataset) -> Dataset:
         """`prompt`/`completion` rows for `SFTTrainer`, each fact answered with its first alias."""
+        check_facts(facts, "training fact set", categories=False, ids=False)
         return facts.map(
             lambda fact: {
                 "prompt": self.prompt_for(fact["question"]),

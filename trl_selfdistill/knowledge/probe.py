@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from datasets import Dataset
 
+from ..validation import check_facts
 from .facts import is_correct
 from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn, Generator
@@ -146,6 +147,9 @@ def probe(
     """
     config = config or ProbeConfig.cheap()
     fmt = fmt or AnswerFormat()
+    check_facts(facts, "fact set to probe", categories=False)  # the probe replaces any categories
+    if exemplars is not None:
+        check_facts(exemplars, "exemplar pool", categories=False)
     generate_fn = _generator(model, tokenizer, generate_fn, fmt, config, progress)
     facts = facts.remove_columns([c for c in PROBE_COLUMNS if c in facts.column_names])
     if len(facts) == 0:

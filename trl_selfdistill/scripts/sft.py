@@ -171,9 +171,51 @@ class KnowledgeArguments:
         return AnswerFormat(prompt=prompt.replace("\\n", "\n"), chat=chat, system_prompt=self.knowledge_system_prompt)
 
 
+def check_inputs(script_args, training_args, knowledge_args) -> None:
+    """The cheap checks of `trl_selfdistill.validation` that need no file of the model: steps, output folder, prompt
+    template, data file. `trl-selfdistill sft` runs them before it launches any process, `main` before it loads
+    anything."""
+    from trl_selfdistill.validation import (
+        check_data_file,
+        check_output_dir,
+        check_prompt_template,
+        check_training_length,
+    )
+
+    check_training_length(training_args.max_steps, training_args.num_train_epochs)
+    check_output_dir(training_args.output_dir)
+    if knowledge_args is not None and knowledge_args.knowledge_prompt is not None:
+        check_prompt_template(knowledge_args.knowledge_prompt, "`--knowledge_prompt`")
+    if script_args.dataset_name:
+        check_data_file(Path(script_args.dataset_name))
+
+
+def check_models(training_args, model_args) -> None:
+    """The model and teacher can be loaded (`validation.check_model_source`): checked before any model file is read."""
+    from trl_selfdistill.validation import check_model_source
+
+    init_kwargs = {"revision": model_args.model_revision, **(training_args.model_init_kwargs or {})}
+    check_model_source(model_args.model_name_or_path, "--model_name_or_path", model_init_kwargs=init_kwargs)
+    if training_args.teacher_model_name_or_path is not None:
+        check_model_source(training_args.teacher_model_name_or_path, "--teacher_model_name_or_path", tokenizer=False,
+                           model_init_kwargs=init_kwargs)
+
+
+def _load_dataset(what: str, *args, **kwargs):
+    """`datasets.load_dataset`, with a dataset whose files hold no row named (datasets raises a bare StopIteration)."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(*args, **kwargs)
+    except StopIteration as err:
+        raise ValueError(
+            f"The dataset {what} has no rows: its files are empty. Give files with one example per line (JSONL) or "
+            "per row, or point `--dataset_name` at the right ones."
+        ) from err
+
+
 def load_data(script_args, training_args, dataset_args):
     """The train and eval splits, as TRL's `sft` script loads them, checked before any model is loaded."""
-    from datasets import load_dataset
     from trl import get_dataset
 
     if dataset_args.datasets:
@@ -185,12 +227,11 @@ def load_data(script_args, training_args, dataset_args):
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"Cannot read {path}: give a {', '.join(FILE_BUILDERS)} file, or a folder of them.")
-        dataset = load_dataset(builder, data_files={script_args.dataset_train_split: str(path)},
-                               streaming=script_args.dataset_streaming)
+        dataset = _load_dataset(str(path), builder, data_files={script_args.dataset_train_split: str(path)},
+                                streaming=script_args.dataset_streaming)
     elif script_args.dataset_name:
-        dataset = load_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
-        )
+        dataset = _load_dataset(script_args.dataset_name, script_args.dataset_name, name=script_args.dataset_config,
+                                streaming=script_args.dataset_streaming)
     else:
         raise ValueError(
             "No training data: pass `--dataset_name` (a Hub id, a local file or a folder) or `datasets` in a --config."
@@ -323,11 +364,10 @@ def load_knowledge_facts(knowledge_args, seed: int):
     `knowledge_exemplars` set, else the whole fact set); loading errors surface here, before any model loads.
     """
     from trl_selfdistill.knowledge import load_facts
+    from trl_selfdistill.validation import check_facts
 
     facts = load_facts(knowledge_args.knowledge_facts)
-    if len(facts) == 0:
-        raise ValueError(f"The fact set {knowledge_args.knowledge_facts!r} is empty: give facts with `question` and "
-                         "`answers`.")
+    check_facts(facts, f"fact set {knowledge_args.knowledge_facts!r}", categories=False)
     exemplars = load_facts(knowledge_args.knowledge_exemplars) if knowledge_args.knowledge_exemplars else facts
     if knowledge_args.knowledge_probe_size and knowledge_args.knowledge_probe_size < len(facts):
         facts = facts.shuffle(seed=seed).select(range(knowledge_args.knowledge_probe_size))
@@ -347,7 +387,9 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
 
     freeze_args = freeze_args or FreezeArguments()
     knowledge_args = knowledge_args or KnowledgeArguments()
-    # Every input is checked before the model loads: the freezing, the fact set, the data, the tokenizer
+    # Every input is checked before the model loads: steps, paths, prompt, the freezing, the fact set, the data, the
+    # model folder, the tokenizer
+    check_inputs(script_args, training_args, knowledge_args)
     freeze_config = freeze_args.freeze_config()
     facts, exemplars = (
         load_knowledge_facts(knowledge_args, training_args.seed) if knowledge_args.knowledge_facts else (None, None)
@@ -365,6 +407,7 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
         )
     train_dataset, eval_dataset = load_data(script_args, training_args, dataset_args)
     conversational = check_columns(train_dataset, training_args)
+    check_models(training_args, model_args)
     embedded = model_args.model_name_or_path == EMBEDDED
     model_args.model_name_or_path = resolve(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args, training_args, conversational)
