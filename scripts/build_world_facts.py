@@ -28,7 +28,7 @@ TEMPLATES = {
     "us_state_capital": "What is the capital of [X]?",
     "element_symbol": "What is the chemical symbol for [X]?",
 }
-SIZES = {"city_country": 2400, "us_city_state": 800}
+SIZES = {"city_country": 1200, "us_city_state": 800}
 
 
 def country_aliases() -> dict[str, list[str]]:

@@ -3,7 +3,7 @@
 The model is asked only about fictional entities of each relation, with the prompts the set's probe used:
 
     python scripts/label_heuristics.py curated-smollm2
-    python scripts/label_heuristics.py entityquestions-smollm2 --exemplars entityquestions-dev
+    python scripts/label_heuristics.py entityquestions-smollm2 --exemplars ../shared/data/entityquestions/dev
 
 Each row gains `heuristic` and `defaults` (its relation's default answers, normalised); nothing else changes.
 """
@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 from trl_selfdistill.embedded import load_model
-from trl_selfdistill.knowledge import ProbeConfig, builtin_facts
+from trl_selfdistill.knowledge import ProbeConfig, builtin_facts, load_facts
 from trl_selfdistill.knowledge.facts import BUILTIN
 from trl_selfdistill.knowledge.probe import label_with_model
 
@@ -22,11 +22,11 @@ from trl_selfdistill.knowledge.probe import label_with_model
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", help="A built-in categorised set, e.g. curated-smollm2.")
-    parser.add_argument("--exemplars", help="Built-in set the probe drew its shots from (default: the set itself).")
+    parser.add_argument("--exemplars", help="Set or folder the probe drew its shots from (default: the set itself).")
     args = parser.parse_args()
     path = BUILTIN[args.name]
     facts = builtin_facts(args.name)
-    exemplars = builtin_facts(args.exemplars) if args.exemplars else None
+    exemplars = load_facts(args.exemplars) if args.exemplars else None
     model, tokenizer = load_model()
     start = time.perf_counter()
     labelled = label_with_model(facts, model, tokenizer, exemplars=exemplars, config=ProbeConfig.cheap())
