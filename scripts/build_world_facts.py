@@ -4,7 +4,7 @@
     python scripts/build_world_facts.py build                  # writes runs/world_facts.jsonl and the templates
     OMP_NUM_THREADS=1 python scripts/build_world_facts.py probe --relations city_country --out a.jsonl
     OMP_NUM_THREADS=1 python scripts/build_world_facts.py probe --relations airport_country,... --out b.jsonl
-    cat a.jsonl b.jsonl > trl_selfdistill/data/world/smollm2_categories.jsonl
+    python scripts/build_world_facts.py merge --inputs a.jsonl b.jsonl --logs a.log b.log
 
 Sources and licences are in trl_selfdistill/data/README.md. Probing is the package's own (`knowledge.probe`, the
 setting of `curated-smollm2`: three four-shot prompts, greedy, the default `Q: … A:` format, exemplars from the same
@@ -23,12 +23,11 @@ RAW = ROOT / "runs" / "world_facts.jsonl"  # the uncategorised facts (not shippe
 TEMPLATES = {
     "city_country": "Which country is [X] located in?",
     "airport_country": "Which country is [X] located in?",
-    "us_city_state": "Which US state is [X] in?",
     "country_capital": "What is the capital of [X]?",
     "us_state_capital": "What is the capital of [X]?",
     "element_symbol": "What is the chemical symbol for [X]?",
 }
-SIZES = {"city_country": 1200, "us_city_state": 800}
+SIZES = {"city_country": 1200}
 
 
 def country_aliases() -> dict[str, list[str]]:
@@ -75,12 +74,6 @@ def build() -> list[dict]:
     airports = [a for a in airportsdata.load("IATA").values() if "International" in a["name"]]
     for airport in sorted(unique_by_name(airports), key=lambda a: a["name"]):
         add("airport_country", airport["name"], countries[airport["country"]])
-    states = {s.abbr: s for s in us.states.STATES_AND_TERRITORIES}
-    us_cities = unique_by_name([c for c in cache.get_cities().values() if c["countrycode"] == "US"])
-    us_cities.sort(key=lambda c: (-c["population"], c["name"]))
-    for city in [c for c in us_cities if c["admin1code"] in states][: SIZES["us_city_state"]]:
-        state = states[city["admin1code"]]
-        add("us_city_state", city["name"], [state.name, state.abbr])
     for code, country in sorted(cache.get_countries().items()):
         if country["capital"]:
             add("country_capital", countries[code][0], [country["capital"]])
@@ -106,7 +99,8 @@ def probe_relations(relations: list[str], out: Path) -> None:
             probed = probe(subset, model, tokenizer, config=config)
             seconds = time.perf_counter() - start
             for row in probed:  # what the loader cannot derive (id, subject, template come from these)
-                slim = {key: row[key] for key in ("question", "answers", "relation", "category", "heuristic")}
+                keys = ("question", "answers", "relation", "category", "heuristic", "defaults")
+                slim = {key: row[key] for key in keys}
                 f.write(json.dumps({**slim, "p_greedy": round(row["p_greedy"], 4)}, ensure_ascii=False,
                                    separators=(",", ":")) + "\n")
             f.flush()
@@ -116,6 +110,28 @@ def probe_relations(relations: list[str], out: Path) -> None:
                                                                             sorted(counts.items())}}), flush=True)
 
 
+def merge(inputs: list[Path], logs: list[Path]) -> None:
+    """The shipped set: the probed rows of every input, each with its relation's default answers (from the logs of
+    runs that did not write them per row)."""
+    defaults = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if line.startswith('{"relation"'):
+                record = json.loads(line)
+                defaults[record["relation"]] = record["defaults"]
+    target = OUT / "smollm2_categories.jsonl"
+    counts = Counter()
+    with target.open("w") as f:
+        for path in inputs:
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                row.setdefault("defaults", defaults[row["relation"]])
+                counts[(row["relation"], row["category"], row["heuristic"])] += 1
+                f.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+    for key, n in sorted(counts.items()):
+        print(*key, n, sep="\t")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +139,9 @@ def main():
     probe_parser = sub.add_parser("probe", help="Probe some relations with the embedded model.")
     probe_parser.add_argument("--relations", required=True, help="Comma-separated relation names.")
     probe_parser.add_argument("--out", type=Path, required=True)
+    merge_parser = sub.add_parser("merge", help="Write the shipped set from probe outputs.")
+    merge_parser.add_argument("--inputs", type=Path, nargs="+", required=True)
+    merge_parser.add_argument("--logs", type=Path, nargs="*", default=[])
     args = parser.parse_args()
     if args.command == "build":
         facts = build()
@@ -133,6 +152,8 @@ def main():
                 f.write(json.dumps(fact, ensure_ascii=False, separators=(",", ":")) + "\n")
         (OUT / "templates.json").write_text(json.dumps(TEMPLATES, indent=2) + "\n")
         print(Counter(fact["relation"] for fact in facts))
+    elif args.command == "merge":
+        merge(args.inputs, args.logs)
     else:
         probe_relations(args.relations.split(","), args.out)
 

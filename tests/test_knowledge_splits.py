@@ -104,7 +104,8 @@ def test_concatenate_facts_keeps_the_columns_every_set_has():
     categorised, plain = builtin_facts("entityquestions-smollm2"), builtin_facts("curated")
     both = concatenate_facts([plain, categorised])  # what the demo probes again for another model
     assert len(both) == len(plain) + len(categorised) and "category" not in both.column_names
-    assert "category" in concatenate_facts([categorised, builtin_facts("curated-smollm2")]).column_names
+    shipped = [categorised, builtin_facts("curated-smollm2")]
+    assert "category" in concatenate_facts(shipped, labels=False).column_names
 
 
 def labelled(num_entities: int = 60) -> Dataset:
@@ -151,3 +152,12 @@ def test_training_known_facts_can_follow_other_labels_than_the_held_out_set():
                          train_heuristics=("prior",))
     assert plain.heldout["id"] == build_splits(categorised(), train_size=12, heldout_size=10, unknown_share=0.25,
                                                seed=1).heldout["id"]
+
+
+def test_concatenating_labelled_and_unlabelled_sets_is_refused():
+    from trl_selfdistill.knowledge.splits import concatenate_facts
+
+    assert "heuristic" in concatenate_facts([labelled(4), labelled(6)]).column_names
+    assert "heuristic" not in concatenate_facts([categorised(4), categorised(6)]).column_names
+    with pytest.raises(ValueError, match="no heuristic labels"):
+        concatenate_facts([labelled(4), categorised(6)])

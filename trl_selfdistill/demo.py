@@ -130,7 +130,8 @@ def categorised_facts(args, model_path: str, fmt: AnswerFormat):
     sets = [builtin_facts(UNCATEGORISED.get(name, name)) for name in names]
     print(f"Knowledge: probing {sum(map(len, sets))} facts (SliCK, 3 four-shot prompts, greedy)")
     model, tokenizer = load_model(model_path)
-    facts = probe(concatenate_facts(sets), model, tokenizer, fmt=fmt, config=ProbeConfig.cheap(seed=args.seed))
+    raw = concatenate_facts(sets, labels=False)  # the probe labels them again
+    facts = probe(raw, model, tokenizer, fmt=fmt, config=ProbeConfig.cheap(seed=args.seed))
     del model
     return facts
 

@@ -76,7 +76,7 @@ class KnowledgeSplits:
 
     def train(self, seed: int = 0) -> Dataset:
         """The training facts (Known and Unknown), shuffled."""
-        return concatenate_facts([self.train_known, self.train_unknown]).shuffle(seed=seed)
+        return concatenate_facts([self.train_known, self.train_unknown], labels=False).shuffle(seed=seed)
 
     def known_only(self) -> "KnowledgeSplits":
         """The splits of the Known-only control run: the control set in place of the mix, the same held-out set."""
@@ -179,9 +179,17 @@ def build_splits(
     )
 
 
-def concatenate_facts(sets: list[Dataset]) -> Dataset:
-    """Concatenate fact sets on the columns they share (the fact columns and `category`)."""
-    wanted = [*FACT_COLUMNS, "category"]
+def concatenate_facts(sets: list[Dataset], labels: bool = True) -> Dataset:
+    """Concatenate fact sets on the columns they share: the fact columns, `category`, and with `labels` the heuristic
+    labels, which must then be on every set or none (without `labels` they are dropped)."""
+    labelled = ["heuristic" in facts.column_names for facts in sets]
+    if labels and any(labelled) and not all(labelled):
+        raise ValueError(
+            f"{labelled.count(False)} of {len(sets)} fact sets carry no heuristic labels while the others do, so "
+            "their facts could not be told genuine or not. Label them too (`knowledge.probe.label_with_model`, or "
+            "probe them again), or drop the `heuristic` column from all."
+        )
+    wanted = [*FACT_COLUMNS, "category", *(("heuristic", "defaults") if labels else ())]
     columns = [c for c in wanted if all(c in facts.column_names for facts in sets)]
     return concatenate_datasets([facts.select_columns(columns) for facts in sets])
 
