@@ -14,6 +14,7 @@ HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_acc
 FINAL_KEYS = {
     "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "heldout_known_peak", "heldout_known_initial",
     "forgetting_from_peak", "forgetting_from_peak_abs", "forgetting_from_start", "answered_known_accuracy",
+    "heldout_known_last_k", "forgetting_last_k",
     "answered_known_forgetting", "per_category", "step",
 }
 

@@ -58,6 +58,8 @@ def test_forgetting_summary_from_a_history():
         "forgetting_from_peak": pytest.approx(0.05 / 0.9),
         "forgetting_from_peak_abs": pytest.approx(0.05),
         "forgetting_from_start": pytest.approx(-7.5),
+        "heldout_known_last_k": pytest.approx((0.9 + 0.85) / 2),  # the evaluations after the first (2 < k = 3)
+        "forgetting_last_k": pytest.approx(1 - 0.875 / 0.1),
         "answered_known_accuracy": 0.75,
         "answered_known_forgetting": pytest.approx(0.25),
         "per_category": {"HighlyKnown": 0.9, "Unknown": 0.5},
@@ -117,3 +119,12 @@ def test_collapse_counts_lost_facts_that_now_get_a_default_answer():
     assert collapse(start, end, answers, defaults) == {"lost": 2, "lost_to_default": 1, "lost_to_default_share": 0.5}
     assert default_share(answers, defaults) == 0.5
     assert collapse([True], [True], ["x"], [set()])["lost_to_default_share"] is None
+
+
+def test_last_k_per_fact_averages_the_last_evaluations_after_the_first():
+    from trl_selfdistill.knowledge.metrics import last_k_per_fact
+
+    history = [[1, 1], [1, 0], [0, 0], [1, 0], [1, 1]]
+    assert last_k_per_fact(history, k=3) == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
+    assert last_k_per_fact(history[:2], k=3) == [1.0, 0.0]  # only one evaluation after the first
+    assert last_k_per_fact(history[:1], k=3) == [1.0, 1.0]  # none after it: the first

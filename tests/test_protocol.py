@@ -279,3 +279,17 @@ def test_known_rows_only_puts_no_distillation_on_new_fact_rows(tmp_path):
     assert weights == [0.0] * len(splits.train_unknown) + [1.0] * len(splits.train_known)
     plain = protocol.trainer(parse_methods("selfdistill")[0], splits, tiny_checkpoint(), 0, tmp_path)
     assert plain._row_weights is None
+
+
+def test_the_summary_reads_forgetting_from_the_mean_of_the_last_evaluations_too():
+    per_seed = _study()
+    for seed in per_seed:
+        for run in seed["runs"].values():  # the last evaluations of every fact: halfway between S and the end
+            run["per_fact"]["heldout_last_k"] = [(a + b) / 2 for a, b in
+                                                 zip(run["per_fact"]["heldout_start"], run["per_fact"]["heldout_end"],
+                                                     strict=True)]
+    summary = summarize(per_seed, resamples=200)
+    assert summary["sft"]["forgetting_last_k"]["mean"] == pytest.approx(0.2)  # 4 of 10 lost at the end, half on avg
+    assert summary["selfdistill"]["forgetting_last_k"]["mean"] == pytest.approx(0.05)
+    assert summary["selfdistill"]["vs_sft_last_k"]["mean"] == pytest.approx(0.15)
+    assert "the same, mean of the last 3 evaluations" in study_table(make_study(per_seed))

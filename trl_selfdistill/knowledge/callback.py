@@ -21,6 +21,7 @@ from .metrics import (
     default_share,
     forgetting_summary,
     knowledge_metrics,
+    last_k_per_fact,
     score,
 )
 from .probe import few_shot_prompts
@@ -132,6 +133,7 @@ class ForgettingCallback(TrainerCallback):
         self.answered: list[bool] | None = None  # held-out facts answered correctly at the first evaluation
         self.correct: list[list[bool]] | None = None
         self.heldout_answers: list[str] | None = None  # the latest held-out answers
+        self.heldout_history: list[list[bool]] = []  # per evaluation, each held-out fact's correctness
         self.defaults = default_answers_of(splits)
         self.eval_seconds = 0.0  # time spent evaluating (inside the trainer's run time)
         self.run_id: str | None = None  # a new id each time training begins, written with the results
@@ -195,6 +197,8 @@ class ForgettingCallback(TrainerCallback):
                 "heldout_end": [int(ok) for ok in self.correct[2]],
                 "new_end": [int(ok) for ok in self.correct[1]],
                 "heldout_answers_end": self.heldout_answers,
+                # mean correctness over the last `LAST_K` evaluations after the first
+                "heldout_last_k": last_k_per_fact(self.heldout_history),
             },
         }
 
@@ -204,6 +208,7 @@ class ForgettingCallback(TrainerCallback):
             raise ValueError("ForgettingCallback needs a tokenizer: pass `tokenizer=` or give the trainer one.")
         self.run_id = uuid.uuid4().hex
         self.history, self.answered, self.correct, self.eval_seconds = [], None, None, 0.0
+        self.heldout_history = []
         if self._every is None and args.eval_steps and args.eval_strategy == "steps":
             self._every = state.eval_steps
         self._generator = Generator(
@@ -256,6 +261,7 @@ class ForgettingCallback(TrainerCallback):
         answers = answers_for_prompts(self._generator, self.prompts)
         correct = self.correct = [score(a, facts) for a, facts in zip(answers, sets, strict=True)]
         self.heldout_answers = answers[2]
+        self.heldout_history.append(list(correct[2]))
         if self.answered is None:
             self.answered = list(correct[2])
             if not any(self.answered):

@@ -22,6 +22,17 @@ from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn
 from .splits import KnowledgeSplits
 
+# Readings averaged over the last evaluations, so that one noisy evaluation cannot flip a result
+LAST_K = 3
+
+
+def last_k_per_fact(history: Sequence[Sequence[bool]], k: int = LAST_K) -> list[float]:
+    """Per fact, the mean correctness over the last `k` evaluations after the first (all of them when fewer)."""
+    later = list(history[1:]) or list(history)
+    window = later[-k:]
+    return [sum(oks) / len(window) for oks in zip(*window, strict=True)]
+
+
 SET_METRICS = {
     "task_accuracy": "train_known",
     "new_fact_accuracy": "train_unknown",
@@ -164,6 +175,8 @@ def forgetting_summary(history: Sequence[dict], per_category: dict[str, float]) 
     peak = max(heldout) if heldout else None
     initial = history[0]["heldout_known_accuracy"]
     final = last["heldout_known_accuracy"]
+    window = [entry["heldout_known_accuracy"] for entry in (history[1:] or history)][-LAST_K:]
+    last_k = None if None in window else sum(window) / len(window)
     return {
         "task_accuracy": last["task_accuracy"],
         "new_fact_accuracy": last["new_fact_accuracy"],
@@ -173,6 +186,9 @@ def forgetting_summary(history: Sequence[dict], per_category: dict[str, float]) 
         "forgetting_from_peak": relative_drop(peak, final),
         "forgetting_from_peak_abs": None if peak is None or final is None else peak - final,
         "forgetting_from_start": relative_drop(initial, final),
+        # the mean of the last `LAST_K` evaluations after the first, which one noisy evaluation cannot flip
+        "heldout_known_last_k": last_k,
+        "forgetting_last_k": relative_drop(initial, last_k),
         # On the held-out facts the reference model answered correctly in the evaluation format (accuracy 1 there at
         # the start), forgetting from the start is 1 − accuracy
         "answered_known_accuracy": last.get("answered_known_accuracy"),
