@@ -15,6 +15,7 @@ SmolLM2-135M-Instruct.
 """
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,8 +175,21 @@ def build_protocol(args) -> Protocol:
     )
 
 
+def quiet() -> None:
+    """The demo's screen carries the package's own lines: no per-dataset-map or weight-loading progress bars, and no
+    DeepSpeed accelerator guess on a machine without a GPU."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
+    quiet()
     if args.combine:
         study = combine(args.combine, args.output_dir)
         print(study_table(study) + "\n\n" + frontier_table(study) + f"\n\nSeeds {study['seeds']} combined in "
