@@ -88,8 +88,9 @@ def answer_with(name: str, model_args, prompts, facts, fmt, args, lm_tasks, mana
     result = {"answers": answers, "correct": score(answers, facts), "device": str(model.device),
               "dtype": str(model.dtype).removeprefix("torch.")}
     if lm_tasks:
-        result["lm_eval"] = run_tasks(model, tokenizer, lm_tasks, limit=args.lm_eval_limit,
-                                      batch_size=args.batch_size, manager=manager)
+        result["lm_eval"], result["lm_eval_datasets"] = run_tasks(
+            model, tokenizer, lm_tasks, limit=args.lm_eval_limit, batch_size=args.batch_size, manager=manager
+        )
     del model, generator
     gc.collect()
     if torch.cuda.is_available():
@@ -167,7 +168,7 @@ def run_eval(args, model_args, columns) -> dict:
                 print(f"  {key.removeprefix('by_')}={label} (n={stats['num_facts']}): {comparison_line(stats)}")
     if tuned.get("lm_eval"):
         results["lm_eval"] = {"tasks": lm_tasks, "limit": args.lm_eval_limit, "model": tuned["lm_eval"],
-                              "base_model": (base or {}).get("lm_eval")}
+                              "base_model": (base or {}).get("lm_eval"), "datasets": tuned["lm_eval_datasets"]}
         for task, metrics in tuned["lm_eval"].items():
             before = ((base or {}).get("lm_eval") or {}).get(task, {})
             for metric, value in metrics.items():

@@ -37,10 +37,12 @@ def check_tasks(names: list[str]):
 
 
 def run_tasks(model, tokenizer, names: list[str], *, limit: int | None = None, batch_size: int = 32,
-              manager=None) -> dict[str, dict[str, float]]:
+              manager=None) -> tuple[dict[str, dict[str, float]], dict[str, str | None]]:
     """
     lm-eval's `simple_evaluate` on an already loaded `model` (a PEFT model included, where it is), greedy as each
-    task says: task → {metric: value} (lm-eval's `metric,filter` keys, standard errors left out).
+    task says. Returns task → {metric: value} (lm-eval's `metric,filter` keys, standard errors left out) and task →
+    the dataset it reads (`dataset_path` of its config: a Hub id for the standard benchmarks, None for the shipped
+    tasks, which build their documents from the package's facts).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -48,8 +50,10 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: int | None = None, b
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager or task_manager(),
                              log_samples=False)
-    return {
-        task: {key: value for key, value in metrics.items()
+    metrics = {
+        task: {key: value for key, value in values.items()
                if isinstance(value, (int, float)) and "_stderr" not in key and key != "alias"}
-        for task, metrics in output["results"].items()
+        for task, values in output["results"].items()
     }
+    datasets = {task: (output["configs"].get(task) or {}).get("dataset_path") for task in metrics}
+    return metrics, datasets

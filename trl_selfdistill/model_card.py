@@ -45,7 +45,7 @@ UPLOAD_PATTERNS = (
     "adapter_model.bin", "config.json", "generation_config.json", "adapter_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "vocab.txt", "merges.txt", "tokenizer.model", "*.tiktoken", "spiece.model", "chat_template.jinja",
-    "chat_template.json", "processor_config.json", "preprocessor_config.json", "README.md",
+    "chat_template.json", "processor_config.json", "preprocessor_config.json", "README.md", ".eval_results/*.yaml",
 )
 # What resuming from a pushed checkpoint needs besides the model (`hub_strategy="checkpoint"`/`"all_checkpoints"`)
 RESUME_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json")
@@ -62,8 +62,10 @@ METRICS = {
     "task_accuracy": ("Task accuracy", True, "train_known", "Known training facts"),
     "new_fact_accuracy": ("New-fact accuracy", True, "train_unknown", "Unknown training facts"),
     "heldout_known_accuracy": ("Held-out Known accuracy", True, "heldout_known", "held-out Known facts"),
-    "forgetting_from_peak": ("Forgetting from peak (relative)", False, "heldout_known", "held-out Known facts"),
-    "forgetting_from_peak_abs": ("Forgetting from peak (absolute)", False, "heldout_known", "held-out Known facts"),
+    "forgetting_from_start": ("Forgetting (relative, from the start)", False, "heldout_known", "held-out Known facts"),
+    "forgetting_from_peak": (
+        "Forgetting from the peak (relative, secondary)", False, "heldout_known", "held-out Known facts"
+    ),
     "answered_known_accuracy": (
         "Held-out Known accuracy, facts answered at step 0", True, "heldout_known", "held-out Known facts"
     ),
@@ -71,7 +73,12 @@ METRICS = {
         "Forgetting of the facts answered at step 0 (relative)", False, "heldout_known", "held-out Known facts"
     ),
 }
-PERCENT_METRICS = ("forgetting_from_peak", "answered_known_forgetting")
+PERCENT_METRICS = ("forgetting_from_start", "forgetting_from_peak", "answered_known_forgetting")
+# Hub metric ids (https://hf.co/metrics) of the metrics that have one; the forgetting figures have none
+HUB_METRIC_TYPES = {"task_accuracy": "accuracy", "new_fact_accuracy": "accuracy", "heldout_known_accuracy": "accuracy",
+                    "answered_known_accuracy": "accuracy"}
+EVAL_RESULTS_DIR = ".eval_results"
+
 SIZE_LABELS = {
     "train_known": "Known facts trained on",
     "train_unknown": "Unknown (new) facts trained on",
@@ -159,6 +166,9 @@ class CardInfo:
     versions: dict[str, str] = field(default_factory=dict)
     hub_model_id: str | None = None
     library_name: str = "transformers"
+    tracker_urls: dict[str, str] = field(default_factory=dict)  # wandb, trackio, comet: the run's pages (badges)
+    training_format: str | None = None  # conversational, prompt-completion or language modeling
+    training_prompt: str | None = None  # the first training prompt, when prompts are plain text
 
     @property
     def distilled(self) -> bool:
@@ -182,13 +192,55 @@ def _eval_results(info: CardInfo) -> list[EvalResult]:
             dataset_type=dataset,
             dataset_name=f"{dataset} ({what})",
             dataset_split=split,
-            metric_type=key,
+            metric_type=HUB_METRIC_TYPES.get(key, key),
             metric_name=label,
             metric_value=final[key],
         )
         for key, (label, _, split, what) in METRICS.items()
         if final.get(key) is not None
     ]
+
+
+def eval_results_entries(results: dict | None, source_url: str | None = None) -> dict[str, list[dict]]:
+    """
+    The Hub's eval results (`.eval_results/<name>.yaml`, https://hf.co/docs/hub/eval-results) of `results`: one file
+    per evaluated set that has a Hub dataset id: the knowledge facts when they were loaded from the Hub (held-out Known
+    accuracy) and each lm-eval task whose dataset is on the Hub (its first metric, as lm-eval reports it, in percent).
+    Sets without a Hub id (the package's own facts, local files) have no entry: the card's table shows them.
+    """
+    results = results or {}
+    source = {"url": source_url, "name": "trl-selfdistill"} if source_url else None
+    files: dict[str, list[dict]] = {}
+
+    def add(name, dataset_id, task_id, value, notes):
+        entry = {"dataset": {"id": dataset_id, **({"task_id": task_id} if task_id else {})},
+                 "value": round(100 * value, 2), "notes": notes}
+        files[re.sub(r"[^\w.-]", "_", name)] = [{**entry, **({"source": source} if source else {})}]
+
+    final = results.get("final") or {}
+    if is_hub_id(results.get("facts")) and final.get("heldout_known_accuracy") is not None:
+        add(results["facts"].split("/")[-1], results["facts"], None, final["heldout_known_accuracy"],
+            "held-out Known accuracy (closed-book, exact match over aliases), trl-selfdistill monitor")
+    lm_eval = results.get("lm_eval") or {}
+    for task, metrics in (lm_eval.get("model") or {}).items():
+        dataset_id = (lm_eval.get("datasets") or {}).get(task)
+        if is_hub_id(dataset_id) and metrics:
+            metric, value = next(iter(metrics.items()))
+            add(task, dataset_id, task, value, f"lm-eval {task} {metric}")
+    return files
+
+
+def write_eval_results(folder: str | os.PathLike, results: dict | None, source_url: str | None = None) -> list[Path]:
+    """Write `eval_results_entries` as `<folder>/.eval_results/<name>.yaml`; returns the files written."""
+    import yaml
+
+    written = []
+    for name, entries in eval_results_entries(results, source_url).items():
+        path = Path(folder) / EVAL_RESULTS_DIR / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(_sanitize_tree(entries), sort_keys=False), encoding="utf-8")
+        written.append(path)
+    return written
 
 
 def _results_context(results: dict | None) -> dict:
@@ -237,32 +289,85 @@ def render_model_card(info: CardInfo) -> ModelCard:
         eval_results=eval_results or None,
     )
     results = info.results or {}
-    prompt_format = (results.get("format") or {}).get("prompt")
+    fmt = results.get("format") or {}
+    prompt_format = fmt.get("prompt") if _follows(info.training_prompt, fmt) else None
     sizes = results.get("sizes") or {}
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         info=info,
         base_model_is_hub=is_hub_id(info.base_model),
+        hub_datasets=[d for d in info.datasets if is_hub_id(d)],
         repo_id=info.hub_model_id or info.model_name,
         divergence_label=DIVERGENCE_LABELS.get(info.divergence, info.divergence),
         scope_label=SCOPE_LABELS.get(info.distill_scope, info.distill_scope),
         sizes=[(SIZE_LABELS.get(k, k.replace("_", " ")), n) for k, n in sizes.items() if n is not None],
         prompt_format=prompt_format,
-        example_prompt=repr(prompt_format.replace("{question}", "What is the capital of France?"))
-        if prompt_format
-        else None,
+        example_prompt=repr(prompt_format.replace("{question}", EXAMPLE_QUESTION)) if prompt_format else None,
+        example_question=repr(EXAMPLE_QUESTION),
+        eval_format=_format_phrase(fmt),
         paper_id=PAPER_ID,
         results_file=RESULTS_FILE,
         **_results_context(info.results),
+        **_eval_context(info.results),
     )
+
+
+EXAMPLE_QUESTION = "What is the capital of France?"
+
+
+def _follows(training_prompt: str | None, fmt: dict) -> bool:
+    """Whether a training prompt is the plain format `fmt` filled in (so the format is the training format)."""
+    template = fmt.get("prompt")
+    if not training_prompt or not template or fmt.get("chat") or "{question}" not in template:
+        return False
+    pattern = re.escape(template).replace(re.escape("{question}"), ".+")
+    return re.fullmatch(rf"(?s)(.*\n)?{pattern}", training_prompt) is not None
+
+
+def _format_phrase(fmt: dict) -> str | None:
+    """How the facts were asked, in words: chat or plain, the prompt, zero-shot or with shots."""
+    if not fmt.get("prompt"):
+        return None
+    shots = fmt.get("num_shots") or 0
+    kind = "as a chat user turn" if fmt.get("chat") else "in plain text"
+    return f"{kind} `{fmt['prompt']!r}`" + (f" after {shots} same-relation exemplars" if shots else ", zero-shot")
+
+
+def _eval_context(results: dict | None) -> dict:
+    """The `eval` sections of a card: the comparison with the base model and the lm-eval before/after table."""
+    results = results or {}
+    context = {"comparison": None, "lm_eval_rows": [], "lm_eval_limit": None}
+    comparison = results.get("comparison")
+    if comparison:
+        def row(label, stats):
+            interval = stats["forgetting"]
+            low = "" if interval.get("low") is None else f" [{interval['low']:.1%}, {interval['high']:.1%}]"
+            return {"label": label, "n": stats["num_facts"], "base": _format(stats["base_accuracy"]),
+                    "tuned": _format(stats["tuned_accuracy"]),
+                    "forgetting": f"{interval['mean']:.1%}{low}" if interval.get("mean") is not None else "–",
+                    "lost": stats["lost"], "gained": stats["gained"], "p": f"{stats['sign_test_p']:.3g}"}
+
+        rows = [row("all", comparison["all"])]
+        for key, groups in comparison.items():
+            rows += [row(f"{key.removeprefix('by_')} = {label}", stats)
+                     for label, stats in (groups.items() if key != "all" else [])]
+        context["comparison"] = {"rows": rows, "num_facts": comparison["all"]["num_facts"],
+                                 "facts": results.get("facts"), "format": _format_phrase(results.get("format") or {})}
+    lm_eval = results.get("lm_eval") or {}
+    for task, metrics in (lm_eval.get("model") or {}).items():
+        before = (lm_eval.get("base_model") or {}).get(task, {})
+        context["lm_eval_rows"] += [{"task": task, "metric": metric, "base": _format(before.get(metric)) or "–",
+                                     "tuned": _format(value)} for metric, value in metrics.items()]
+    context["lm_eval_limit"] = lm_eval.get("limit")
+    return context
 
 
 def _versions() -> dict[str, str]:
     from . import __version__
 
     versions = {"trl_selfdistill": __version__}
-    for package in ("trl", "transformers", "peft", "torch"):
+    for package in ("trl", "transformers", "peft", "torch", "datasets", "tokenizers"):  # TRL's list, and ours
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -341,17 +446,52 @@ def card_info(trainer, model_name=None, dataset_name=None, tags=None) -> CardInf
         versions=_versions(),
         hub_model_id=hub_model_id,
         library_name="peft" if isinstance(model, PeftModel) else "transformers",
+        tracker_urls=_tracker_urls(),
+        **_training_format(train_dataset),
     )
+
+
+def _tracker_urls() -> dict[str, str]:
+    """The run's Weights & Biases, Trackio and Comet pages, found as TRL's `create_model_card` finds them."""
+    from transformers import is_wandb_available
+    from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
+
+    urls = {"trackio": get_trackio_space_url(), "comet": get_comet_experiment_url()}
+    if is_wandb_available():
+        import wandb
+
+        urls["wandb"] = wandb.run.url if wandb.run is not None else None
+    return {name: url for name, url in urls.items() if url}
+
+
+def _training_format(dataset) -> dict:
+    """`training_format` and `training_prompt` of a card from the training data's first row (none when unknown)."""
+    from trl.data_utils import is_conversational
+
+    try:
+        row = next(iter(dataset))
+    except (TypeError, StopIteration):
+        return {}
+    if is_conversational(row):
+        return {"training_format": "conversational (the tokenizer's chat template)"}
+    if isinstance(row.get("prompt"), str):
+        return {"training_format": "prompt-completion (plain text)", "training_prompt": row["prompt"]}
+    if "text" in row:
+        return {"training_format": "language modeling (a `text` column)"}
+    return {}
 
 
 def write_model_card(trainer, model_name=None, dataset_name=None, tags=None) -> Path | None:
     """Write `<output_dir>/README.md` on the main process (returns its path; `None` on the other processes)."""
     if not trainer.is_world_process_zero():
         return None
-    card = render_model_card(card_info(trainer, model_name, dataset_name, tags))
+    info = card_info(trainer, model_name, dataset_name, tags)
+    card = render_model_card(info)
     path = Path(trainer.args.output_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     card.save(path)
+    hub_url = f"https://huggingface.co/{info.hub_model_id}" if info.hub_model_id else None
+    write_eval_results(path.parent, info.results, hub_url)
     return path
 
 
@@ -371,7 +511,7 @@ def _copy_for_upload(source: Path, target: Path, results: dict | None) -> None:
         if source.name != "tokenizer_config.json":  # tokenizer strings are vocabulary: leave them byte-exact
             data = _sanitize_tree(data)
         target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    elif source.name == "README.md":
+    elif source.name == "README.md" or source.suffix == ".yaml":
         target.write_text(sanitize(source.read_text(encoding="utf-8")), encoding="utf-8")
     else:
         try:
@@ -383,9 +523,16 @@ def _copy_for_upload(source: Path, target: Path, results: dict | None) -> None:
 def stage_upload(folder: str | os.PathLike, patterns=UPLOAD_PATTERNS, results: dict | None = None) -> Path:
     """A temporary folder holding what may leave the machine from `folder` (see the module docstring)."""
     folder, staging = Path(folder), Path(tempfile.mkdtemp(prefix="trl_selfdistill_upload_"))
-    for source in sorted(folder.iterdir()):
-        if source.is_file() and any(fnmatch.fnmatch(source.name, pattern) for pattern in patterns):
-            _copy_for_upload(source, staging / source.name, results)
+    # The top of the folder, and the Hub's eval results folder (its YAML files only, matched by relative path)
+    eval_results = folder / EVAL_RESULTS_DIR
+    candidates = [*folder.iterdir(), *(eval_results.iterdir() if eval_results.is_dir() else [])]
+    for source in sorted(candidates):
+        name = source.relative_to(folder).as_posix()
+        if source.is_file() and not source.is_symlink() and any(
+            fnmatch.fnmatch(name, p) for p in patterns if ("/" in p) == ("/" in name)
+        ):
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            _copy_for_upload(source, staging / name, results)
     if results is not None:
         (staging / RESULTS_FILE).write_text(json.dumps(_sanitize_tree(results), indent=2), encoding="utf-8")
     return staging
