@@ -23,6 +23,7 @@ from trl_selfdistill.model_card import (
     CardInfo,
     base_model_name,
     push_to_hub,
+    record_eval,
     render_model_card,
     sanitize,
     write_eval_results,
@@ -531,3 +532,23 @@ def test_hub_eval_results_name_real_dataset_ids_only(tmp_path):
     text = render_model_card(distilled_info(results=results)).text
     assert table_row(text, "triviaqa") == ["triviaqa", "exact_match,remove_whitespace", "0.200", "0.123"]
     assert table_row(text, "selfdistill_curated_known")[2:] == ["–", "0.800"]
+
+
+def test_record_eval_replaces_its_card_section_and_keeps_the_rest(tmp_path):
+    render_model_card(distilled_info()).save(tmp_path / "README.md")
+    (tmp_path / RESULTS_FILE).write_text(json.dumps(RESULTS))
+    comparison = {"all": {"num_facts": 4, "base_accuracy": 0.75, "tuned_accuracy": 0.5, "base_answered": 3,
+                          "forgetting": {"mean": 1 / 3, "low": 0.0, "high": 1.0}, "lost": 1, "gained": 0,
+                          "sign_test_p": 1.0}}
+    results = {"model": str(tmp_path), "facts": "google-research-datasets/nq_open", "comparison": comparison,
+               "format": {"prompt": "Q: {question}\nA:", "chat": False, "num_shots": 0}, "accuracy": 0.5}
+    record_eval(tmp_path, results)
+    record_eval(tmp_path, {**results, "comparison": {"all": {**comparison["all"], "lost": 2}}})
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("### Against the base model") == 1
+    assert "| all | 4 | 0.750 | 0.500 | 33.3% [0.0%, 100.0%] | 2 / 0 | 1 |" in card
+    assert "# Model Card for smol-facts" in card and ModelCard.load(tmp_path / "README.md").data.base_model
+    stored = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert stored["final"] == RESULTS["final"] and stored["comparison"]["all"]["lost"] == 2
+    # The facts come from the Hub: their held-out Known accuracy becomes a Hub eval result
+    assert [p.name for p in (tmp_path / ".eval_results").iterdir()] == ["nq_open.yaml"]

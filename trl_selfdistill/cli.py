@@ -153,6 +153,11 @@ class EvalArguments:
                   "package's own, e.g. selfdistill_curated_known, or any registered task); needs `lm-eval`."},
     )
     lm_eval_limit: int | None = field(default=None, metadata={"help": "lm-eval `--limit`: documents per task."})
+    record: bool = field(
+        default=False,
+        metadata={"help": "Add the results to the model folder: its forgetting_results.json, its card (README.md) "
+                  "and its Hub eval results (.eval_results/), so `push_to_hub` or `hf upload` publishes them."},
+    )
 
     def __post_init__(self):
         if self.base_model and self.baseline:
@@ -235,6 +240,9 @@ def _eval(argv: list[str]) -> None:
 
     parser = _parser((EvalArguments, ModelArguments, FactColumns), "trl-selfdistill eval")
     args, model_args, columns = parser.parse_args_and_config(argv)
+    if args.record and not os.path.isdir(model_args.model):
+        raise ValueError(f"--record writes into the model's folder, and {model_args.model!r} is not a local folder: "
+                         "evaluate a saved model (the `output_dir` of training), or drop --record.")
     for path in (args.out, args.flips, args.save_answers):
         if path:
             _check_out(path)

@@ -189,6 +189,11 @@ def run_eval(args, model_args, columns) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"Wrote {args.out}")
+    if args.record:
+        from .model_card import record_eval
+
+        written = [str(path.relative_to(model_args.model)) for path in record_eval(model_args.model, results)]
+        print(f"Recorded in {model_args.model}: {', '.join(written)}")
     return results
 
 

@@ -17,18 +17,19 @@ def shipped_tasks() -> list[str]:
     return sorted(path.stem for path in LM_EVAL_DIR.glob("*.yaml"))
 
 
-def task_manager():
-    """lm-eval's `TaskManager` with the shipped tasks added; a clear error when lm-eval is not installed."""
+def task_manager(include_defaults: bool = True):
+    """lm-eval's `TaskManager` with the shipped tasks added (only them without `include_defaults`, which skips
+    indexing lm-eval's thousands of task files); a clear error when lm-eval is not installed."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ImportError(f"`--lm_eval_tasks` needs lm-evaluation-harness: `{INSTALL_HINT}`.") from error
-    return TaskManager(include_path=str(LM_EVAL_DIR))
+    return TaskManager(include_path=str(LM_EVAL_DIR), include_defaults=include_defaults)
 
 
 def check_tasks(names: list[str]):
     """The `TaskManager`, once every name is a known task (shipped or registered); raised before any model loads."""
-    manager = task_manager()
+    manager = task_manager(include_defaults=not set(names) <= set(shipped_tasks()))
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise ValueError(f"Unknown lm-eval tasks {unknown}. The package ships {shipped_tasks()}; `lm_eval ls tasks` "
@@ -48,11 +49,11 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: int | None = None, b
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager or task_manager(),
+    output = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager or check_tasks(names),
                              log_samples=False)
     metrics = {
         task: {key: value for key, value in values.items()
-               if isinstance(value, (int, float)) and "_stderr" not in key and key != "alias"}
+               if "," in key and "_stderr" not in key and isinstance(value, (int, float))}  # `metric,filter` keys
         for task, values in output["results"].items()
     }
     datasets = {task: (output["configs"].get(task) or {}).get("dataset_path") for task in metrics}

@@ -37,6 +37,8 @@ from .knowledge.callback import RESULTS_FILE, ForgettingCallback
 from .teacher import causal_lm
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+EVAL_TEMPLATE = TEMPLATE.with_name("eval_section.md")  # `eval` against the base model, and lm-eval: in the card
+EVAL_MARKERS = ("<!-- trl-selfdistill eval -->", "<!-- /trl-selfdistill eval -->")
 PAPER_ID = "2604.15574"
 
 # What a model repo needs, matched against file names at the top of the folder; nothing else is uploaded
@@ -308,9 +310,48 @@ def render_model_card(info: CardInfo) -> ModelCard:
         eval_format=_format_phrase(fmt),
         paper_id=PAPER_ID,
         results_file=RESULTS_FILE,
+        eval_section=eval_section(info.results),
         **_results_context(info.results),
-        **_eval_context(info.results),
     )
+
+
+def eval_section(results: dict | None) -> str:
+    """The card's section for `eval` results (comparison with the base model, lm-eval before/after), between
+    `EVAL_MARKERS` so that a later `eval --record` replaces it; "" when there are none."""
+    import jinja2
+
+    context = _eval_context(results)
+    if not (context["comparison"] or context["lm_eval_rows"]):
+        return ""
+    text = jinja2.Template(EVAL_TEMPLATE.read_text(encoding="utf-8")).render(**context).strip()
+    return f"{EVAL_MARKERS[0]}\n{text}\n{EVAL_MARKERS[1]}"
+
+
+def record_eval(folder: str | os.PathLike, results: dict) -> list[Path]:
+    """
+    Add `eval`'s results (the comparison with the base model, the lm-eval table) to a model folder: into its
+    `forgetting_results.json` (created if missing), its card (`README.md`: the section between `EVAL_MARKERS`,
+    replaced or appended) and its Hub eval results (`.eval_results/`). Returns the files written.
+    """
+    folder = Path(folder)
+    path = folder / RESULTS_FILE
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stored.update({key: results[key] for key in ("comparison", "lm_eval") if results.get(key)})
+    stored.setdefault("facts", results.get("facts"))
+    stored["eval"] = {key: results.get(key) for key in ("model", "base_model", "facts", "num_facts", "accuracy",
+                                                         "base_accuracy", "format")}
+    stored = _sanitize_tree(stored)
+    path.write_text(json.dumps(stored, indent=2), encoding="utf-8")
+    section = eval_section(stored)
+    card_path = folder / "README.md"
+    text = card_path.read_text(encoding="utf-8") if card_path.is_file() else f"# {folder.name}\n"
+    start, end = text.find(EVAL_MARKERS[0]), text.find(EVAL_MARKERS[1])
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(EVAL_MARKERS[1]):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card_path.write_text(sanitize(text), encoding="utf-8")
+    return [path, card_path, *write_eval_results(folder, stored)]
 
 
 EXAMPLE_QUESTION = "What is the capital of France?"
