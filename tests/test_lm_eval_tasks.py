@@ -3,6 +3,7 @@ models' scores. Offline: the tasks build their documents from the package's own 
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import make_tokenizer, tiny_model
@@ -73,3 +74,28 @@ def test_run_tasks_reports_metrics_without_stderr():
                                   batch_size=2)
     assert list(metrics["selfdistill_curated_known"]) == ["exact_match,none"]
     assert datasets == {"selfdistill_curated_known": None}
+
+
+def test_normalisation_against_lm_eval_triviaqa():
+    """The package's rule (SQuAD-style) and lm-eval's `triviaqa` task differ as docs/evaluation.md says."""
+    import lm_eval
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    config = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "triviaqa" / "default.yaml").read_text())
+    stops = config["generation_kwargs"]["until"]
+    metric = config["metric_list"][0]
+    assert stops == ["\n", ".", ","] and metric["ignore_case"] and metric["ignore_punctuation"]
+    assert "regexes_to_ignore" not in metric  # articles are kept
+
+    def triviaqa(prediction, golds):
+        for stop in stops:
+            prediction = prediction.split(stop)[0]
+        return any(exact_match_hf_evaluate([prediction.strip()], [gold], ignore_case=True,
+                                           ignore_punctuation=True)["exact_match"] for gold in golds)
+
+    differ = [("The Beatles", "Beatles"), ("Berners-Lee", "Berners Lee"), ("Washington, D.C.", "Washington, D.C."),
+              ("St. Petersburg", "St. Petersburg"), ("1,000", "1000"), ("Paris  France", "Paris France")]
+    for prediction, gold in differ:
+        assert is_correct(prediction, [gold]) and not triviaqa(prediction, [gold]), prediction
+    assert is_correct("Paris.", ["Paris"]) and triviaqa("Paris.", ["Paris"])
