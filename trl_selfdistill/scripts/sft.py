@@ -331,8 +331,9 @@ def knowledge_summary(monitor) -> str:
     return (
         f"held-out Known accuracy {fmt(final['heldout_known_initial'])} at step 0, peak "
         f"{fmt(final['heldout_known_peak'])}, {fmt(final['heldout_known_accuracy'])} at step {final['step']} "
-        f"({results['sizes']['heldout_known']} SliCK-Known facts; forgetting from peak "
-        f"{fmt(final['forgetting_from_peak'])}); answered Known accuracy {fmt(first['answered_known_accuracy'])} → "
+        f"({results['sizes']['heldout_known']} SliCK-Known facts; forgetting {fmt(final['forgetting_from_start'])} "
+        f"from the start, {fmt(final['forgetting_from_peak'])} from the peak); answered Known accuracy "
+        f"{fmt(first['answered_known_accuracy'])} → "
         f"{fmt(final['answered_known_accuracy'])} ({results['answered_known']} facts answered at step 0); drift KL "
         f"{fmt(monitor.history[-1]['drift_kl'])}"
     )
