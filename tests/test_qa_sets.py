@@ -54,3 +54,18 @@ def test_a_wrong_mapping_names_the_columns_there_are():
         load_facts(QA_SETS / "triviaqa_rc_nocontext.jsonl", answers_column="answer.alias")
     with pytest.raises(ValueError, match="no question string in column 'question'"):
         load_facts(QA_SETS / "simpleqa.jsonl", answers_column="answer")
+
+
+def test_sft_knowledge_flags_and_probe_flags_map_the_columns(tmp_path):
+    from trl_selfdistill.cli import main
+    from trl_selfdistill.scripts.sft import KnowledgeArguments, load_knowledge_facts, make_parser
+
+    argv = ["--knowledge_facts", str(QA_SETS / "simpleqa.jsonl"), "--knowledge_question_column", "problem",
+            "--knowledge_answers_column", "answer", "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false"]
+    knowledge_args = next(a for a in make_parser().parse_args_and_config(argv) if isinstance(a, KnowledgeArguments))
+    facts, exemplars = load_knowledge_facts(knowledge_args, seed=0)
+    assert facts["answers"] == [["Paris"], ["Leonardo da Vinci"]] and exemplars is facts
+    # `probe` refuses the unmapped set before any model loads, and names the flag that fixes it
+    with pytest.raises(ValueError, match="pass `answers_column=`"):
+        main(["probe", "--model", "nowhere/x", "--facts", str(QA_SETS / "nq_open.jsonl"), "--out",
+              str(tmp_path / "x.jsonl")])
