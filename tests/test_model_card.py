@@ -552,3 +552,11 @@ def test_record_eval_replaces_its_card_section_and_keeps_the_rest(tmp_path):
     assert stored["final"] == RESULTS["final"] and stored["comparison"]["all"]["lost"] == 2
     # The facts come from the Hub: their held-out Known accuracy becomes a Hub eval result
     assert [p.name for p in (tmp_path / ".eval_results").iterdir()] == ["nq_open.yaml"]
+
+
+def test_quick_start_for_plain_training_data_of_unknown_format_passes_a_string():
+    info = distilled_info(results=None, training_prompt="Instruction: x\nResponse:",
+                          training_format="prompt-completion (plain text)")
+    text = render_model_card(info).text
+    assert "prompt = 'What is the capital of France?'  # write it as the training prompts are written" in text
+    assert "messages" not in text

@@ -305,7 +305,7 @@ def render_model_card(info: CardInfo) -> ModelCard:
         scope_label=SCOPE_LABELS.get(info.distill_scope, info.distill_scope),
         sizes=[(SIZE_LABELS.get(k, k.replace("_", " ")), n) for k, n in sizes.items() if n is not None],
         prompt_format=prompt_format,
-        example_prompt=repr(prompt_format.replace("{question}", EXAMPLE_QUESTION)) if prompt_format else None,
+        example_prompt=_example_prompt(info, prompt_format),
         example_question=repr(EXAMPLE_QUESTION),
         eval_format=_format_phrase(fmt),
         paper_id=PAPER_ID,
@@ -355,6 +355,16 @@ def record_eval(folder: str | os.PathLike, results: dict) -> list[Path]:
 
 
 EXAMPLE_QUESTION = "What is the capital of France?"
+
+
+def _example_prompt(info: CardInfo, prompt_format: str | None) -> str | None:
+    """The Quick start's prompt string: the training format filled in when known; for plain-text training data in an
+    unknown format, the question alone (the snippet says to write it as the training prompts are written); None for
+    chat training data or when the training data is unknown (the snippet then passes chat messages)."""
+    if prompt_format:
+        return repr(prompt_format.replace("{question}", EXAMPLE_QUESTION))
+    plain = info.training_format and not info.training_format.startswith("conversational")
+    return repr(EXAMPLE_QUESTION) if plain else None
 
 
 def _follows(training_prompt: str | None, fmt: dict) -> bool:
