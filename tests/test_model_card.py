@@ -547,6 +547,8 @@ def test_record_eval_replaces_its_card_section_and_keeps_the_rest(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert card.count("### Against the base model") == 1
     assert "| all | 4 | 0.750 | 0.500 | 33.3% [0.0%, 100.0%] | 2 / 0 | 1 |" in card
+    assert "both models asked\nin plain text `'Q: {question}\\nA:'`, zero-shot." in card
+    assert card.index("### Against the base model") < card.index("## Training hyperparameters")
     assert "# Model Card for smol-facts" in card and ModelCard.load(tmp_path / "README.md").data.base_model
     stored = json.loads((tmp_path / RESULTS_FILE).read_text())
     assert stored["final"] == RESULTS["final"] and stored["comparison"]["all"]["lost"] == 2

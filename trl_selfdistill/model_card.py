@@ -348,8 +348,10 @@ def record_eval(folder: str | os.PathLike, results: dict) -> list[Path]:
     start, end = text.find(EVAL_MARKERS[0]), text.find(EVAL_MARKERS[1])
     if start >= 0 and end > start:
         text = text[:start] + section + text[end + len(EVAL_MARKERS[1]):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    else:  # at the end of the Results (before the next section of the package's card), else at the end
+        after = [text.find(heading) for heading in ("\n## Training hyperparameters", "\n## Citations")]
+        at = min([i for i in after if i >= 0], default=len(text.rstrip("\n")))
+        text = text[:at].rstrip("\n") + "\n\n" + section + "\n" + text[at:]
     card_path.write_text(sanitize(text), encoding="utf-8")
     return [path, card_path, *write_eval_results(folder, stored)]
 
@@ -403,8 +405,9 @@ def _eval_context(results: dict | None) -> dict:
         for key, groups in comparison.items():
             rows += [row(f"{key.removeprefix('by_')} = {label}", stats)
                      for label, stats in (groups.items() if key != "all" else [])]
+        run = results.get("eval") or results  # `record_eval` keeps eval's own fields under `eval`
         context["comparison"] = {"rows": rows, "num_facts": comparison["all"]["num_facts"],
-                                 "facts": results.get("facts"), "format": _format_phrase(results.get("format") or {})}
+                                 "facts": run.get("facts"), "format": _format_phrase(run.get("format") or {})}
     lm_eval = results.get("lm_eval") or {}
     for task, metrics in (lm_eval.get("model") or {}).items():
         before = (lm_eval.get("base_model") or {}).get(task, {})
