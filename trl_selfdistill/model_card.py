@@ -207,7 +207,8 @@ def eval_results_entries(results: dict | None, source_url: str | None = None) ->
     """
     The Hub's eval results (`.eval_results/<name>.yaml`, https://hf.co/docs/hub/eval-results) of `results`: one file
     per evaluated set that has a Hub dataset id: the knowledge facts when they were loaded from the Hub (held-out Known
-    accuracy) and each lm-eval task whose dataset is on the Hub (its first metric, as lm-eval reports it, in percent).
+    accuracy, which the notes mark as a subset: it is not the benchmark's own score) and each lm-eval task whose
+    dataset is on the Hub (its first metric, as lm-eval reports it, in percent).
     Sets without a Hub id (the package's own facts, local files) have no entry: the card's table shows them.
     """
     results = results or {}
@@ -221,8 +222,10 @@ def eval_results_entries(results: dict | None, source_url: str | None = None) ->
 
     final = results.get("final") or {}
     if is_hub_id(results.get("facts")) and final.get("heldout_known_accuracy") is not None:
+        size = (results.get("sizes") or {}).get("heldout_known")
         add(results["facts"].split("/")[-1], results["facts"], None, final["heldout_known_accuracy"],
-            "held-out Known accuracy (closed-book, exact match over aliases), trl-selfdistill monitor")
+            f"held-out Known subset{f' ({size} facts)' if size else ''}: the facts the base model knew, not the "
+            "whole set; closed-book exact match over aliases (trl-selfdistill)")
     lm_eval = results.get("lm_eval") or {}
     for task, metrics in (lm_eval.get("model") or {}).items():
         dataset_id = (lm_eval.get("datasets") or {}).get(task)
