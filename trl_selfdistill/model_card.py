@@ -680,7 +680,8 @@ def push_checkpoint(trainer, checkpoint_folder: str) -> None:
         return
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     api = HfApi(token=args.hub_token)
-    step = f"step {trainer.state.global_step}" if args.save_strategy == "steps" else f"epoch {int(trainer.state.epoch)}"
+    by_steps = args.save_strategy == "steps"
+    step = f"step {trainer.state.global_step}" if by_steps else f"epoch {int(trainer.state.epoch)}"
     staging = stage_upload(checkpoint_folder, results=run_results(trainer))
     card = Path(args.output_dir) / "README.md"
     if card.is_file():
