@@ -32,7 +32,12 @@ def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
     assert (tmp_path / "selfdistill_cache" / "teacher_cache" / "fingerprint.json").exists()
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" == (tmp_path / "frontier.png").read_bytes()[:4]
     card = (tmp_path / "selfdistill" / "README.md").read_text()
-    assert "heldout_known_accuracy" in card and "plain SFT" in card
+    assert "Held-out Known accuracy" in card and "plain SFT" in card
+    # The card's forgetting is the study's: relative to the start, as the table's "relative forgetting from S"
+    final = seed["runs"]["selfdistill"]["final"]
+    rows = [line for line in card.splitlines() if line.startswith("| Forgetting (relative, from the start)")]
+    if final["forgetting_from_start"] is not None:  # None when the tiny model answers no held-out fact at the start
+        assert f"| {final['forgetting_from_start']:.1%} |" in rows[0]
     assert (tmp_path / "selfdistill" / "model.safetensors").exists()
     out = capsys.readouterr().out
     assert "| attention only | 1 |" in out

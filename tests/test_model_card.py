@@ -19,11 +19,14 @@ from trl import SFTConfig, SFTTrainer
 from trl_selfdistill import ForgettingCallback, SelfDistillSFTTrainer
 from trl_selfdistill.hub import push_to_hub
 from trl_selfdistill.model_card import (
+    METRICS,
     RESULTS_FILE,
     CardInfo,
     base_model_name,
+    record_eval,
     render_model_card,
     sanitize,
+    write_eval_results,
     write_model_card,
 )
 
@@ -50,9 +53,10 @@ FINAL_METRICS = {
     "task_accuracy": 0.9,
     "new_fact_accuracy": 0.5,
     "heldout_known_accuracy": 0.85,
+    "forgetting_from_start": -7.5,
     "forgetting_from_peak": 0.0556,
-    "forgetting_from_peak_abs": 0.05,
 }
+KEY_OF_LABEL = {label: key for key, (label, *_) in METRICS.items()}
 
 
 def distilled_info(**overrides) -> CardInfo:
@@ -71,13 +75,16 @@ def distilled_info(**overrides) -> CardInfo:
         versions={"trl": "1.16.0"},
         hub_model_id="someone/smol-facts",
         library_name="peft",
+        training_format="prompt-completion (plain text)",
+        training_prompt="Q: What is the capital of Peru?\nA:",
     )
     kwargs.update(overrides)
     return CardInfo(**kwargs)
 
 
 def metrics_of(card: ModelCard) -> dict[str, float]:
-    return {r.metric_type: r.metric_value for r in card.data.eval_results or []}
+    """The package's metric key → value of a card's `model-index` (its results are told apart by metric name)."""
+    return {KEY_OF_LABEL[r.metric_name]: r.metric_value for r in card.data.eval_results or []}
 
 
 def table_row(text: str, label: str) -> list[str]:
@@ -95,8 +102,12 @@ def test_card_round_trips_through_huggingface_hub(tmp_path):
 
     assert metrics_of(card) == FINAL_METRICS
     name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
-    assert name == "smol-facts" and {r.metric_type: r.metric_value for r in results} == FINAL_METRICS
-    splits = {r.metric_type: r.dataset_split for r in results}
+    assert name == "smol-facts" and {KEY_OF_LABEL[r.metric_name]: r.metric_value for r in results} == FINAL_METRICS
+    # Accuracies carry the Hub metric id `accuracy`; the forgetting figures have no Hub metric and keep their key
+    types = {KEY_OF_LABEL[r.metric_name]: r.metric_type for r in results}
+    assert types["task_accuracy"] == types["heldout_known_accuracy"] == "accuracy"
+    assert types["forgetting_from_start"] == "forgetting_from_start"
+    splits = {KEY_OF_LABEL[r.metric_name]: r.dataset_split for r in results}
     assert splits["task_accuracy"] == "train_known" and splits["new_fact_accuracy"] == "train_unknown"
     assert splits["forgetting_from_peak"] == splits["heldout_known_accuracy"] == "heldout_known"
     assert {r.task_type for r in results} == {"question-answering"}
@@ -108,7 +119,8 @@ def test_card_round_trips_through_huggingface_hub(tmp_path):
     text = card.text
     held_out = table_row(text, "Held-out Known accuracy")
     assert held_out == ["Held-out Known accuracy ↑", "held-out Known facts", "0.850", "0.780"]
-    assert table_row(text, "Forgetting from peak (relative)")[2:] == ["5.6%", "15.0%"]
+    assert table_row(text, "Forgetting (relative, from the start)")[2] == "-750.0%"
+    assert table_row(text, "Forgetting from the peak (relative, secondary)")[2:] == ["5.6%", "15.0%"]
     assert table_row(text, "Task accuracy")[2:] == ["0.900", "–"]
     assert "| metric | evaluated on | this model | plain SFT |" in text
     assert "0.100 before training, 0.900 at its peak, 0.850 at the end" in text
@@ -119,6 +131,25 @@ def test_card_round_trips_through_huggingface_hub(tmp_path):
     assert "@article{kaplan2026whyfinetuning" in text and "arXiv:2604.15574" in text
     assert "Kaplan and Gekhman and Zhu and Rozner and Reif and Swayamdipta and Hoiem and Schwartz" in text
     assert 'model="someone/smol-facts"' in text
+
+
+def test_prompt_format_and_usage_follow_the_training_data_not_the_monitor():
+    """A CLI run on chat data, monitored in its own chat prompt: the card names the chat training format, asks the
+    Usage snippet in messages, and shows the monitor's prompt only as how the facts were asked."""
+    results = {**copy.deepcopy(RESULTS), "format": {"prompt": "{question} Reply with the answer only.", "chat": True,
+                                                    "num_shots": 4}}
+    text = render_model_card(distilled_info(results=results, training_prompt=None,
+                                            training_format="conversational (the tokenizer's chat template)")).text
+    assert "Prompt format" not in text and "Training format: conversational" in text
+    assert 'messages = [{"role": "user", "content": \'What is the capital of France?\'}]' in text
+    assert "generator(messages" in text and "prompt = " not in text
+    assert "as a chat user turn `'{question} Reply with the answer only.'` after 4 same-relation exemplars" in text
+    # Plain training prompts in another template than the monitor's: the monitor's prompt is not the training format
+    other = distilled_info(training_prompt="Instruction: What is the capital of Peru?\nResponse:")
+    assert "Prompt format" not in render_model_card(other).text
+    # Shots before the question still follow the format
+    shots = distilled_info(training_prompt="Q: a?\nA: b\n\nQ: What is the capital of Peru?\nA:")
+    assert "prompt = 'Q: What is the capital of France?\\nA:'  # the training format" in render_model_card(shots).text
 
 
 def test_jsd_beta_and_freeze_report_are_shown_only_when_they_apply():
@@ -135,7 +166,7 @@ def test_partial_and_missing_results():
     assert "| metric | evaluated on | this model |\n" in card.text  # no baseline column
     assert "Task accuracy" not in card.text
 
-    card = render_model_card(distilled_info(results=None, datasets=[]))
+    card = render_model_card(distilled_info(results=None, datasets=[], training_format=None, training_prompt=None))
     assert card.data.eval_results is None and "model-index" not in card.content
     assert "No forgetting evaluation was recorded" in card.text and "Not recorded." in card.text
 
@@ -412,6 +443,11 @@ def test_no_secret_home_path_or_stray_file_leaves_the_machine(tmp_path, monkeypa
     (output_dir / ".env").write_text("OPENAI_API_KEY=sk-stray-secret\n")
     (output_dir / "notes.txt").write_text(f"data lives in {home}\n")
     (output_dir / RESULTS_FILE).write_text(json.dumps(RESULTS))  # an earlier run's results
+    # An earlier run's Hub eval results are not this run's: not uploaded (the manifest); staged, they are sanitized
+    (output_dir / ".eval_results").mkdir()
+    (output_dir / ".eval_results" / "nq_open.yaml").write_text(
+        f"- dataset:\n    id: google-research-datasets/nq_open\n  value: 12.5\n  notes: {TOKEN} in {home}/runs\n")
+    (output_dir / ".eval_results" / "notes.txt").write_text(f"{TOKEN}\n")
     hub = FakeHub().patch(monkeypatch)
     args = config(
         output_dir.parent, output_dir=str(output_dir), max_steps=2, save_strategy="steps", save_steps=1,
@@ -435,6 +471,12 @@ def test_no_secret_home_path_or_stray_file_leaves_the_machine(tmp_path, monkeypa
     assert len(resume) == 2 and {"optimizer.pt", "trainer_state.json", "adapter_model.safetensors"} <= set(
         resume[-1]["files"])
     final = hub.uploads[-1]
+    assert not {".eval_results/nq_open.yaml", ".eval_results/notes.txt"} & set(final["files"])
+    from trl_selfdistill.hub import stage_upload
+
+    staged = stage_upload(output_dir, names=[".eval_results/nq_open.yaml", ".eval_results/notes.txt"])
+    assert "[REDACTED] in runs" in (staged / ".eval_results" / "nq_open.yaml").read_text()
+    assert not (staged / ".eval_results" / "notes.txt").exists()  # not on the allowlist
     assert json.loads(final["bytes"]["adapter_config.json"])["base_model_name_or_path"] == "tiny-base"
     assert ModelCard(final["readme"]).data.eval_results is None  # the stale results file is not this run's
     # What the library writes locally carries no token either
@@ -470,3 +512,57 @@ def test_model_index_names_the_fact_set_measured_and_the_answered_subset():
                         "curated (held-out Known facts)"}
     assert metrics_of(card)["answered_known_forgetting"] == 0.2
     assert "| Forgetting of the facts answered at step 0 (relative) ↓ |" in card.text and "20.0%" in card.text
+
+
+def test_hub_eval_results_name_real_dataset_ids_only(tmp_path):
+    """`.eval_results/*.yaml` in the Hub's format: one file per evaluated set with a Hub dataset id."""
+    import yaml
+
+    results = {**copy.deepcopy(RESULTS), "facts": "google-research-datasets/nq_open",
+               "lm_eval": {"tasks": ["triviaqa", "selfdistill_curated_known"], "limit": None,
+                           "model": {"triviaqa": {"exact_match,remove_whitespace": 0.1234},
+                                     "selfdistill_curated_known": {"exact_match,none": 0.8}},
+                           "base_model": {"triviaqa": {"exact_match,remove_whitespace": 0.2}},
+                           "datasets": {"triviaqa": "mandarjoshi/trivia_qa", "selfdistill_curated_known": None}}}
+    written = write_eval_results(tmp_path, results, "https://huggingface.co/someone/smol-facts")
+    assert sorted(p.name for p in written) == ["nq_open.yaml", "triviaqa.yaml"]  # the package's task has no Hub id
+    (trivia,) = yaml.safe_load((tmp_path / ".eval_results" / "triviaqa.yaml").read_text())
+    assert trivia["dataset"] == {"id": "mandarjoshi/trivia_qa", "task_id": "triviaqa"} and trivia["value"] == 12.34
+    assert trivia["source"] == {"url": "https://huggingface.co/someone/smol-facts", "name": "trl-selfdistill"}
+    (nq,) = yaml.safe_load((tmp_path / ".eval_results" / "nq_open.yaml").read_text())
+    assert nq["dataset"] == {"id": "google-research-datasets/nq_open"} and nq["value"] == 85.0
+    assert write_eval_results(tmp_path / "none", {**RESULTS, "facts": "curated"}) == []
+    # The card shows the lm-eval table before and after
+    text = render_model_card(distilled_info(results=results)).text
+    assert table_row(text, "triviaqa") == ["triviaqa", "exact_match,remove_whitespace", "0.200", "0.123"]
+    assert table_row(text, "selfdistill_curated_known")[2:] == ["–", "0.800"]
+
+
+def test_record_eval_replaces_its_card_section_and_keeps_the_rest(tmp_path):
+    render_model_card(distilled_info()).save(tmp_path / "README.md")
+    (tmp_path / RESULTS_FILE).write_text(json.dumps(RESULTS))
+    comparison = {"all": {"num_facts": 4, "base_accuracy": 0.75, "tuned_accuracy": 0.5, "base_answered": 3,
+                          "forgetting": {"mean": 1 / 3, "low": 0.0, "high": 1.0}, "lost": 1, "gained": 0,
+                          "sign_test_p": 1.0}}
+    results = {"model": str(tmp_path), "facts": "google-research-datasets/nq_open", "comparison": comparison,
+               "format": {"prompt": "Q: {question}\nA:", "chat": False, "num_shots": 0}, "accuracy": 0.5}
+    record_eval(tmp_path, results)
+    record_eval(tmp_path, {**results, "comparison": {"all": {**comparison["all"], "lost": 2}}})
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("### Against the base model") == 1
+    assert "| all | 4 | 0.750 | 0.500 | 33.3% [0.0%, 100.0%] | 2 / 0 | 1 |" in card
+    assert "both models asked\nin plain text `'Q: {question}\\nA:'`, zero-shot." in card
+    assert card.index("### Against the base model") < card.index("## Training hyperparameters")
+    assert "# Model Card for smol-facts" in card and ModelCard.load(tmp_path / "README.md").data.base_model
+    stored = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert stored["final"] == RESULTS["final"] and stored["comparison"]["all"]["lost"] == 2
+    # The facts come from the Hub: their held-out Known accuracy becomes a Hub eval result
+    assert [p.name for p in (tmp_path / ".eval_results").iterdir()] == ["nq_open.yaml"]
+
+
+def test_quick_start_for_plain_training_data_of_unknown_format_passes_a_string():
+    info = distilled_info(results=None, training_prompt="Instruction: x\nResponse:",
+                          training_format="prompt-completion (plain text)")
+    text = render_model_card(info).text
+    assert "prompt = 'What is the capital of France?'  # write it as the training prompts are written" in text
+    assert "messages" not in text

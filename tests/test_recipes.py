@@ -168,10 +168,11 @@ def test_run_summary_and_final_summary():
     assert "SliCK categories {'HighlyKnown': 1, 'Unknown': 2}" in text
     assert "effective batch: 4 per device × 2 accumulation × 3 processes = 24; ≈5 optimizer steps" in text
     assert "frozen: all but q" in text and "teacher: none" in text and "λ = 1.0, τ = 0.5" in text
-    final = {"heldout_known_initial": 0.5, "heldout_known_accuracy": 0.25, "forgetting_from_peak": None,
-             "new_fact_accuracy": 1.0, "task_accuracy": 0.75, "per_category": {"Unknown": 1.0}}
-    assert recipes.final_summary(final) == ("held-out Known accuracy 0.500 → 0.250 (forgetting from peak –), "
-                                            "new-fact accuracy 1.000, task accuracy 0.750")
+    final = {"heldout_known_initial": 0.5, "heldout_known_accuracy": 0.25, "forgetting_from_start": 0.5,
+             "forgetting_from_peak": None, "new_fact_accuracy": 1.0, "task_accuracy": 0.75,
+             "per_category": {"Unknown": 1.0}}
+    assert recipes.final_summary(final) == ("held-out Known accuracy 0.500 → 0.250 (forgetting 0.500 from the start, "
+                                            "– from the peak), new-fact accuracy 1.000, task accuracy 0.750")
 
 
 # ---- the tiny smoke model, and the embedded model's name ----

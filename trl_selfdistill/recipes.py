@@ -219,7 +219,8 @@ def final_summary(final: dict) -> str:
     """One line from a `ForgettingCallback`'s `final` block."""
     final = {k: "–" if v is None else f"{v:.3f}" for k, v in final.items() if k != "per_category"}
     return (f"held-out Known accuracy {final['heldout_known_initial']} → {final['heldout_known_accuracy']} "
-            f"(forgetting from peak {final['forgetting_from_peak']}), new-fact accuracy {final['new_fact_accuracy']}, "
+            f"(forgetting {final['forgetting_from_start']} from the start, {final['forgetting_from_peak']} from the "
+            f"peak), new-fact accuracy {final['new_fact_accuracy']}, "
             f"task accuracy {final['task_accuracy']}")
 
 

@@ -90,7 +90,8 @@ def _check_model_folder(path: Path, where: str, tokenizer: bool) -> None:
             f"adapter_model.*; it holds {_listing(path)}). Save the model there with `save_pretrained`, or point to a "
             "folder that has them."
         )
-    if tokenizer and not _has(path, TOKENIZER_PATTERNS) and not _fileless_tokenizer(path):
+    adapter = (path / "adapter_config.json").is_file()  # loads on its base model, whose tokenizer serves it
+    if tokenizer and not adapter and not _has(path, TOKENIZER_PATTERNS) and not _fileless_tokenizer(path):
         raise ValueError(
             f"{where}: the model folder {path} has no tokenizer files (none of {', '.join(TOKENIZER_PATTERNS)}; it "
             f"holds {_listing(path)}). Save the tokenizer beside the model (`tokenizer.save_pretrained('{path}')`, "

@@ -22,6 +22,7 @@ BUILTIN = {
     "curated": DATA_DIR / "curated",
     "curated-smollm2": DATA_DIR / "curated_smollm2_categories.jsonl",
     "entityquestions-smollm2": DATA_DIR / "entityquestions" / "smollm2_categories.jsonl",
+    "world-smollm2": DATA_DIR / "world" / "smollm2_categories.jsonl",
     "entityquestions-train": DATA_DIR / "entityquestions" / "train",
     "entityquestions-dev": DATA_DIR / "entityquestions" / "dev",
 }
@@ -92,7 +93,7 @@ def load_templates(source: str | Path | Mapping[str, str] | None) -> dict[str, s
 
 
 def builtin_facts(name: str) -> Dataset:
-    """A fact set shipped with the package: `curated`, `curated-smollm2`, `entityquestions-train/-dev`."""
+    """A fact set shipped with the package (`BUILTIN`): `curated`, the `*-smollm2` sets, `entityquestions-*`."""
     if name not in BUILTIN:
         raise ValueError(f"Unknown built-in fact set {name!r}. Choose one of {sorted(BUILTIN)}.")
     return load_facts(BUILTIN[name])
@@ -212,13 +213,14 @@ def _clean(row: dict, index: int, templates: dict, question_column: str, answers
             f"{where} has no question string in column {question_column!r} (got {question!r}). Every fact needs a "
             "non-empty question; pass `question_column=` if yours is named differently."
         )
-    answers = row.pop(answers_column, None)
-    if isinstance(answers, str):
-        answers = [answers]
+    columns = sorted(key for key in row if not key.startswith("_"))
+    answers = _answers_of(row, answers_column)
     if not isinstance(answers, (list, tuple)):
         raise ValueError(
-            f"{where} ({question!r}) has no answer list in column {answers_column!r} (got {answers!r}). Give a list "
-            "of gold aliases; pass `answers_column=` if yours is named differently."
+            f"{where} ({question!r}) has no answer list in column {answers_column!r} (got {answers!r}; the row's "
+            f"columns: {columns}). Give a list "
+            "of gold aliases, one string, or a JSON list as a string; pass `answers_column=` if yours is named "
+            "differently (a dotted path such as `answer.aliases` reaches into a nested column)."
         )
     bad = [answer for answer in answers if not isinstance(answer, str)]
     if bad:
@@ -238,6 +240,32 @@ def _clean(row: dict, index: int, templates: dict, question_column: str, answers
         fact_id = f"{relation or 'fact'}-{hashlib.sha1(question.strip().encode()).hexdigest()[:10]}"
     return {"id": str(fact_id), "question": question.strip(), "answers": answers, "relation": relation,
             "subject": subject, "template": template, **row}
+
+
+def _answers_of(row: dict, column: str):
+    """
+    The gold aliases of `row` in `column`, popped from the row, in the shapes standard QA sets use: a list
+    (NQ-open's `answer`), one string (SimpleQA's `answer`), a JSON list in a string (PopQA's `possible_answers`), or a
+    nested field reached by a dotted path (TriviaQA's `answer.aliases`). A mapping given as it is (TriviaQA's
+    `answer`) pools its `value`, `aliases` and `normalized_aliases`. Anything else goes back for the caller to refuse.
+    """
+    if column in row:
+        value = row.pop(column)
+    else:
+        top, *path = column.split(".")
+        value = row.pop(top, None)
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, dict):
+        pooled = [value.get("value"), *(value.get("aliases") or []), *(value.get("normalized_aliases") or [])]
+        return [alias for alias in pooled if alias] if any(pooled) else value
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+        return parsed if isinstance(parsed, list) else [value]
+    return [value] if isinstance(value, str) else value
 
 
 def _merge(rows: list[dict]) -> list[dict]:

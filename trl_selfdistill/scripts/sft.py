@@ -83,6 +83,17 @@ class KnowledgeArguments:
             "it knows are evaluated during training (held-out Known accuracy, forgetting, drift)."
         },
     )
+    knowledge_question_column: str = field(
+        default="question", metadata={"help": "Column of the fact set holding the question (SimpleQA: `problem`)."}
+    )
+    knowledge_answers_column: str = field(
+        default="answers",
+        metadata={
+            "help": "Column holding the gold answers: a list, one string, a JSON list in a string, or a nested "
+            "field by dotted path (NQ-open: `answer`, PopQA: `possible_answers`, TriviaQA: `answer.aliases`)."
+        },
+    )
+    knowledge_split: str = field(default="train", metadata={"help": "Split of a Hub fact set."})
     knowledge_exemplars: str | None = field(
         default=None,
         metadata={"help": "Few-shot exemplar pool of the probe (default: the facts themselves, never a fact's own)."},
@@ -159,16 +170,26 @@ class KnowledgeArguments:
 
     def answer_format(self, conversational: bool, tokenizer):
         """The `AnswerFormat` the facts are asked in (see `knowledge_format`)."""
-        from trl_selfdistill.knowledge import AnswerFormat
+        return answer_format(self.knowledge_format, self.knowledge_prompt, self.knowledge_system_prompt,
+                             conversational, tokenizer, flag="--knowledge_format")
 
-        chat = {"chat": True, "plain": False}.get(self.knowledge_format, conversational)
-        if chat and tokenizer.chat_template is None:
-            raise ValueError(
-                "`--knowledge_format chat` needs a tokenizer with a chat template, and this one has none. Use "
-                "`--knowledge_format plain`, or set `--chat_template_path`."
-            )
-        prompt = self.knowledge_prompt or DEFAULT_PROMPTS["chat" if chat else "plain"]
-        return AnswerFormat(prompt=prompt.replace("\\n", "\n"), chat=chat, system_prompt=self.knowledge_system_prompt)
+
+def answer_format(choice: str, prompt: str | None, system_prompt: str | None, conversational: bool, tokenizer=None,
+                  flag: str = "--format"):
+    """
+    The `AnswerFormat` of the monitor (and of `eval`): `choice` `chat`, `plain`, or `auto` (chat when the data is
+    `conversational`); `prompt` defaults to `DEFAULT_PROMPTS` of that mode. A typed `\\n` becomes a newline.
+    """
+    from trl_selfdistill.knowledge import AnswerFormat
+
+    chat = {"chat": True, "plain": False}.get(choice, conversational)
+    if chat and tokenizer is not None and tokenizer.chat_template is None:
+        raise ValueError(
+            f"`{flag} chat` needs a tokenizer with a chat template, and this one has none. Use `{flag} plain`, or "
+            "set `--chat_template_path`."
+        )
+    prompt = prompt or DEFAULT_PROMPTS["chat" if chat else "plain"]
+    return AnswerFormat(prompt=prompt.replace("\\n", "\n"), chat=chat, system_prompt=system_prompt)
 
 
 def check_inputs(script_args, training_args, knowledge_args) -> None:
@@ -351,8 +372,9 @@ def knowledge_summary(monitor) -> str:
     return (
         f"held-out Known accuracy {fmt(final['heldout_known_initial'])} at step 0, peak "
         f"{fmt(final['heldout_known_peak'])}, {fmt(final['heldout_known_accuracy'])} at step {final['step']} "
-        f"({results['sizes']['heldout_known']} SliCK-Known facts; forgetting from peak "
-        f"{fmt(final['forgetting_from_peak'])}); answered Known accuracy {fmt(first['answered_known_accuracy'])} → "
+        f"({results['sizes']['heldout_known']} SliCK-Known facts; forgetting {fmt(final['forgetting_from_start'])} "
+        f"from the start, {fmt(final['forgetting_from_peak'])} from the peak); answered Known accuracy "
+        f"{fmt(first['answered_known_accuracy'])} → "
         f"{fmt(final['answered_known_accuracy'])} ({results['answered_known']} facts answered at step 0); drift KL "
         f"{fmt(monitor.history[-1]['drift_kl'])}"
     )
@@ -366,9 +388,13 @@ def load_knowledge_facts(knowledge_args, seed: int):
     from trl_selfdistill.knowledge import load_facts
     from trl_selfdistill.validation import check_facts
 
-    facts = load_facts(knowledge_args.knowledge_facts)
+    columns = dict(question_column=knowledge_args.knowledge_question_column,
+                   answers_column=knowledge_args.knowledge_answers_column)
+    facts = load_facts(knowledge_args.knowledge_facts, split=knowledge_args.knowledge_split, **columns)
     check_facts(facts, f"fact set {knowledge_args.knowledge_facts!r}", categories=False)
-    exemplars = load_facts(knowledge_args.knowledge_exemplars) if knowledge_args.knowledge_exemplars else facts
+    # The exemplar pool is read with the same column mapping (a split of the same kind of set)
+    exemplars = (load_facts(knowledge_args.knowledge_exemplars, split=knowledge_args.knowledge_split, **columns)
+                 if knowledge_args.knowledge_exemplars else facts)
     if knowledge_args.knowledge_probe_size and knowledge_args.knowledge_probe_size < len(facts):
         facts = facts.shuffle(seed=seed).select(range(knowledge_args.knowledge_probe_size))
     return facts, exemplars
