@@ -293,3 +293,15 @@ def test_the_summary_reads_forgetting_from_the_mean_of_the_last_evaluations_too(
     assert summary["selfdistill"]["forgetting_last_k"]["mean"] == pytest.approx(0.05)
     assert summary["selfdistill"]["vs_sft_last_k"]["mean"] == pytest.approx(0.15)
     assert "the same, mean of the last 3 evaluations" in study_table(make_study(per_seed))
+
+
+def test_the_summary_pools_the_collapse_diagnostic_over_seeds():
+    per_seed = _study()
+    for i, seed in enumerate(per_seed):
+        seed["runs"]["sft"]["collapse"] = {"lost": 4, "lost_to_default": i + 1, "default_answer_share_end": 0.1}
+        seed["runs"]["selfdistill"]["collapse"] = {"lost": 1, "lost_to_default": 1, "default_answer_share_end": 0.3}
+    summary = summarize(per_seed, resamples=50)
+    assert summary["sft"]["collapse"]["lost"] == 8 and summary["sft"]["collapse"]["share"] == pytest.approx(3 / 8)
+    assert summary["selfdistill"]["collapse"]["default_answer_share_end"]["mean"] == pytest.approx(0.3)
+    table = study_table(make_study(per_seed))
+    assert "| 3 of 8 (38%) |" in table and "| 2 of 2 (100%) |" in table

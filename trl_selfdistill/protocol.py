@@ -493,6 +493,13 @@ def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
                 [run["peak_memory_mb"] for run in runs if run["peak_memory_mb"] is not None]
             ),
         }
+        collapses = [run.get("collapse") for run in runs]
+        if all(collapses):  # the held-out facts lost since S that now get a default answer, pooled over seeds
+            lost, to_default = sum(c["lost"] for c in collapses), sum(c["lost_to_default"] for c in collapses)
+            row["collapse"] = {
+                "lost": lost, "lost_to_default": to_default, "share": to_default / lost if lost else None,
+                "default_answer_share_end": mean_interval([c["default_answer_share_end"] for c in collapses]),
+            }
         last = [seed["runs"][method]["per_fact"].get("heldout_last_k") for seed in seeds]
         if all(values is not None for values in last):  # forgetting from the mean of the last evaluations
             row["forgetting_last_k"] = bootstrap(
@@ -585,6 +592,13 @@ def _reading(result: dict, target: float) -> float | None:
 
 
 # ---- outputs --------------------------------------------------------------------------------------------------------
+def _collapse(cell: dict | None) -> str:
+    """`k of n (x%)`: lost held-out facts (all seeds) that the model now answers with a default answer."""
+    if cell is None or not cell["lost"]:
+        return "–"
+    return f"{cell['lost_to_default']} of {cell['lost']} ({100 * cell['share']:.0f}%)"
+
+
 def _interval(cell: dict | None, percent: bool = True, signed: bool = False) -> str:
     if cell is None or cell.get("mean") is None:
         return "–"
@@ -601,9 +615,9 @@ def study_table(study: dict) -> str:
     """Per method, at the end of training: forgetting, new-fact accuracy, paired difference to SFT, cost."""
     lines = [
         "| method | seeds | relative forgetting [95% CI] | the same, mean of the last 3 evaluations | new-fact acc. "
-        "[95% CI] | SFT − method [95% CI] | the same, last 3 | facts kept only by method / only by SFT (p) | s/step | "
-        "peak memory |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "[95% CI] | SFT − method [95% CI] | the same, last 3 | facts kept only by method / only by SFT (p) | "
+        "lost facts now a default answer | s/step | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in study["summary"].values():
         facts = row.get("vs_sft_facts")
@@ -613,7 +627,8 @@ def study_table(study: dict) -> str:
             f"| {row['title']} | {len(row['seeds'])} | {_interval(row['forgetting'])} | "
             f"{_interval(row.get('forgetting_last_k'))} | {_interval(row['new_fact_accuracy'], percent=False)} | "
             f"{_interval(row.get('vs_sft'), signed=True)} | {_interval(row.get('vs_sft_last_k'), signed=True)} | "
-            f"{facts_text} | {row['s_per_step']['mean']:.2f} | {'–' if memory is None else f'{memory:.0f} MB'} |"
+            f"{facts_text} | {_collapse(row.get('collapse'))} | {row['s_per_step']['mean']:.2f} | "
+            f"{'–' if memory is None else f'{memory:.0f} MB'} |"
         )
     return "\n".join(lines)
 
