@@ -252,8 +252,9 @@ def push_to_hub(
             f"Uploading to the Hub repo {repo_id!r} failed ({type(err).__name__}). Nothing is lost: the model, the "
             f"model card (README.md) and the evaluation results are saved in {output_dir!r}. To fix: log in with "
             "`hf auth login` or set the `HF_TOKEN` environment variable to a token with write access, and check that "
-            "`hub_model_id` names a repo you may write to. Then call `trainer.push_to_hub()` again, or upload the "
-            f"folder with `huggingface_hub.upload_folder(folder_path={output_dir!r}, repo_id={repo_id!r})`."
+            f"`hub_model_id` names a repo you may write to ({repo_id!r}). Then call `trainer.push_to_hub()` again: it "
+            "uploads this run's files only, sanitised (uploading the whole folder by hand would also send what an "
+            "earlier run left there)."
         ) from err
 
 
