@@ -128,3 +128,13 @@ def test_last_k_per_fact_averages_the_last_evaluations_after_the_first():
     assert last_k_per_fact(history, k=3) == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
     assert last_k_per_fact(history[:2], k=3) == [1.0, 0.0]  # only one evaluation after the first
     assert last_k_per_fact(history[:1], k=3) == [1.0, 1.0]  # none after it: the first
+
+
+def test_defaults_of_hand_made_sets_without_relations_pool_their_answers():
+    from trl_selfdistill.knowledge.metrics import default_answers_of
+
+    bare = Dataset.from_list([{"question": f"Q{i}?", "answers": ["Paris" if i < 2 else f"A{i}"]} for i in range(4)])
+    held = Dataset.from_list([{"question": "Capital of Peru?", "answers": ["Lima"]}])
+    splits = KnowledgeSplits.__new__(KnowledgeSplits)  # no validation: the sets carry no entities
+    splits.train_known, splits.train_unknown, splits.heldout, splits.control = bare, bare.select([]), held, None
+    assert default_answers_of(splits) == [{"paris"}]

@@ -223,7 +223,8 @@ class ForgettingCallback(TrainerCallback):
         if self.drift_size:
             self._drift = DriftMeter(self.prompts[2][: self.drift_size], tokenizer, self.batch_size)
             self._drift.snapshot(model, self.teacher)
-            subjects = self.splits.heldout["subject"][: self.drift_size]
+            heldout = self.splits.heldout
+            subjects = heldout["subject"][: self.drift_size] if "subject" in heldout.column_names else []
             if any(subjects):
                 self._representation = RepresentationDrift(self.prompts[2][: self.drift_size], subjects, tokenizer,
                                                            self.batch_size)

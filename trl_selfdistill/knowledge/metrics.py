@@ -105,7 +105,9 @@ def default_answers_of(splits: KnowledgeSplits, min_count: int = 2) -> list[set[
     """
     per_relation: dict[str, Counter] = defaultdict(Counter)
     for facts in (splits.train_known, splits.train_unknown):
-        for relation, answers in zip(facts["relation"], facts["answers"], strict=True):
+        # hand-made sets may have no relation column: one relation for all their facts
+        relations = facts["relation"] if "relation" in facts.column_names else [""] * len(facts)
+        for relation, answers in zip(relations, facts["answers"], strict=True):
             per_relation[relation][normalize_answer(answers[0])] += 1
     common = set()
     for counts in per_relation.values():
