@@ -102,7 +102,7 @@ def test_concatenate_facts_keeps_the_columns_every_set_has():
     from trl_selfdistill.knowledge.splits import concatenate_facts
 
     categorised, plain = builtin_facts("entityquestions-smollm2"), builtin_facts("curated")
-    both = concatenate_facts([plain, categorised])  # what the demo probes again for another model
+    both = concatenate_facts([plain, categorised], labels=False)  # what the demo probes again for another model
     assert len(both) == len(plain) + len(categorised) and "category" not in both.column_names
     shipped = [categorised, builtin_facts("curated-smollm2")]
     assert "category" in concatenate_facts(shipped, labels=False).column_names

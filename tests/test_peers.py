@@ -182,7 +182,7 @@ def test_sdft_teacher_sees_the_fact_as_a_one_shot_demonstration():
     fmt = AnswerFormat()
     rows = sdft_dataset(facts_dataset(4))
     template = DEFAULTS["sdft"]["teacher_prompt_template"]
-    for row, (question, answer) in zip(rows, FACTS, strict=True):
+    for row, (question, answer) in zip(rows, FACTS[: len(rows)], strict=True):
         assert row["prompt"] == fmt.prompt_for(question)
         teacher_prompt = template.format(prompt=row["prompt"], privileged_context=row["privileged_context"])
         assert teacher_prompt == fmt.prompt_for(question, shots=[(question, answer)])

@@ -118,9 +118,9 @@ def test_budget_monitor_facts_are_known_and_about_entities_the_splits_do_not_men
     assert not {entity_of(f) for f in monitor} & used
     with pytest.raises(ValueError, match="Known facts are left besides the splits"):
         Protocol(
-            model="unused", facts=facts, args=args, train_size=40, heldout_size=200, new_facts="real"
+            model="unused", facts=facts, args=args, train_size=40, heldout_size=140, new_facts="real"
         ).monitor_splits(
-            Protocol(model="unused", facts=facts, args=args, train_size=40, heldout_size=200, new_facts="real").splits(
+            Protocol(model="unused", facts=facts, args=args, train_size=40, heldout_size=140, new_facts="real").splits(
                 0
             ),
             0,
