@@ -9,9 +9,9 @@ from trl_selfdistill.knowledge.heuristics import (
     default_answers,
     fictional_facts,
     fictional_subjects,
-    genuine,
     heuristic_label,
 )
+from trl_selfdistill.knowledge.splits import known_facts
 
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Peru": "Lima", "Chile": "Santiago", "Kenya": "Nairobi",
             "Egypt": "Cairo", "Djibouti": "Djibouti", "Shostka Raion": "Shostka"}
@@ -78,7 +78,7 @@ def test_probe_labels_the_models_default_answer_as_prior():
     assert label == {"France": "none", "Japan": "none", "Peru": "none", "Chile": "none", "Kenya": "prior",
                      "Egypt": "none", "Djibouti": "copy", "Shostka Raion": "copy"}
     assert facts["defaults"][0] == ["nairobi"]
-    assert set(genuine(facts)["subject"]) == {"France", "Japan", "Peru", "Chile", "Egypt"}
+    assert set(known_facts(facts, ("HighlyKnown",))["subject"]) == {"France", "Japan", "Peru", "Chile", "Egypt"}
     # 3 prompts per fact, then one per fictional entity
     assert len(generate.prompts) == 3 * len(CAPITALS) + len(fictional_facts(capital_facts()))
 

@@ -134,10 +134,3 @@ def label_heuristics(facts: Dataset, defaults: Mapping[str, Iterable[str]]) -> D
     return facts.add_column("heuristic", labels).add_column(
         "defaults", [defaults.get(relation, []) for relation in facts["relation"]]
     )
-
-
-def genuine(facts: Dataset) -> Dataset:
-    """The facts labelled `none` (all of them when the set carries no label)."""
-    if "heuristic" not in facts.column_names:
-        return facts
-    return facts.filter(lambda label: label == GENUINE, input_columns="heuristic")
