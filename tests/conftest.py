@@ -127,3 +127,24 @@ def assert_params_changed(before: dict, model, names):
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+def answered_facts(path, questions, relation: str = "capital", seed: int = 42):
+    """
+    Facts the tiny random model (`tiny_model()`, `make_tokenizer()`) "knows", written to `path` as JSONL: each fact's
+    aliases are extended with the model's own greedy answers to the probe's few-shot chat prompts (`seed`: the
+    training seed; SFTConfig's default is 42), so a probe finds them Known (a random model knows no real fact). The
+    evaluation during training asks each fact with the probe's first prompt, so the model also answers them at step 0.
+    """
+    import json
+
+    from trl_selfdistill.knowledge import AnswerFormat, ProbeConfig, load_facts, probe
+
+    facts = load_facts([{"question": q, "answers": ["x"], "relation": relation} for q in questions])
+    fmt = AnswerFormat.for_data(conversational=True)
+    probed = probe(facts, tiny_model(), make_tokenizer(), fmt=fmt, config=ProbeConfig.cheap(seed=seed),
+                   progress=False)
+    rows = [{"id": fact["id"], "question": fact["question"], "relation": relation, "answers": ["x", *greedy]}
+            for fact, greedy in zip(facts, probed["greedy_answers"], strict=True)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -8,10 +8,9 @@ data). Each rank writes `rank{r}.pt`: the engine it ran under, its full trainabl
 logits on a probe batch before and after training (and whether its gathered head was the student's), and the
 parameter bytes it holds.
 
-accelerate 1.15 runs FSDP and DeepSpeed only on accelerator devices: on a CPU-only machine it silently falls back to
-DDP (FSDP) or to one process per rank (DeepSpeed). `cpu_engines()` is the explicit switch for CPU tests: the process
-group is gloo and the device the CPU, and the engine is the one the accelerate config asks for. The test asserts
-that the engine really was active.
+The engine runs on the CPU through `cpu_engines/sitecustomize.py` (on the launch's PYTHONPATH): the process group is
+gloo and the device the CPU, and the engine is the one the accelerate config asks for. The test asserts that the
+engine really was active.
 """
 
 import json
@@ -21,19 +20,8 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_engines() -> None:
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-    PartialState._prepare_backend = lambda self, *args, **kwargs: ("gloo", DistributedType.MULTI_GPU)
-
-
 spec = json.loads(sys.argv[1])
 engine_launch = os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-if engine_launch:
-    cpu_engines()
 
 from conftest import config, make_tokenizer, prompt_completion_dataset, tiny_model  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402

@@ -61,7 +61,7 @@ def logged(trainer, key):
 def test_lambda_rises_over_budget_falls_far_below_and_reaches_the_loss(tmp_path):
     # Forgetting from the start (a₀ = 0.8): 0.25, 0.375, 0.025, 0.075, 0.0, 0.0, 0.25 against a budget of 0.1
     heldout = [0.8, 0.6, 0.5, 0.78, 0.74, 0.8, 0.8, 0.6]
-    trainer, budget = run(tmp_path, dict(budget=0.1, max_coef=4.0, min_coef=0.5), heldout)
+    trainer, budget = run(tmp_path, dict(budget=0.1, mode="adapt", max_coef=4.0, min_coef=0.5), heldout)
     # Over: ×2; far below (< 0.05): ÷2; in the band [0.05, 0.1]: held; clamped to [0.5, 4]
     expected = [1.0, 2.0, 4.0, 2.0, 2.0, 1.0, 0.5, 1.0]
     assert [entry["distill_coef"] for entry in budget.history] == expected
@@ -98,22 +98,25 @@ def test_stop_modes(tmp_path, mode, max_coef, stop_step, coefs):
     assert [entry["distill_coef"] for entry in budget.history] == coefs
 
 
-def test_stop_mode_stops_plain_sft_at_the_budget(tmp_path):
-    trainer, budget = run(tmp_path, dict(budget=0.1, mode="stop"), [0.8, 0.8, 0.6, 0.6], distill_coef=0.0)
+def test_stop_mode_the_default_stops_plain_sft_at_the_budget(tmp_path):
+    # "stop" is the default: the mode that held the budget in docs/trainer.md's measurements
+    trainer, budget = run(tmp_path, dict(budget=0.1), [0.8, 0.8, 0.6, 0.6], distill_coef=0.0)
+    assert budget.mode == "stop"
     assert trainer.teacher is None and budget.stopped_at == 2 == trainer.state.global_step
     assert [entry["distill_coef"] for entry in budget.history] == [0.0, 0.0, 0.0]
 
 
 def test_budget_acts_on_evaluations_run_by_trainer_evaluate(tmp_path):
     # No `eval_steps` on the ForgettingCallback: it evaluates inside each epoch-end `Trainer.evaluate` (4 steps/epoch)
-    trainer, budget = run(tmp_path, dict(budget=0.1), [0.8, 0.6, 0.8], max_steps=8, eval_strategy="epoch",
-                          eval_dataset=prompt_completion_dataset(4), eval_steps=None)
+    trainer, budget = run(tmp_path, dict(budget=0.1, mode="adapt"), [0.8, 0.6, 0.8], max_steps=8,
+                          eval_strategy="epoch", eval_dataset=prompt_completion_dataset(4), eval_steps=None)
     assert [(entry["step"], entry["distill_coef"]) for entry in budget.history] == [(0, 1.0), (4, 2.0), (8, 1.0)]
 
 
 def test_drift_budget_from_the_forgetting_callback(tmp_path):
     heldout = [0.8] * 4
-    trainer, budget = run(tmp_path, dict(budget=0.2, metric="drift_kl"), heldout, drift=[0.0, 0.3, 0.15, 0.05])
+    trainer, budget = run(tmp_path, dict(budget=0.2, mode="adapt", metric="drift_kl"), heldout,
+                          drift=[0.0, 0.3, 0.15, 0.05])
     assert [entry["signal"] for entry in budget.history] == [0.0, 0.3, 0.15, 0.05]
     assert [entry["distill_coef"] for entry in budget.history] == [1.0, 2.0, 2.0, 1.0]
 
@@ -122,7 +125,7 @@ def test_budget_reads_the_real_forgetting_callback_at_the_same_step(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=4, learning_rate=3e-2)
     forgetting = ForgettingCallback(make_splits(), eval_steps=2, teacher=trainer.teacher, max_new_tokens=4)
     forgetting.attach(trainer)
-    budget = ForgettingBudgetCallback(1e-6, forgetting=forgetting, metric="drift_kl").attach(trainer)
+    budget = ForgettingBudgetCallback(1e-6, forgetting=forgetting, metric="drift_kl", mode="adapt").attach(trainer)
     trainer.train()
     # Steps 0, 2, 4 (the end-of-training evaluation is step 4's own): each read right after it was taken
     assert [(entry["step"], entry["signal"]) for entry in budget.history] == [
@@ -135,7 +138,8 @@ def test_budget_reads_the_real_forgetting_callback_at_the_same_step(tmp_path):
 def test_drift_budget_on_prompts_measures_the_model_every_eval_steps(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=4, learning_rate=3e-2)
     prompts = ["Q: What is the capital of France?\nA:", "Q: Who wrote Hamlet?\nA:"]
-    budget = ForgettingBudgetCallback(1e-6, metric="drift_kl", prompts=prompts, eval_steps=2).attach(trainer)
+    budget = ForgettingBudgetCallback(1e-6, metric="drift_kl", prompts=prompts, eval_steps=2,
+                                      mode="adapt").attach(trainer)
     trainer.train()
     steps = [entry["step"] for entry in budget.history]
     signals = [entry["signal"] for entry in budget.history]
@@ -184,7 +188,7 @@ def test_attach_refuses_a_trainer_without_teacher_and_a_lambda_out_of_range(tmp_
     plain = make_trainer(tmp_path / "plain", distill_coef=0.0)
     with pytest.raises(ValueError, match=re.escape("adapts λ, the weight of the distillation term, but this trainer "
                                                    "has no teacher (built with `distill_coef=0`")):
-        ForgettingBudgetCallback(0.05, forgetting=forgetting).attach(plain)
+        ForgettingBudgetCallback(0.05, forgetting=forgetting, mode="adapt").attach(plain)
     sft = SFTTrainer(model=tiny_model(), args=config(tmp_path / "sft", cls=SFTConfig),
                      train_dataset=prompt_completion_dataset(), processing_class=make_tokenizer())
     with pytest.raises(ValueError, match="or not a SelfDistillSFTTrainer"):
@@ -192,7 +196,7 @@ def test_attach_refuses_a_trainer_without_teacher_and_a_lambda_out_of_range(tmp_
     trainer = make_trainer(tmp_path / "distill", distill_coef=16.0)
     with pytest.raises(ValueError, match=re.escape("λ (`distill_coef=16.0`) lies outside [min_coef, max_coef] = "
                                                    "[0.125, 8.0]")):
-        ForgettingBudgetCallback(0.05, forgetting=forgetting).attach(trainer)
+        ForgettingBudgetCallback(0.05, forgetting=forgetting, mode="adapt").attach(trainer)
     assert not any(isinstance(cb, ForgettingBudgetCallback) for cb in trainer.callback_handler.callbacks)
 
 

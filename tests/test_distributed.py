@@ -1,8 +1,8 @@
 """Real 2-process runs on CPU (gloo), one per engine × teacher mode, against a 1-process run of the same global batch.
 
 Engines come from TRL's shipped accelerate configs (`trl/accelerate_configs/{fsdp2,zero2,zero3}.yaml`) with
-`--num_processes 2 --mixed_precision no`; `distributed_train.py` switches them on for CPU (accelerate would silently
-fall back) and every cell asserts the engine was active and the student sharded where the engine shards it.
+`--num_processes 2 --mixed_precision no`; `cpu_engines/sitecustomize.py` switches them on for CPU (accelerate would
+silently fall back) and every cell asserts the engine was active and the student sharded where the engine shards it.
 
 Tolerance against 1 process: the gradients differ by fp32 reduction order (~1e-7 relative), which Adam at these
 learning rates turns into up to ~1e-4 absolute on weights of size ~0.1 after 4 steps; DDP shows the same gap, so
@@ -50,7 +50,8 @@ QLORA_KL_RTOL = 0.1
 
 
 def _run(cmd: list[str], out: Path) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE / "cpu_engines"), str(HERE), str(HERE.parent)]),
+           "OMP_NUM_THREADS": "1"}
     # The first DeepSpeed launch on a machine compiles its CPU shared-memory op (about two minutes)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

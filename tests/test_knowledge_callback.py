@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import FACTS, config, tiny_model
+from conftest import FACTS, answered_facts, config, conversational_dataset, make_tokenizer, tiny_model
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTTrainer
@@ -58,7 +58,9 @@ def test_attached_callback_logs_and_writes_results(tmp_path, tokenizer):
 
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
     assert set(results) == {"final", "history", "baseline", "sizes", "answered_known", "facts", "format", "run",
-                            "eval_seconds", "per_fact", "collapse"}
+                            "eval_seconds", "per_fact", "collapse", "probe"}
+    assert results["probe"] is None  # given splits: nothing was probed
+    assert results["per_fact"]["heldout_ids"] == splits.heldout["id"]
     # The collapse diagnostic: held-out facts lost since the start, read from the per-fact records
     lost = sum(a and not b for a, b in zip(callback.answered, callback.correct[2], strict=True))
     assert results["collapse"]["lost"] == lost and 0 <= results["collapse"]["lost_to_default"] <= lost
@@ -138,3 +140,26 @@ def test_few_shot_evaluation_asks_each_fact_after_fixed_exemplars():
     assert callback.prompts == ForgettingCallback(splits, num_shots=2, exemplars=pool, seed=3).prompts
     with pytest.raises(ValueError, match="needs `exemplars`"):
         ForgettingCallback(splits, num_shots=2)
+
+
+def test_callback_from_facts_given_in_callbacks_probes_in_the_datas_format_and_reaches_the_card(tmp_path):
+    """README's snippet: `callbacks=[ForgettingCallback(facts)]` works like `.attach`; the model is probed when
+    training begins, asked in chat format (the data is conversational) after 4 shots, as `sft --knowledge_facts`
+    does; the card then carries the forgetting metrics."""
+    questions = [f"What is the capital of {c}?" for c in ("France", "Japan", "Peru", "Chile", "Kenya", "Cuba")]
+    facts = answered_facts(tmp_path / "facts.jsonl", questions, seed=0)  # Known to the tiny model, probed at seed 0
+    callback = ForgettingCallback(str(facts), heuristics=None)  # a random model answers every capital alike: `prior`
+    trainer = SelfDistillSFTTrainer(model=tiny_model(), args=config(tmp_path, max_steps=2),
+                                    train_dataset=conversational_dataset(), processing_class=make_tokenizer(),
+                                    callbacks=[callback])
+    assert callback.trainer is trainer and trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    results = callback.results()
+    assert results["format"] == {"prompt": "{question} Reply with the answer only.", "chat": True, "num_shots": 4}
+    assert results["probe"]["reused"] is False and results["probe"]["categories"] == {"HighlyKnown": 6}
+    assert results["sizes"]["heldout_known"] == 6 and results["history"][0]["heldout_known_accuracy"] == 1.0
+    # Its metrics went through `trainer.log` (report_to), as an attached callback's do
+    assert any("knowledge/heldout_known_accuracy" in logs for logs in trainer.state.log_history)
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Held-out Known accuracy" in card and "Forgetting (relative, from the start)" in card

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_model
+from conftest import answered_facts, make_tokenizer, tiny_model
 
-from trl_selfdistill.knowledge import AnswerFormat, ProbeConfig, load_facts, probe
-from trl_selfdistill.scripts.sft import DEFAULT_PROMPTS, parse_and_run
+from trl_selfdistill.scripts.sft import parse_and_run
 
 DATA = Path(__file__).parent / "data"
 QUESTIONS = [f"What is the capital of {country}?" for country in
@@ -39,22 +38,9 @@ def write_facts(path, rows):
 
 
 @pytest.fixture(scope="module")
-def answered_facts(model_dir, tmp_path_factory):
-    """
-    Facts the tiny random model "knows": each fact's aliases are extended with the model's own greedy answers to
-    the probe's few-shot chat prompts, so the script's probe finds them Known (a random model knows no real fact).
-    The evaluation during training asks each fact with the probe's first prompt, so the model also answers them at
-    step 0.
-    """
-    path = tmp_path_factory.mktemp("facts") / "answered.jsonl"
-    facts = load_facts([{"question": q, "answers": ["x"], "relation": "capital"} for q in QUESTIONS])
-    model, tokenizer = tiny_model(), make_tokenizer()  # the weights saved in `model_dir`
-    fmt = AnswerFormat(prompt=DEFAULT_PROMPTS["chat"], chat=True)
-    config = ProbeConfig.cheap(seed=42)  # the script probes with the training seed (SFTConfig's default: 42)
-    probed = probe(facts, model, tokenizer, fmt=fmt, config=config, progress=False)
-    rows = [{"id": fact["id"], "question": fact["question"], "relation": "capital", "answers": ["x", *greedy]}
-            for fact, greedy in zip(facts, probed["greedy_answers"], strict=True)]
-    return write_facts(path, rows)
+def facts_known(tmp_path_factory):
+    """Facts the tiny model saved in `model_dir` "knows" (`conftest.answered_facts`)."""
+    return answered_facts(tmp_path_factory.mktemp("facts") / "answered.jsonl", QUESTIONS)
 
 
 @pytest.mark.parametrize("data, extra", [
@@ -85,8 +71,8 @@ def test_yaml_recipe_with_command_line_override(tmp_path, model_dir):
     assert trainer.model.dtype == torch.bfloat16  # ModelConfig's dtype reached the model
 
 
-def test_knowledge_monitor_and_early_stopping_on_eval_knowledge_metrics(tmp_path, model_dir, answered_facts):
-    argv = common(model_dir, tmp_path / "out", "chat", "--knowledge_facts", str(answered_facts),
+def test_knowledge_monitor_and_early_stopping_on_eval_knowledge_metrics(tmp_path, model_dir, facts_known):
+    argv = common(model_dir, tmp_path / "out", "chat", "--knowledge_facts", str(facts_known),
                   "--knowledge_drift_size", "4", "--learning_rate", "0.05",
                   "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
                   "--max_steps", "6", "--metric_for_best_model", "knowledge/answered_known_accuracy",
@@ -94,7 +80,7 @@ def test_knowledge_monitor_and_early_stopping_on_eval_knowledge_metrics(tmp_path
     trainer = parse_and_run(argv)
     results = json.loads((tmp_path / "out" / "forgetting_results.json").read_text())
     assert results["sizes"]["heldout_known"] == results["answered_known"] > 0
-    assert results["facts"] == str(answered_facts)
+    assert results["facts"] == str(facts_known)
     # Chat data: the facts are asked through the chat template, after 4 exemplars (the default)
     assert results["format"]["chat"] is True and results["format"]["num_shots"] == 4
     evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]

@@ -1,5 +1,7 @@
 """SelfDistillSFTTrainer: equivalence with SFTTrainer, loss composition, metrics, dataset types."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import (
@@ -15,7 +17,7 @@ from conftest import (
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from trl_selfdistill import SelfDistillSFTTrainer
+from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer
 
 
 def lora():
@@ -191,14 +193,20 @@ def test_scope_selects_completion_or_all_real_positions(tmp_path):
     assert torch.equal(mask_p, mask_a & ~mask_c) and mask_p.sum() > 0
 
 
-def test_args_must_be_a_selfdistill_config(tmp_path):
-    with pytest.raises(TypeError, match="SelfDistillConfig"):
-        SelfDistillSFTTrainer(
-            model=tiny_model(),
-            args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none"),
-            train_dataset=prompt_completion_dataset(),
-            processing_class=make_tokenizer(),
-        )
+def test_args_must_be_a_selfdistill_config_and_the_named_conversion_works(tmp_path):
+    sft = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1,
+                    eos_token="<eos>", pad_token="<pad>", learning_rate=3e-4, max_length=64)
+    with pytest.raises(TypeError, match=r"SelfDistillConfig.from_sft_config\(your_config"):
+        SelfDistillSFTTrainer(model=tiny_model(), args=sft, train_dataset=prompt_completion_dataset(),
+                              processing_class=make_tokenizer())
+    # The conversion the error names keeps every field, the special tokens included (`to_dict()` would not)
+    args = SelfDistillConfig.from_sft_config(sft, distill_coef=0.5)
+    assert args.distill_coef == 0.5
+    assert all(getattr(args, f.name) == getattr(sft, f.name) for f in dataclasses.fields(sft) if f.init)
+    trainer = SelfDistillSFTTrainer(model=tiny_model(), args=args, train_dataset=prompt_completion_dataset(),
+                                    processing_class=make_tokenizer())
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.teacher is not None
 
 
 def test_freeze_config_full_fine_tuning_trains_attention_only(tmp_path):
@@ -273,3 +281,17 @@ def test_distill_weights_are_refused_where_rows_cannot_be_told_apart(tmp_path):
     with pytest.raises(ValueError, match="finite number"):
         SelfDistillSFTTrainer(model=tiny_model(), args=config(tmp_path), processing_class=make_tokenizer(),
                               train_dataset=data.add_column("distill_weight", [-1.0] * 8))
+
+
+def test_end_is_safe_on_transformers_without_trainer_end(tmp_path, monkeypatch):
+    """Scripts call `trainer.end()`; before transformers 5.18 `Trainer` has no `end`, and it must not fail there."""
+    import transformers
+
+    trainer = SelfDistillSFTTrainer(model=tiny_model(), args=config(tmp_path),
+                                    train_dataset=prompt_completion_dataset(), processing_class=make_tokenizer())
+    called = []
+    monkeypatch.setattr(transformers.Trainer, "end", lambda self: called.append(self), raising=False)
+    trainer.end()
+    assert called == [trainer]
+    monkeypatch.delattr(transformers.Trainer, "end", raising=False)
+    trainer.end()  # nothing to release, no AttributeError

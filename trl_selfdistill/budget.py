@@ -24,7 +24,7 @@ class ForgettingBudgetCallback(TrainerCallback):
 
         trainer = SelfDistillSFTTrainer(model=model, args=SelfDistillConfig(..., distill_coef=1.0), ...)
         forgetting = ForgettingCallback(splits, fmt=fmt, eval_steps=20, teacher=trainer.teacher).attach(trainer)
-        ForgettingBudgetCallback(0.05, forgetting=forgetting).attach(trainer)
+        ForgettingBudgetCallback(0.04, forgetting=forgetting).attach(trainer)  # stops at 4%: one interval under 5%
 
     The signal s (`metric`):
 
@@ -47,7 +47,8 @@ class ForgettingBudgetCallback(TrainerCallback):
         mode="adapt"           λ_k = min(f·λ_{k-1}, max_coef)   if s_k > B        (over budget: distil harder)
                                λ_k = max(λ_{k-1}/f, min_coef)   if s_k < ℓ·B      (far below: learn more freely)
                                λ_k = λ_{k-1}                    otherwise         (the band [ℓ·B, B] holds λ)
-        mode="stop"            λ is never changed; training stops at the first k with s_k > B
+        mode="stop"            λ is never changed; training stops at the first k with s_k > B (the default: the
+                               mode that held the budget when measured, docs/trainer.md "Which mode, measured")
         mode="adapt_or_stop"   as "adapt", but training stops at the first k with s_k > B while λ_{k-1} = max_coef
                                (λ can rise no further)
 
@@ -70,7 +71,7 @@ class ForgettingBudgetCallback(TrainerCallback):
         *,
         forgetting: ForgettingCallback | None = None,
         metric: str = "forgetting",
-        mode: str = "adapt",
+        mode: str = "stop",
         factor: float = 2.0,
         low: float = 0.5,
         min_coef: float = 0.125,

@@ -142,6 +142,19 @@ class SelfDistillConfig(SFTConfig):
         },
     )
 
+    @classmethod
+    def from_sft_config(cls, config, **distill_fields) -> "SelfDistillConfig":
+        """
+        A `SelfDistillConfig` with every field of `config` (an `SFTConfig`, or any `TrainingArguments`), plus
+        `distill_fields` (e.g. `distill_coef=1.0`). Fields are read as set, not through `to_dict()`, which replaces
+        `eos_token`/`pad_token` with placeholders that SFTTrainer then refuses.
+        """
+        from dataclasses import fields as dataclass_fields
+
+        own = {f.name for f in dataclass_fields(cls) if f.init}
+        values = {f.name: getattr(config, f.name) for f in dataclass_fields(config) if f.init and f.name in own}
+        return cls(**{**values, **distill_fields})
+
     def __post_init__(self):
         check_numeric_fields(self)  # before any comparison: `distill_coef="1.0"` gets a TypeError naming the field
         # TRL's configs still default the old `gradient_checkpointing` name (True), which transformers 5 renamed

@@ -25,7 +25,7 @@ import torch
 from .config import SelfDistillConfig
 from .embedded import EMBEDDED, load_model, resolve
 from .knowledge import AnswerFormat, ProbeConfig, builtin_facts, probe
-from .knowledge.heuristics import HEURISTICS
+from .knowledge.heuristics import parse_heuristics
 from .knowledge.splits import concatenate_facts
 from .methods import METHODS, parse_methods
 from .protocol import NEW_FACTS, Protocol, combine, frontier_table, parse_seeds, study_table
@@ -64,13 +64,10 @@ def positive_int(text: str) -> int:
 
 
 def _labels(text: str) -> tuple[str, ...] | None:
-    """`none,prior` → ("none", "prior"); `any` → None (every label)."""
-    if text.strip() == "any":
-        return None
-    labels = tuple(label.strip() for label in text.split(",") if label.strip())
-    if not labels or set(labels) - set(HEURISTICS):
-        raise SystemExit(f"Heuristic labels {text!r}: give some of {', '.join(HEURISTICS)}, or `any`.")
-    return labels
+    try:
+        return parse_heuristics(text, "Heuristic labels")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def make_parser() -> argparse.ArgumentParser:

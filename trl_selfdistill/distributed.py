@@ -33,9 +33,14 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def is_split(tensor: torch.Tensor) -> bool:
+    """True when this rank holds only part of `tensor` (an FSDP2 `DTensor` or a ZeRO-3 partition)."""
+    return isinstance(tensor, DTensor) or is_partitioned(tensor)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when the weights of `model` are split across ranks (FSDP2 `DTensor`s or ZeRO-3 partitions)."""
-    return any(isinstance(p, DTensor) or is_partitioned(p) for p in model.parameters())
+    return any(is_split(p) for p in model.parameters())
 
 
 def full_shape(param: torch.Tensor) -> torch.Size:
@@ -192,6 +197,18 @@ def gathered_parameters(params: list[torch.Tensor]):
         yield [(p.full_tensor() if isinstance(p, DTensor) else p.data).detach().clone() for p in params]
 
 
+def as_whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` tagged as whole (ZeRO-3's `AVAILABLE`) for DeepSpeed-aware kernels, which gather any weight that lacks
+    the tag while ZeRO-3 is on (TRL's chunked kernels): a gathered copy is whole already."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and not hasattr(tensor, "ds_status"):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        tensor.ds_status = ZeroParamStatus.AVAILABLE
+    return tensor
+
+
 def full_tensors(named_params):
     """`(name, full tensor)` for each named parameter, gathered one at a time (peak memory: one whole parameter).
     Collective under FSDP2 and ZeRO-3: every rank must iterate the same parameters in the same order."""
@@ -208,3 +225,18 @@ def check_engine(accelerator) -> None:
             "hide the LM head the distillation term reads, and TRL treats FSDP1 as legacy. Use FSDP2 "
             "(`fsdp_version: 2`, TRL's `fsdp2` accelerate config) or DeepSpeed ZeRO-3 (`zero3`)."
         )
+
+
+def describe_engine(accelerator) -> str:
+    """The engine a run trains under, in words: `DDP, 2 processes`, `FSDP2, 8 processes`, `DeepSpeed ZeRO-3, ...`."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        name = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    elif kind == DistributedType.DEEPSPEED:
+        name = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    elif accelerator.num_processes > 1:
+        name = "DDP"
+    else:
+        name = "one process"
+        return f"{name} on {accelerator.device}"
+    return f"{name}, {accelerator.num_processes} processes on {accelerator.device.type}"

@@ -65,6 +65,14 @@ def resolve(name_or_path: str) -> str:
     return str(_materialize_embedded()) if name_or_path == EMBEDDED else name_or_path
 
 
+def model_id(name_or_path: str) -> str:
+    """The name a model is recorded under (e.g. with the categories it probed): the Hub id for the embedded model,
+    whether given as `embedded` or as its local checkpoint; anything else unchanged."""
+    if name_or_path == EMBEDDED or Path(name_or_path) == cache_dir():
+        return EMBEDDED_HUB_ID
+    return name_or_path
+
+
 def adapter_base(name_or_path: str) -> str | None:
     """The base model of a local PEFT adapter folder (`adapter_config.json`), else None."""
     config = Path(name_or_path) / "adapter_config.json"

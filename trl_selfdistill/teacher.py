@@ -113,8 +113,19 @@ class ModelTeacher:
         self.source = source
 
     @classmethod
-    def copy_of(cls, model: nn.Module) -> "ModelTeacher":
-        if any(is_partitioned(p) for p in model.parameters()):
+    def copy_of(cls, model: nn.Module, source: str | None = None,
+                model_init_kwargs: dict | None = None) -> "ModelTeacher":
+        """A frozen copy of `model`. A ZeRO-3-partitioned model cannot be copied: it is loaded again from `source`
+        (the name or path it was loaded from, with `model_init_kwargs`), and refused when there is none."""
+        partitioned = any(is_partitioned(p) for p in model.parameters())
+        if partitioned and source is not None:
+            from transformers import AutoModelForCausalLM
+
+            from .embedded import resolve
+
+            loaded = AutoModelForCausalLM.from_pretrained(resolve(source), **(model_init_kwargs or {}))
+            return cls(loaded, f"`{source}` loaded again (the ZeRO-3-partitioned model cannot be copied)")
+        if partitioned:
             raise ValueError(
                 "The model's weights are already partitioned by DeepSpeed ZeRO-3 (it was loaded after the ZeRO-3 "
                 "config existed), so a copy would hold empty partitions. Load the teacher from disk instead: set "

@@ -37,6 +37,17 @@ class NonFiniteError(FloatingPointError):
     """A loss term, a teacher output or a weight about to be saved is NaN or infinite; training stops."""
 
 
+def _is_conversational(dataset) -> bool:
+    if dataset is None:
+        return False
+    from trl.data_utils import is_conversational
+
+    try:
+        return is_conversational(next(iter(dataset)))
+    except StopIteration:
+        return False
+
+
 def nonfinite_parameters(model: torch.nn.Module, trainable_only: bool = False) -> list[str]:
     """Names of the parameters holding a NaN or an infinity (the local shard of a sharded parameter)."""
     bad = []
@@ -91,8 +102,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
             args = SelfDistillConfig(f"{name.split('/')[-1]}-SelfDistill")
         elif not isinstance(args, SelfDistillConfig):
             raise TypeError(
-                f"`args` is a {type(args).__name__}; SelfDistillSFTTrainer needs a SelfDistillConfig. Build one with "
-                "`SelfDistillConfig(**your_config.to_dict())` plus the distillation fields."
+                f"`args` is a {type(args).__name__}; SelfDistillSFTTrainer needs a SelfDistillConfig. Convert it with "
+                "`SelfDistillConfig.from_sft_config(your_config, distill_coef=1.0)` (it keeps every field you set)."
             )
         # What the user passed is checked before the model loads (`trl_selfdistill.validation`)
         check_training_length(args.max_steps, args.num_train_epochs)
@@ -104,6 +115,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if freeze_config is not None and kwargs.get("peft_config") is not None and isinstance(model, PreTrainedModel):
             kwargs["peft_config"] = restrict_peft_config(kwargs["peft_config"], model, freeze_config)
         check_not_empty(kwargs.get("train_dataset"), "train")
+        # Whether the raw training data is conversational: the format a knowledge monitor asks its facts in
+        self.conversational = _is_conversational(kwargs.get("train_dataset"))
+        self._model_source = model if isinstance(model, str) else None  # where a ZeRO-3 teacher loads from
         super().__init__(model, args, **kwargs)
         check_token_ids(self)
         self.freeze_report = None
@@ -124,6 +138,11 @@ class SelfDistillSFTTrainer(SFTTrainer):
             self._check_teacher_weights()
         self.teacher_cache = self._make_teacher_cache() if args.teacher_cache_dir and self.teacher else None
         self._row_weights = self._read_row_weights() if self.teacher is not None else None
+        from .knowledge.callback import ForgettingCallback
+
+        for callback in list(self.callback_handler.callbacks):  # `callbacks=[ForgettingCallback(...)]` ≡ `.attach`
+            if isinstance(callback, ForgettingCallback) and callback.trainer is None:
+                callback.attach(self)
 
     @property
     def distill_coef(self) -> float:
@@ -182,7 +201,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
                     "Use `teacher_mode='auto'`: the teacher is then the same model with its adapter disabled (or a "
                     "frozen copy of the adapter), with no second copy of the base."
                 )
-            teacher = ModelTeacher.copy_of(unwrap(model))
+            teacher = ModelTeacher.copy_of(unwrap(model), source=self._model_source,
+                                           model_init_kwargs=args.model_init_kwargs)
         else:
             check_model_source(args.teacher_model_name_or_path, "teacher_model_name_or_path", tokenizer=False,
                                model_init_kwargs=args.model_init_kwargs)
@@ -617,6 +637,12 @@ class SelfDistillSFTTrainer(SFTTrainer):
             )
         save = super().save_model
         return save_with_manifest(self, lambda: save(output_dir, _internal_call), output_dir or self.args.output_dir)
+
+    def end(self):
+        """Release what training holds (transformers ≥ 5.18's `Trainer.end`); nothing to do on earlier versions."""
+        parent = getattr(super(), "end", None)
+        if parent is not None:
+            parent()
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **_hub_kwargs):
         """The package's own card (method, freeze report, forgetting results), written to `output_dir`."""

@@ -5,12 +5,16 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 
+from datasets import Dataset
 from transformers import TrainerCallback
 
 from ..teacher import eval_mode
 from ..validation import check_facts
 from .drift import DriftMeter, RepresentationDrift
+from .facts import load_facts
 from .formats import AnswerFormat
 from .generation import Generator
 from .metrics import (
@@ -24,13 +28,15 @@ from .metrics import (
     last_k_per_fact,
     score,
 )
-from .probe import few_shot_prompts
-from .splits import KnowledgeSplits
+from .probe import SLICK_CATEGORIES, ProbeConfig, few_shot_prompts, model_name, probe, reusable_categories
+from .splits import GENUINE_ONLY, KnowledgeSplits, monitor_splits
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "forgetting_results.json"
 LOG_PREFIX = "knowledge/"
+MONITOR_SHOTS = 4  # same-relation exemplars before each question when the callback has an exemplar pool
+MONITOR_HELDOUT_SIZE = 200  # Known facts monitored when the callback probes a fact set
 
 
 def log_between_steps(trainer, model, control, logs: dict) -> None:
@@ -91,7 +97,7 @@ class ForgettingCallback(TrainerCallback):
 
     def __init__(
         self,
-        splits: KnowledgeSplits,
+        splits: "KnowledgeSplits | Dataset | str",
         *,
         fmt: AnswerFormat | None = None,
         eval_steps: int | None = None,
@@ -102,31 +108,44 @@ class ForgettingCallback(TrainerCallback):
         max_new_tokens: int = 16,
         baseline: dict | None = None,
         progress: bool = False,
-        num_shots: int = 0,
+        num_shots: int | None = None,
         exemplars=None,
         seed: int = 0,
         facts_source: str | None = None,
+        probe_config: ProbeConfig | None = None,
+        heldout_size: int | None = MONITOR_HELDOUT_SIZE,
+        heuristics: "Sequence[str] | None" = GENUINE_ONLY,
+        reprobe: bool = False,
     ):
         if eval_steps is not None and eval_steps < 1:
             raise ValueError(f"eval_steps={eval_steps} must be a positive number of steps (or None: start and end).")
-        self.splits, self.fmt = splits, fmt or AnswerFormat()
+        self.fmt, self.seed, self.reprobe = fmt, seed, reprobe
         self.tokenizer, self.teacher, self.drift_size = tokenizer, teacher, drift_size
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
         self.baseline = baseline
-        self.num_shots, self.facts_source = num_shots, facts_source
-        sets = [splits.train_known, splits.train_unknown, splits.heldout]
-        for label, facts in zip(("train Known facts", "train Unknown facts", "held-out facts"), sets, strict=True):
-            if len(facts):
-                check_facts(facts, label)
+        self.facts: Dataset | None = None  # facts to probe when training begins (monitor mode)
+        self.probe_info: dict | None = None  # how the monitored facts were categorised (monitor mode)
+        if not isinstance(splits, KnowledgeSplits):
+            if isinstance(splits, str):
+                facts_source = facts_source or splits
+                splits = load_facts(splits)
+            check_facts(splits, "fact set to monitor", categories=False)
+            self.facts = splits
+            exemplars = splits if exemplars is None else exemplars
+            num_shots = MONITOR_SHOTS if num_shots is None else num_shots
+            self.probe_config = probe_config or ProbeConfig.cheap(seed=seed, batch_size=batch_size,
+                                                                  max_new_tokens=max_new_tokens)
+            self.heldout_size, self.heuristics = heldout_size, heuristics
+        self.num_shots = (MONITOR_SHOTS if exemplars is not None else 0) if num_shots is None else num_shots
+        self.exemplars, self.facts_source = exemplars, facts_source
         if exemplars is not None:
             check_facts(exemplars, "exemplar pool", categories=False)
-        if num_shots:
-            if exemplars is None:
-                raise ValueError(f"num_shots={num_shots} needs `exemplars`, the pool the shots are drawn from.")
-            self.prompts = [[p[0] for p in few_shot_prompts(facts, exemplars, self.fmt, 1, num_shots, seed)]
-                             if len(facts) else [] for facts in sets]
-        else:
-            self.prompts = [[self.fmt.prompt_for(q) for q in facts["question"]] for facts in sets]
+        if self.num_shots and exemplars is None:
+            raise ValueError(f"num_shots={self.num_shots} needs `exemplars`, the pool the shots are drawn from.")
+        self.splits: KnowledgeSplits | None = None
+        self._prompts = None
+        if self.facts is None:
+            self._use(splits)
         self.trainer = None
         self.history: list[dict] = []
         self.per_category: dict[str, float] = {}
@@ -134,12 +153,43 @@ class ForgettingCallback(TrainerCallback):
         self.correct: list[list[bool]] | None = None
         self.heldout_answers: list[str] | None = None  # the latest held-out answers
         self.heldout_history: list[list[bool]] = []  # per evaluation, each held-out fact's correctness
-        self.defaults = default_answers_of(splits)
         self.eval_seconds = 0.0  # time spent evaluating (inside the trainer's run time)
         self.run_id: str | None = None  # a new id each time training begins, written with the results
         self._logs: dict[str, float] = {}
         self._generator = self._drift = self._representation = None
         self._every = eval_steps  # resolved against the trainer's `eval_steps` when training begins
+
+    def _use(self, splits: KnowledgeSplits) -> None:
+        """Monitor `splits` (checked): their prompts are built with the format once it is known."""
+        sets = [splits.train_known, splits.train_unknown, splits.heldout]
+        for label, facts in zip(("train Known facts", "train Unknown facts", "held-out facts"), sets, strict=True):
+            if len(facts):
+                check_facts(facts, label)
+        self.splits, self._prompts = splits, None
+        self.defaults = default_answers_of(splits)
+
+    @property
+    def answer_format(self) -> AnswerFormat:
+        """`fmt`, else the format of the attached trainer's data (`AnswerFormat.for_data`), else plain `Q:/A:`."""
+        if self.fmt is None:
+            return AnswerFormat.for_data(bool(getattr(self.trainer, "conversational", False)))
+        return self.fmt
+
+    @property
+    def prompts(self) -> list[list]:
+        """The evaluation prompts of the train Known, train Unknown and held-out facts, in `answer_format`."""
+        if self.splits is None:
+            raise ValueError("The facts are probed when training begins: the prompts exist from then on.")
+        if self._prompts is None:
+            fmt = self.answer_format
+            sets = [self.splits.train_known, self.splits.train_unknown, self.splits.heldout]
+            if self.num_shots:
+                self._prompts = [[p[0] for p in few_shot_prompts(facts, self.exemplars, fmt, 1, self.num_shots,
+                                                                 self.seed)]
+                                 if len(facts) else [] for facts in sets]
+            else:
+                self._prompts = [[fmt.prompt_for(q) for q in facts["question"]] for facts in sets]
+        return self._prompts
 
     def attach(self, trainer) -> "ForgettingCallback":
         """
@@ -147,8 +197,9 @@ class ForgettingCallback(TrainerCallback):
         integration sees the metrics and every later callback's `on_evaluate` sees `eval_knowledge/...`.
         """
         self.trainer = trainer
-        trainer.add_callback(self)
         callbacks = trainer.callback_handler.callbacks
+        if self not in callbacks:
+            trainer.add_callback(self)
         callbacks.insert(0, callbacks.pop(callbacks.index(self)))
         return self
 
@@ -178,9 +229,11 @@ class ForgettingCallback(TrainerCallback):
             "sizes": self.splits.sizes,
             "answered_known": None if self.answered is None else sum(self.answered),
             "facts": self.facts_source,
-            "format": {"prompt": self.fmt.prompt, "chat": self.fmt.chat, "num_shots": self.num_shots},
+            "format": {"prompt": self.answer_format.prompt, "chat": self.answer_format.chat,
+                       "num_shots": self.num_shots},
             "run": self.run_id,
             "eval_seconds": self.eval_seconds,
+            "probe": self.probe_info,
             "collapse": None
             if self.correct is None
             else {
@@ -193,6 +246,7 @@ class ForgettingCallback(TrainerCallback):
             "per_fact": None
             if self.correct is None
             else {
+                "heldout_ids": list(self.splits.heldout["id"]),
                 "heldout_start": [int(ok) for ok in self.answered],
                 "heldout_end": [int(ok) for ok in self.correct[2]],
                 "new_end": [int(ok) for ok in self.correct[1]],
@@ -211,23 +265,21 @@ class ForgettingCallback(TrainerCallback):
         self.heldout_history = []
         if self._every is None and args.eval_steps and args.eval_strategy == "steps":
             self._every = state.eval_steps
-        self._generator = Generator(
-            model,
-            tokenizer,
-            self.fmt,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            progress=self.progress,
-        )
+        progress = self.progress and state.is_world_process_zero
+        if self.facts is not None and self.splits is None:
+            self._use(self._probe(model, tokenizer, state))
+        # Every rank takes its share of the prompts (`sharding`); all of them get every result
+        self._generator = Generator(model, tokenizer, self.answer_format, max_new_tokens=self.max_new_tokens,
+                                    batch_size=self.batch_size, progress=progress, shard=True)
         self._representation = None
         if self.drift_size:
-            self._drift = DriftMeter(self.prompts[2][: self.drift_size], tokenizer, self.batch_size)
+            self._drift = DriftMeter(self.prompts[2][: self.drift_size], tokenizer, self.batch_size, shard=True)
             self._drift.snapshot(model, self.teacher)
             heldout = self.splits.heldout
             subjects = heldout["subject"][: self.drift_size] if "subject" in heldout.column_names else []
             if any(subjects):
                 self._representation = RepresentationDrift(self.prompts[2][: self.drift_size], subjects, tokenizer,
-                                                           self.batch_size)
+                                                           self.batch_size, shard=True)
                 self._representation.snapshot(model)
         if self.trainer is None:
             logger.warning(
@@ -235,6 +287,34 @@ class ForgettingCallback(TrainerCallback):
                 "only. Use `ForgettingCallback(...).attach(trainer)` to send them to `report_to` as well."
             )
         self._evaluate(state, control, model)
+
+    def _probe(self, model, tokenizer, state) -> KnowledgeSplits:
+        """The monitored splits of `facts`: their categories as given when the model that probed them is this one (or
+        unrecorded), else a SliCK probe of this model shared by the ranks; the Known ones, `heldout_size` of them."""
+        fmt, config = self.answer_format, self.probe_config
+        name = model_name(model)
+        reuse, why = reusable_categories(self.facts, name, self.reprobe)
+        start = time.perf_counter()
+        if reuse:
+            categorised = self.facts
+        else:
+            categorised = probe(self.facts, model, tokenizer, exemplars=self.exemplars, fmt=fmt, config=config,
+                                progress=self.progress and state.is_world_process_zero, shard=True)
+            categorised = categorised.add_column("probe_model", [name] * len(categorised))
+        splits = monitor_splits(categorised, heldout_size=self.heldout_size, heuristics=self.heuristics,
+                                seed=self.seed)
+        counts = Counter(categorised["category"])
+        self.probe_info = {"model": name, "reused": reuse, "why": why, "seconds": time.perf_counter() - start,
+                           "categories": {c: counts[c] for c in SLICK_CATEGORIES if counts[c]},
+                           "heuristics": dict(Counter(categorised["heuristic"]))
+                           if "heuristic" in categorised.column_names else None}
+        if state.is_world_process_zero:
+            how = why if reuse else (f"{why}: {len(categorised)} facts probed ({config.num_prompts} "
+                                     f"{config.num_shots}-shot prompts, greedy; chat={fmt.chat})")
+            print(f"[trl_selfdistill] knowledge: {how}: "
+                  f"{', '.join(f'{c} {counts[c]}' for c in SLICK_CATEGORIES if counts[c])}; monitoring "
+                  f"{len(splits.heldout)} Known facts")
+        return splits
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._every and state.global_step % self._every == 0:
@@ -268,7 +348,8 @@ class ForgettingCallback(TrainerCallback):
             if not any(self.answered):
                 logger.warning(
                     f"The model answers none of the {len(self.answered)} held-out Known facts correctly in the "
-                    f"evaluation format ({self.fmt.prompt!r}, chat={self.fmt.chat}, {self.num_shots} shots), so "
+                    f"evaluation format ({self.answer_format.prompt!r}, chat={self.answer_format.chat}, "
+                    f"{self.num_shots} shots), so "
                     "`answered_known_accuracy` is undefined. Check the format (docs/evaluation.md, 'The answer "
                     "format'): ask with shots (`num_shots`), or use a snapshot that has learned the format."
                 )

@@ -96,7 +96,12 @@ def builtin_facts(name: str) -> Dataset:
     """A fact set shipped with the package (`BUILTIN`): `curated`, the `*-smollm2` sets, `entityquestions-*`."""
     if name not in BUILTIN:
         raise ValueError(f"Unknown built-in fact set {name!r}. Choose one of {sorted(BUILTIN)}.")
-    return load_facts(BUILTIN[name])
+    facts = load_facts(BUILTIN[name])
+    if name.endswith("-smollm2"):  # categorised by the embedded model
+        from ..embedded import EMBEDDED_HUB_ID
+
+        facts = facts.add_column("probe_model", [EMBEDDED_HUB_ID] * len(facts))
+    return facts
 
 
 def load_facts(

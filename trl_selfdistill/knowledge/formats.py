@@ -12,6 +12,8 @@ from datasets import Dataset
 from ..validation import check_facts, check_prompt_template
 
 Prompt = str | list[dict[str, str]]
+# The question template of each mode when none is given: what the CLI, the callback and `eval` ask with
+DEFAULT_PROMPTS = {"plain": "Q: {question}\nA:", "chat": "{question} Reply with the answer only."}
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,10 @@ class AnswerFormat:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def for_data(cls, conversational: bool, prompt: str | None = None, system_prompt: str | None = None):
+        """The format that matches the training data: chat (the chat template) for conversational data, else plain
+        text, each with its `DEFAULT_PROMPTS` template unless `prompt` is given."""
+        mode = "chat" if conversational else "plain"
+        return cls(prompt=prompt or DEFAULT_PROMPTS[mode], chat=conversational, system_prompt=system_prompt)

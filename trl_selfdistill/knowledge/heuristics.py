@@ -134,3 +134,13 @@ def label_heuristics(facts: Dataset, defaults: Mapping[str, Iterable[str]]) -> D
     return facts.add_column("heuristic", labels).add_column(
         "defaults", [defaults.get(relation, []) for relation in facts["relation"]]
     )
+
+
+def parse_heuristics(text: str, flag: str = "heuristics") -> tuple[str, ...] | None:
+    """A command line's labels: `none,prior` → ("none", "prior"); `any` → None (every label)."""
+    if text.strip() == "any":
+        return None
+    labels = tuple(label.strip() for label in text.split(",") if label.strip())
+    if not labels or set(labels) - set(HEURISTICS):
+        raise ValueError(f"{flag} {text!r}: give some of {', '.join(HEURISTICS)} (comma-separated), or `any`.")
+    return labels

@@ -24,7 +24,8 @@ from .generation import GenerateFn, Generator
 from .heuristics import FICTIONAL_PER_RELATION, default_answers, fictional_facts, label_heuristics
 
 SLICK_CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-PROBE_COLUMNS = ("p_greedy", "p_sample", "category", "greedy_answers", "heuristic", "defaults")
+PROBE_COLUMNS = ("p_greedy", "p_sample", "category", "greedy_answers", "heuristic", "defaults", "probe_model")
+PROBE_MODEL = "probe_model"  # the column naming the model that probed the categories (`embedded.model_id`)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def few_shot_prompts(
     return prompts
 
 
-def _generator(model, tokenizer, generate_fn, fmt: AnswerFormat, config: "ProbeConfig", progress: bool) -> GenerateFn:
+def _generator(model, tokenizer, generate_fn, fmt: AnswerFormat, config: "ProbeConfig", progress: bool,
+               shard: bool = False) -> GenerateFn:
     if (model is None) == (generate_fn is None):
         raise ValueError("Pass either `model` (with `tokenizer`) or `generate_fn`, not both or neither.")
     if generate_fn is not None:
@@ -112,6 +114,8 @@ def _generator(model, tokenizer, generate_fn, fmt: AnswerFormat, config: "ProbeC
         top_k=config.top_k,
         batch_size=config.batch_size,
         progress=progress,
+        shard=shard,
+        seed=config.seed,
     )
 
 
@@ -138,19 +142,21 @@ def probe(
     fmt: AnswerFormat | None = None,
     config: ProbeConfig | None = None,
     progress: bool = True,
+    shard: bool = False,
 ) -> Dataset:
     """
     Categorise `facts` with SliCK. Generation runs with `model` + `tokenizer`, or an injected `generate_fn`.
     `exemplars` defaults to `facts` itself (a fact is never its own exemplar). Returns `facts` with the columns
     `p_greedy`, `p_sample` (None without samples), `category`, `greedy_answers`, `heuristic` (`copy`, `prior` or
-    `none`) and `defaults` (the relation's default answers, normalised).
+    `none`) and `defaults` (the relation's default answers, normalised). With `shard`, every rank of a multi-process
+    run calls `probe` and the ranks share the generation (`Generator(shard=True)`); every rank gets the result.
     """
     config = config or ProbeConfig.cheap()
     fmt = fmt or AnswerFormat()
     check_facts(facts, "fact set to probe", categories=False)  # the probe replaces any categories
     if exemplars is not None:
         check_facts(exemplars, "exemplar pool", categories=False)
-    generate_fn = _generator(model, tokenizer, generate_fn, fmt, config, progress)
+    generate_fn = _generator(model, tokenizer, generate_fn, fmt, config, progress, shard)
     facts = facts.remove_columns([c for c in PROBE_COLUMNS if c in facts.column_names])
     if len(facts) == 0:
         raise ValueError("No facts to probe: the fact set is empty. Load at least one fact with `load_facts`.")
@@ -210,6 +216,32 @@ def label_with_model(
     relations, prompts = _fictional_prompts(facts, facts if exemplars is None else exemplars, fmt, config)
     torch.manual_seed(config.seed)
     return _label(facts, relations, _checked(generate_fn(prompts, True, 1), len(prompts), 1) if prompts else [])
+
+
+def model_name(model) -> str:
+    """The recorded name (`embedded.model_id`) of a model, PEFT- or engine-wrapped or not: its `name_or_path`."""
+    from ..distributed import unwrap
+    from ..embedded import model_id
+    from ..teacher import causal_lm
+
+    return model_id(causal_lm(unwrap(model)).config._name_or_path)
+
+
+def reusable_categories(facts: Dataset, model: str, reprobe: bool = False) -> tuple[bool, str]:
+    """
+    Whether `facts`' SliCK categories can stand for `model`'s (a recorded name, `model_name`), and why: they exist, no
+    re-probe was asked for, and the model that probed them (`probe_model`) is `model` or was not recorded.
+    """
+    if "category" not in facts.column_names:
+        return False, "the facts have no categories"
+    if reprobe:
+        return False, "a new probe was asked for"
+    recorded = set(facts[PROBE_MODEL]) if PROBE_MODEL in facts.column_names else {None}
+    if recorded == {model}:
+        return True, f"the categories in the fact set, probed with {model}"
+    if recorded == {None}:
+        return True, "the categories in the fact set (no probing model recorded: re-probe to measure this model)"
+    return False, f"the categories were probed with {', '.join(sorted(map(str, recorded)))}, not {model}"
 
 
 def _checked(outputs: list[list[str]], num_prompts: int, per_prompt: int) -> list[list[str]]:

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from trl_selfdistill.knowledge.formats import DEFAULT_PROMPTS
+
 logger = logging.getLogger(__name__)
 
 FREEZE_PRESETS = ("attention_only", "mlp_only")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-DEFAULT_PROMPTS = {"plain": "Q: {question}\nA:", "chat": "{question} Reply with the answer only."}
 
 
 @dataclass
@@ -79,8 +80,9 @@ class KnowledgeArguments:
         default=None,
         metadata={
             "help": "Facts to monitor: a built-in set (curated, entityquestions-dev, ...), a JSONL file or folder, or "
-            "a Hub dataset of question/answers rows. The initial model is probed (SliCK) before training; the facts "
-            "it knows are evaluated during training (held-out Known accuracy, forgetting, drift)."
+            "a Hub dataset of question/answers rows. When training begins the initial model is probed (SliCK), each "
+            "process taking its share, unless the facts carry categories from this model (`trl-selfdistill probe` "
+            "output); the facts it knows are evaluated during training (held-out Known accuracy, forgetting, drift)."
         },
     )
     knowledge_question_column: str = field(
@@ -117,7 +119,20 @@ class KnowledgeArguments:
         default=500, metadata={"help": "Facts probed (a seeded random sample); None or 0: all of them."}
     )
     knowledge_probe_prompts: int = field(
-        default=3, metadata={"help": "Few-shot prompts per fact of the (greedy) probe; Known = all of them correct."}
+        default=3,
+        metadata={"help": "Few-shot prompts per fact of the (greedy) probe. HighlyKnown: all of them answered "
+                  "correctly; MaybeKnown: some. The monitor keeps both (SliCK's Known)."},
+    )
+    knowledge_heuristics: str = field(
+        default="none",
+        metadata={"help": "Heuristic labels of the Known facts monitored (comma-separated among none, copy, prior; "
+                  "`any`: all). `none`: genuine facts only, whose answers the model can neither copy from the "
+                  "question nor guess as the relation's default answer (docs/evaluation.md)."},
+    )
+    knowledge_reprobe: bool = field(
+        default=False,
+        metadata={"help": "Probe the facts even when they carry categories from this model (a file written by "
+                  "`trl-selfdistill probe`, a `*-smollm2` set); categories from another model are always re-probed."},
     )
     knowledge_shots: int = field(
         default=4,
@@ -165,8 +180,15 @@ class KnowledgeArguments:
             raise ValueError(f"`knowledge_eval_steps={self.knowledge_eval_steps}` must be ≥ 1 (or unset).")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"`early_stopping_patience={self.early_stopping_patience}` must be ≥ 1 (or unset).")
+        self.heuristics()  # a bad label fails when the flags are parsed
         if self.knowledge_drift_size < 0:
             raise ValueError(f"`knowledge_drift_size={self.knowledge_drift_size}` must be ≥ 0 (0: no drift).")
+
+    def heuristics(self) -> tuple[str, ...] | None:
+        """`knowledge_heuristics` as the labels `monitor_splits` keeps (None: any)."""
+        from trl_selfdistill.knowledge.heuristics import parse_heuristics
+
+        return parse_heuristics(self.knowledge_heuristics, "--knowledge_heuristics")
 
     def answer_format(self, conversational: bool, tokenizer):
         """The `AnswerFormat` the facts are asked in (see `knowledge_format`)."""
@@ -188,8 +210,7 @@ def answer_format(choice: str, prompt: str | None, system_prompt: str | None, co
             f"`{flag} chat` needs a tokenizer with a chat template, and this one has none. Use `{flag} plain`, or "
             "set `--chat_template_path`."
         )
-    prompt = prompt or DEFAULT_PROMPTS["chat" if chat else "plain"]
-    return AnswerFormat(prompt=prompt.replace("\\n", "\n"), chat=chat, system_prompt=system_prompt)
+    return AnswerFormat.for_data(chat, prompt and prompt.replace("\\n", "\n"), system_prompt)
 
 
 def check_inputs(script_args, training_args, knowledge_args) -> None:
@@ -315,50 +336,31 @@ def probe_config(knowledge_args, seed: int):
 
 def knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt):
     """
-    Probe the trainer's (initial) model on `facts` (few-shot exemplars from `exemplars`) where the model is, keep
-    the Known facts, and return the attached `ForgettingCallback`. In a multi-process run the main process probes
-    and the others wait for its result (`ddp_timeout`, 30 min by default).
+    The `ForgettingCallback` that monitors `facts`, attached to `trainer`: when training begins, every rank probes its
+    share of the facts with the initial model (or the facts' own categories serve, when that model probed them), and
+    the Known ones are evaluated during training, each rank taking its share.
     """
-    from accelerate.utils import broadcast_object_list
-    from datasets import Dataset
-
     from trl_selfdistill import ForgettingCallback
-    from trl_selfdistill.knowledge import SLICK_CATEGORIES, probe
-    from trl_selfdistill.knowledge.splits import monitor_splits
 
-    args, main = trainer.args, trainer.is_world_process_zero()
-    progress = main and not args.disable_tqdm
-    config = probe_config(knowledge_args, args.seed)
-    categorised = [None]
-    if main:
-        rows = probe(facts, trainer.model, trainer.processing_class, exemplars=exemplars, fmt=fmt, config=config,
-                     progress=progress)
-        categorised = [rows.to_list()]
-    if trainer.accelerator.num_processes > 1:
-        broadcast_object_list(categorised)
-    categorised = Dataset.from_list(categorised[0])
-    counts = {c: categorised["category"].count(c) for c in SLICK_CATEGORIES}
-    splits = monitor_splits(categorised, heldout_size=knowledge_args.knowledge_heldout_size, seed=args.seed)
-    trainer.accelerator.print(
-        f"[trl_selfdistill] knowledge: {len(categorised)} facts probed ({config.num_prompts} {config.num_shots}-shot "
-        f"prompts, greedy; chat={fmt.chat}): {', '.join(f'{c} {n}' for c, n in counts.items() if n)}; "
-        f"monitoring {len(splits.heldout)} Known facts"
-    )
-    callback = ForgettingCallback(
-        splits,
+    args = trainer.args
+    return ForgettingCallback(
+        facts,
         fmt=fmt,
         eval_steps=knowledge_args.knowledge_eval_steps,
         teacher=trainer.teacher,
         drift_size=knowledge_args.knowledge_drift_size,
         batch_size=knowledge_args.knowledge_batch_size,
         max_new_tokens=knowledge_args.knowledge_max_new_tokens,
-        progress=progress,
+        progress=not args.disable_tqdm,
         num_shots=knowledge_args.knowledge_shots,
         exemplars=exemplars,
         seed=args.seed,
         facts_source=knowledge_args.knowledge_facts,
-    )
-    return callback.attach(trainer)
+        probe_config=probe_config(knowledge_args, args.seed),
+        heldout_size=knowledge_args.knowledge_heldout_size,
+        heuristics=knowledge_args.heuristics(),
+        reprobe=knowledge_args.knowledge_reprobe,
+    ).attach(trainer)
 
 
 def knowledge_summary(monitor) -> str:
@@ -402,14 +404,13 @@ def load_knowledge_facts(knowledge_args, seed: int):
 
 def main(script_args, training_args, model_args, dataset_args, freeze_args=None, knowledge_args=None):
     """Train with `SelfDistillSFTTrainer` as TRL's `sft` script trains with `SFTTrainer`; returns the trainer."""
-    import transformers
-    from packaging.version import Version
     from transformers import EarlyStoppingCallback
     from trl import get_peft_config, get_quantization_config
 
     from trl_selfdistill import SelfDistillSFTTrainer
-    from trl_selfdistill.embedded import EMBEDDED, EMBEDDED_HUB_ID, resolve
-    from trl_selfdistill.knowledge.probe import few_shot_prompts
+    from trl_selfdistill.distributed import describe_engine
+    from trl_selfdistill.embedded import EMBEDDED, EMBEDDED_HUB_ID, model_id, resolve
+    from trl_selfdistill.knowledge.probe import few_shot_prompts, reusable_categories
 
     freeze_args = freeze_args or FreezeArguments()
     knowledge_args = knowledge_args or KnowledgeArguments()
@@ -440,8 +441,14 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     fmt = None
     if facts is not None:
         fmt = knowledge_args.answer_format(conversational, tokenizer)
-        config = probe_config(knowledge_args, training_args.seed)  # the probe's prompts can be built (enough shots)
-        few_shot_prompts(facts, exemplars, fmt, config.num_prompts, config.num_shots, config.seed)
+        reuse, why = reusable_categories(facts, model_id(model_args.model_name_or_path),
+                                         knowledge_args.knowledge_reprobe)
+        if not reuse:  # the probe's prompts can be built (enough shots)
+            config = probe_config(knowledge_args, training_args.seed)
+            few_shot_prompts(facts, exemplars, fmt, config.num_prompts, config.num_shots, config.seed)
+        training_args.distributed_state.print(
+            f"[trl_selfdistill] knowledge: {'using ' + why if reuse else why + ': probing them when training begins'}"
+        )
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -464,6 +471,8 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     )
     if embedded:  # the card and the Hub name the model, not the local cache folder
         trainer.accelerator.unwrap_model(trainer.model).config._name_or_path = EMBEDDED_HUB_ID
+    teacher = f"teacher: {trainer.teacher.source}" if trainer.teacher else "no teacher (plain SFT)"
+    trainer.accelerator.print(f"[trl_selfdistill] engine: {describe_engine(trainer.accelerator)}; {teacher}")
     monitor = knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt) if facts is not None else None
     if knowledge_args.early_stopping_patience:  # after the knowledge callback, which puts itself first
         trainer.add_callback(EarlyStoppingCallback(knowledge_args.early_stopping_patience))
@@ -479,8 +488,7 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()
+    trainer.end()
     return trainer
 
 
