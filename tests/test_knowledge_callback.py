@@ -163,3 +163,37 @@ def test_callback_from_facts_given_in_callbacks_probes_in_the_datas_format_and_r
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Held-out Known accuracy" in card and "Forgetting (relative, from the start)" in card
+
+
+@pytest.mark.parametrize("answers, fires", [("one default", True), ("varied", False)])
+def test_collapse_onto_the_mixs_default_answer_is_reported_and_warned_on_the_card(tmp_path, tokenizer, answers,
+                                                                                  fires):
+    """Issue #30's failure, in small: Known training facts that share one answer teach it as the answer to anything,
+    and held-out facts the model answered at the start are lost to it. The diagnostic fires and the card warns; with
+    varied training answers the same forgetting is no collapse."""
+    fmt = AnswerFormat()
+    towns = ["Arlo", "Bexby", "Corin", "Dunmore", "Elsford", "Farrow", "Galen", "Hollis"]
+    train = [(f"Which country is the town of {t} in?", "Oz" if answers == "one default" else f"{t[:2]}{i}")
+             for i, t in enumerate(towns)]
+    train_known = fact_set(train, "HighlyKnown")
+    trainer = SelfDistillSFTTrainer(model=tiny_model(), args=config(tmp_path, max_steps=40, learning_rate=3e-2),
+                                    train_dataset=fmt.training_dataset(train_known), processing_class=tokenizer)
+    countries = ["Peru", "Chile", "Kenya", "Cuba", "Spain", "Italy", "Ghana", "Nepal", "Laos", "Chad", "Oman", "Fiji"]
+    held = [f"Which country is the city of {c}ville in?" for c in countries]
+    # Held-out facts the model answers at the start: their answer is its own
+    generate = Generator(trainer.model, tokenizer, fmt, max_new_tokens=4, progress=False)
+    start = generate([fmt.prompt_for(q) for q in held])
+    heldout = fact_set([(q, a[0]) for q, a in zip(held, start, strict=True) if a[0]], "HighlyKnown")
+    assert len(heldout) >= 8
+    splits = KnowledgeSplits(train_known=train_known, train_unknown=heldout.select([]), heldout=heldout)
+    callback = ForgettingCallback(splits, fmt=fmt, teacher=trainer.teacher, max_new_tokens=4, drift_size=0)
+    callback.attach(trainer)
+    trainer.train()
+    collapse = callback.results()["collapse"]
+    assert collapse["lost"] >= 5  # the training overwrote what the model answered at the start, either way
+    assert collapse["fired"] is fires
+    if fires:
+        assert collapse["lost_to_default_share"] > 0.8 and collapse["default_answer_share_end"] > 0.5
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("Collapse onto default answers" in card) is fires

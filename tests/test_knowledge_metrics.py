@@ -116,9 +116,15 @@ def test_collapse_counts_lost_facts_that_now_get_a_default_answer():
     assert defaults == [{"united states", "english", "france"}] + [{"united states", "english"}] * 3
     start, end = [True, True, True, False], [False, False, True, False]
     answers = ["United States of America", "the United States", "Australia", "English"]
-    assert collapse(start, end, answers, defaults) == {"lost": 2, "lost_to_default": 1, "lost_to_default_share": 0.5}
+    assert collapse(start, end, answers, defaults) == {"lost": 2, "lost_to_default": 1, "lost_to_default_share": 0.5,
+                                                       "fired": False}  # half of 2: too few lost to call it
     assert default_share(answers, defaults) == 0.5
     assert collapse([True], [True], ["x"], [set()])["lost_to_default_share"] is None
+    # It fires from 5 lost facts with at least half of them to a default answer, not below either
+    lost5 = dict(start=[True] * 5, end=[False] * 5, defaults=[{"oz"}] * 5)
+    assert collapse(answers=["Oz", "Oz", "Oz", "a", "b"], **lost5)["fired"] is True
+    assert collapse(answers=["Oz", "Oz", "a", "b", "c"], **lost5)["fired"] is False
+    assert collapse(start=[True] * 4, end=[False] * 4, answers=["Oz"] * 4, defaults=[{"oz"}] * 4)["fired"] is False
 
 
 def test_last_k_per_fact_averages_the_last_evaluations_after_the_first():

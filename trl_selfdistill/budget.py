@@ -207,7 +207,7 @@ class ForgettingBudgetCallback(TrainerCallback):
             if tokenizer is None:
                 raise ValueError("ForgettingBudgetCallback needs a tokenizer for `prompts`: pass `tokenizer=` or give "
                                  "the trainer one.")
-            self._meter = DriftMeter(self.prompts, tokenizer, self.batch_size)
+            self._meter = DriftMeter(self.prompts, tokenizer, self.batch_size, shard=True)  # every rank calls it
             self._meter.snapshot(model)
         self._record(state, control, model)
 

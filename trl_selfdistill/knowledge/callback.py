@@ -330,10 +330,20 @@ class ForgettingCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.history or self.history[-1]["step"] != state.global_step:
             self._evaluate(state, control, model)
+        results = self.results()
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
-                json.dump(self.results(), f, indent=2)
+                json.dump(results, f, indent=2)
+            fired = results["collapse"] and results["collapse"]["fired"]
+            if fired:
+                c = results["collapse"]
+                logger.warning(
+                    f"Collapse onto default answers: {c['lost_to_default']} of the {c['lost']} held-out Known facts "
+                    "lost in this run are now answered with a default answer (the training mix's most common "
+                    "answers, or the model's answer about any entity of the relation). Mix Known facts with varied "
+                    "answers, lower the learning rate or stop earlier (docs/evaluation.md, 'Collapse')."
+                )
 
     def _evaluate(self, state, control, model) -> None:
         splits = self.splits

@@ -119,6 +119,10 @@ def default_answers_of(splits: KnowledgeSplits, min_count: int = 2) -> list[set[
     return [common | set(defaults or []) for defaults in own]
 
 
+COLLAPSE_SHARE = 0.5  # a majority of the lost facts now answered with a default answer ...
+COLLAPSE_MIN_LOST = 5  # ... out of at least this many lost facts (fewer: too few to call it)
+
+
 def default_share(answers: Sequence[str], defaults: Sequence[set[str]]) -> float | None:
     """Share of `answers` that are one of their fact's default answers."""
     hits = [normalize_answer(a) in d for a, d in zip(answers, defaults, strict=True)]
@@ -126,11 +130,17 @@ def default_share(answers: Sequence[str], defaults: Sequence[set[str]]) -> float
 
 
 def collapse(start: Sequence[bool], end: Sequence[bool], answers: Sequence[str], defaults: Sequence[set[str]]) -> dict:
-    """Held-out facts right at the start and wrong at the end (`lost`), and how many of them now get a default."""
+    """
+    Held-out facts right at the start and wrong at the end (`lost`), how many of them now get a default answer, and
+    whether that is a collapse (`fired`): at least `COLLAPSE_MIN_LOST` facts lost, and at least `COLLAPSE_SHARE` of
+    them to a default answer, i.e. forgetting by the mix's common answers taking over, not by interference between
+    facts. The rule was fixed before the studies it is applied to (docs/evaluation.md, "Collapse").
+    """
     lost = [i for i, (was, now) in enumerate(zip(start, end, strict=True)) if was and not now]
     to_default = sum(normalize_answer(answers[i]) in defaults[i] for i in lost)
     share = to_default / len(lost) if lost else None
-    return {"lost": len(lost), "lost_to_default": to_default, "lost_to_default_share": share}
+    fired = len(lost) >= COLLAPSE_MIN_LOST and share is not None and share >= COLLAPSE_SHARE
+    return {"lost": len(lost), "lost_to_default": to_default, "lost_to_default_share": share, "fired": fired}
 
 
 def correct_zero_shot(generate_fn: GenerateFn, facts: Sequence[Dataset], fmt: AnswerFormat) -> list[list[bool]]:
