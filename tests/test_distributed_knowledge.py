@@ -70,7 +70,9 @@ def sft(workdir):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         wall = time.perf_counter() - start
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        done[engine, mode] = (json.loads((out / "forgetting_results.json").read_text()), proc.stdout, wall)
+        results = json.loads((out / "forgetting_results.json").read_text())
+        print(f"\n{engine or 'one process'} {mode}: {wall:.1f} s, probe {results['probe']['seconds']:.2f} s")  # -s
+        done[engine, mode] = (results, proc.stdout, wall)
         return done[engine, mode]
 
     return run
