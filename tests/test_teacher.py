@@ -174,3 +174,14 @@ def test_qlora_four_bit_steps_on_cpu(tmp_path):
     assert_params_changed(lora_before, trainer.model, [n for n in lora_before if "lora_B" in n])
     with trainer.model.disable_adapter():
         assert torch.equal(logits(trainer.model.eval()), initial)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_at_construction(tmp_path):
+    """`make_teacher`'s one vocabulary check (also the kernels'), before any step runs."""
+    student = tiny_model()
+    other = tiny_model(vocab_size=student.config.vocab_size + 64)
+    other.save_pretrained(tmp_path / "t")
+    with pytest.raises(ValueError, match=rf"teacher's vocabulary \({student.config.vocab_size + 64}\) differs from "
+                                         rf"the student's \({student.config.vocab_size}\)"):
+        SelfDistillSFTTrainer(model=student, args=config(tmp_path, teacher_model_name_or_path=str(tmp_path / "t")),
+                              train_dataset=prompt_completion_dataset(), processing_class=make_tokenizer())

@@ -47,6 +47,16 @@ class LMHead:
         )
 
 
+def check_vocabulary(teacher_vocab: int, student_vocab: int) -> None:
+    """Refuse a teacher whose vocabulary differs from the student's: the divergence compares distributions over the
+    same tokens."""
+    if teacher_vocab != student_vocab:
+        raise ValueError(
+            f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}): distillation "
+            "compares distributions over the same tokens. Use a teacher with the student's tokenizer."
+        )
+
+
 def token_divergence(
     student_hidden: torch.Tensor,
     student_head: LMHead,
@@ -64,12 +74,7 @@ def token_divergence(
     The gradient flows to the student's hidden states and head only. Returns `[N]` fp32 values (no τ² factor).
     Rows go through the kernel `rows` at a time, which bounds its vocabulary-tile buffers (`rows × 32768` floats each).
     """
-    if student_head.weight.shape[0] != teacher_head.weight.shape[0]:
-        raise ValueError(
-            f"Teacher vocabulary ({teacher_head.weight.shape[0]}) differs from the student's "
-            f"({student_head.weight.shape[0]}): distillation compares distributions over the same tokens. Use a "
-            "teacher with the student's tokenizer."
-        )
+    check_vocabulary(teacher_head.weight.shape[0], student_head.weight.shape[0])
     # The teacher head is frozen; it is passed as given (a `.detach()` would drop ZeRO-3's `ds_status` tag)
     parts = []
     for start in range(0, max(student_hidden.shape[0], 1), rows):
@@ -463,12 +468,8 @@ def fused_token_losses(
     the head weight's dtype; in fp16 the gradient is scaled by a power of two per chunk so that it does not underflow.
     Everything else is fp32.
     """
-    if teacher.head is not None and teacher.head.weight.shape[0] != student_head.weight.shape[0]:
-        raise ValueError(
-            f"Teacher vocabulary ({teacher.head.weight.shape[0]}) differs from the student's "
-            f"({student_head.weight.shape[0]}): distillation compares distributions over the same tokens. Use a "
-            "teacher with the student's tokenizer."
-        )
+    if teacher.head is not None:
+        check_vocabulary(teacher.head.weight.shape[0], student_head.weight.shape[0])
     n = student_hidden.shape[0]
     rows = rows or fused_chunk_rows(student_head.weight.shape[0], device=student_hidden.device)
     stats: dict[str, list] = {}

@@ -7,6 +7,10 @@
 | full fine-tuning                          | `ModelTeacher` (copy)    | yes, unavoidable         |
 | `teacher_model_name_or_path`              | `ModelTeacher` (loaded)  | yes                      |
 
+`make_teacher` picks the strategy from `teacher_mode` and the model (the table), checks the vocabulary, and shards a
+separate teacher like the student (TRL's `prepare_deepspeed` / `prepare_fsdp`). Each strategy is a `Teacher`: a
+`kind`, a `source` in words, `last_hidden_state(inputs)` and its LM `head`.
+
 The adapter-disabled model equals the initial model only while every trainable parameter is an adapter parameter:
 `check_adapter_teacher` refuses the set-ups where that fails. Every teacher forward runs under `no_grad` with dropout
 and gradient checkpointing off (eval mode), and returns last hidden states only: logits are never built here.
@@ -21,8 +25,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from trl.trainer.utils import use_adapter
 
-from .distributed import forward_through, is_partitioned, unwrap
-from .losses import LMHead
+from .distributed import check_engine, forward_through, full_shape, is_partitioned, unwrap
+from .losses import LMHead, check_vocabulary
 
 TEACHER_ADAPTER = "teacher"
 
@@ -52,7 +56,23 @@ def _last_hidden_state(model: nn.Module, inputs: dict) -> torch.Tensor:
         return forward_through(model, causal_lm(inner).base_model, **inputs, use_cache=False).last_hidden_state
 
 
-class AdapterDisabledTeacher:
+class Teacher:
+    """Where the frozen reference distribution comes from: `kind`, `source` (in words), the last hidden states of a
+    batch, and the LM head that turns them into logits."""
+
+    kind: str
+    source: str
+    model: nn.Module
+
+    def last_hidden_state(self, inputs: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def head(self) -> LMHead:
+        return LMHead.of(causal_lm(unwrap(self.model)))
+
+
+class AdapterDisabledTeacher(Teacher):
     """The student's own base weights, with every adapter switched off for the teacher forward."""
 
     kind = "adapter_disabled"
@@ -66,12 +86,8 @@ class AdapterDisabledTeacher:
         with use_adapter(self.model, None):
             return _last_hidden_state(self.model, inputs)
 
-    @property
-    def head(self) -> LMHead:
-        return LMHead.of(causal_lm(unwrap(self.model)))
 
-
-class AdapterCopyTeacher:
+class AdapterCopyTeacher(Teacher):
     """The active adapter of an already-adapted `PeftModel`, copied once into a frozen `teacher` adapter."""
 
     kind = "adapter_copy"
@@ -98,12 +114,8 @@ class AdapterCopyTeacher:
         with use_adapter(self.model, TEACHER_ADAPTER):
             return _last_hidden_state(self.model, inputs)
 
-    @property
-    def head(self) -> LMHead:
-        return LMHead.of(causal_lm(unwrap(self.model)))
 
-
-class ModelTeacher:
+class ModelTeacher(Teacher):
     """A separate frozen model: a copy of the initial weights (full fine-tuning) or one loaded from a path."""
 
     kind = "model_copy"
@@ -139,9 +151,67 @@ class ModelTeacher:
     def last_hidden_state(self, inputs: dict) -> torch.Tensor:
         return _last_hidden_state(self.model, inputs)
 
-    @property
-    def head(self) -> LMHead:
-        return LMHead.of(causal_lm(unwrap(self.model)))
+
+def make_teacher(model: nn.Module, args, accelerator, *, given_peft_model: bool,
+                 model_source: str | None = None) -> Teacher:
+    """
+    The teacher of a run (see the module's table): `args.teacher_mode` (`auto`: adapter copy for a given `PeftModel`,
+    adapter disabled for a `peft_config` run, a copy of the model otherwise) or `args.teacher_model_name_or_path`.
+    A copy of a ZeRO-3-partitioned model is loaded again from `model_source`, where the trainer loaded it from. A
+    separate teacher is sharded like the student under ZeRO-3 and FSDP2, replicated otherwise.
+    """
+    from trl.models.utils import prepare_deepspeed, prepare_fsdp
+
+    from .validation import check_model_source
+
+    is_peft = isinstance(model, PeftModel)
+    check_engine(accelerator)
+    mode = args.teacher_mode
+    if args.teacher_model_name_or_path is not None:
+        mode = "model_copy"
+    elif mode == "auto":
+        mode = "adapter_copy" if given_peft_model else "adapter_disabled" if is_peft else "model_copy"
+    if mode in ("adapter_disabled", "adapter_copy") and not is_peft:
+        raise ValueError(
+            f"`teacher_mode={mode!r}` needs a PEFT model, but the model is trained fully. Pass a `peft_config` "
+            "(or a PeftModel), or use `teacher_mode='model_copy'`."
+        )
+    if mode == "adapter_disabled":
+        return AdapterDisabledTeacher(model)
+    if mode == "adapter_copy":
+        if not given_peft_model:
+            raise ValueError(
+                "`teacher_mode='adapter_copy'` copies the adapter of an already-adapted PeftModel, but the adapter "
+                "was just created from `peft_config`, so it equals the base model: use `teacher_mode="
+                "'adapter_disabled'` (or 'auto'), which needs no copy."
+            )
+        return AdapterCopyTeacher(model)
+    if args.teacher_model_name_or_path is None:
+        if is_peft:
+            raise ValueError(
+                "`teacher_mode='model_copy'` would copy the whole base model although the model is a PeftModel. "
+                "Use `teacher_mode='auto'`: the teacher is then the same model with its adapter disabled (or a "
+                "frozen copy of the adapter), with no second copy of the base."
+            )
+        teacher = ModelTeacher.copy_of(unwrap(model), source=model_source, model_init_kwargs=args.model_init_kwargs)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        check_model_source(args.teacher_model_name_or_path, "teacher_model_name_or_path", tokenizer=False,
+                           model_init_kwargs=args.model_init_kwargs)
+        path = args.teacher_model_name_or_path
+        loaded = AutoModelForCausalLM.from_pretrained(path, **(args.model_init_kwargs or {}))
+        teacher = ModelTeacher(loaded, f"`{path}`")
+    student_vocab = full_shape(causal_lm(unwrap(model)).get_output_embeddings().weight)[0]
+    check_vocabulary(full_shape(teacher.model.get_output_embeddings().weight)[0], student_vocab)
+    # Sharded like the student under ZeRO-3 and FSDP2 (each rank holds 1/N of the teacher), replicated otherwise
+    if accelerator.state.deepspeed_plugin is not None:
+        teacher.model = prepare_deepspeed(teacher.model, accelerator)
+    elif accelerator.is_fsdp2:
+        teacher.model = prepare_fsdp(teacher.model, accelerator)
+    else:
+        teacher.model = accelerator.prepare_model(teacher.model, evaluation_mode=True)
+    return teacher
 
 
 def adapter_parameters(model: PeftModel) -> set[int]:

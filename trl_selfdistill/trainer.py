@@ -9,9 +9,8 @@ from contextlib import contextmanager
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from trl import SFTTrainer
-from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
 from .config import SelfDistillConfig
 from .data_checks import (
@@ -21,12 +20,12 @@ from .data_checks import (
     check_real,
     check_token_ids,
 )
-from .distributed import check_engine, full_shape, full_tensors, gathered_heads, local_shard, unwrap
+from .distributed import full_shape, full_tensors, gathered_heads, local_shard, unwrap
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
 from .hub import push_checkpoint, push_to_hub, save_with_manifest
 from .losses import TeacherTarget, fused_token_losses, teacher_topk
 from .model_card import write_model_card
-from .teacher import AdapterCopyTeacher, AdapterDisabledTeacher, ModelTeacher, adapter_parameters, causal_lm
+from .teacher import adapter_parameters, causal_lm, make_teacher
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
 from .validation import check_model_source, check_output_dir, check_training_length
 
@@ -132,7 +131,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
         self._head_skip = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
         if args.distill_coef > 0:
             self._check_loss_options()
-        self.teacher = self._make_teacher(given_peft_model) if args.distill_coef > 0 else None
+        self.teacher = make_teacher(self.model, args, self.accelerator, given_peft_model=given_peft_model,
+                                    model_source=self._model_source) if args.distill_coef > 0 else None
         self._distill_coef = args.distill_coef
         if self.teacher is not None:
             self._check_teacher_weights()
@@ -168,64 +168,6 @@ class SelfDistillSFTTrainer(SFTTrainer):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Teacher
-
-    def _make_teacher(self, given_peft_model: bool):
-        args, model = self.args, self.model
-        is_peft = isinstance(model, PeftModel)
-        check_engine(self.accelerator)
-        mode = args.teacher_mode
-        if args.teacher_model_name_or_path is not None:
-            mode = "model_copy"
-        elif mode == "auto":
-            mode = "adapter_copy" if given_peft_model else "adapter_disabled" if is_peft else "model_copy"
-        if mode in ("adapter_disabled", "adapter_copy") and not is_peft:
-            raise ValueError(
-                f"`teacher_mode={mode!r}` needs a PEFT model, but the model is trained fully. Pass a `peft_config` "
-                "(or a PeftModel), or use `teacher_mode='model_copy'`."
-            )
-        if mode == "adapter_disabled":
-            return AdapterDisabledTeacher(model)
-        if mode == "adapter_copy":
-            if not given_peft_model:
-                raise ValueError(
-                    "`teacher_mode='adapter_copy'` copies the adapter of an already-adapted PeftModel, but the "
-                    "adapter "
-                    "was just created from `peft_config`, so it equals the base model: use `teacher_mode="
-                    "'adapter_disabled'` (or 'auto'), which needs no copy."
-                )
-            return AdapterCopyTeacher(model)
-        if args.teacher_model_name_or_path is None:
-            if is_peft:
-                raise ValueError(
-                    "`teacher_mode='model_copy'` would copy the whole base model although the model is a PeftModel. "
-                    "Use `teacher_mode='auto'`: the teacher is then the same model with its adapter disabled (or a "
-                    "frozen copy of the adapter), with no second copy of the base."
-                )
-            teacher = ModelTeacher.copy_of(unwrap(model), source=self._model_source,
-                                           model_init_kwargs=args.model_init_kwargs)
-        else:
-            check_model_source(args.teacher_model_name_or_path, "teacher_model_name_or_path", tokenizer=False,
-                               model_init_kwargs=args.model_init_kwargs)
-            loaded = AutoModelForCausalLM.from_pretrained(
-                args.teacher_model_name_or_path, **(args.model_init_kwargs or {})
-            )
-            teacher = ModelTeacher(loaded, f"`{args.teacher_model_name_or_path}`")
-        student_vocab = full_shape(causal_lm(unwrap(model)).get_output_embeddings().weight)[0]
-        teacher_vocab = full_shape(teacher.model.get_output_embeddings().weight)[0]
-        if teacher_vocab != student_vocab:
-            raise ValueError(
-                f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}). "
-                "Distillation "
-                "compares distributions over the same tokens: use a teacher with the student's tokenizer."
-            )
-        # Sharded like the student under ZeRO-3 and FSDP2 (each rank holds 1/N of the teacher), replicated otherwise
-        if self.is_deepspeed_enabled:
-            teacher.model = prepare_deepspeed(teacher.model, self.accelerator)
-        elif self.accelerator.is_fsdp2:
-            teacher.model = prepare_fsdp(teacher.model, self.accelerator)
-        else:
-            teacher.model = self.accelerator.prepare_model(teacher.model, evaluation_mode=True)
-        return teacher
 
     def _check_loss_options(self) -> None:
         """Refuse the SFTConfig options whose loss the distillation path does not compute, naming the fix."""
