@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -237,63 +236,6 @@ def machine_info() -> dict:
     return info
 
 
-def _proc_status_mb(key: str) -> float | None:
-    try:
-        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) / 1024 if match else None
-
-
-class MemoryMeter:
-    """Peak memory of this process: RSS on CPU (resettable through /proc where allowed), allocator stats on CUDA."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.resettable = False
-
-    def reset_peak(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.resettable = True
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
-            self.resettable = True
-        except OSError:
-            self.resettable = False
-
-    def current_mb(self) -> float:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated() / 2**20
-        rss = _proc_status_mb("VmRSS")
-        if rss is None:
-            import psutil
-
-            rss = psutil.Process().memory_info().rss / 2**20
-        return rss
-
-    def peak_mb(self) -> float:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / 2**20
-        peak = _proc_status_mb("VmHWM")
-        if peak is None:
-            import resource
-
-            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB on Linux
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-        return peak
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and data
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,6 +410,8 @@ def run_variant(spec: VariantSpec) -> dict:
     device, variant = spec.device, spec.variant
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    from trl_selfdistill.memory import MemoryMeter
+
     meter = MemoryMeter(device)
     gc.collect()
     meter.reset_peak()
@@ -570,6 +514,8 @@ def run_scaling_cell(spec: ScalingSpec) -> dict:
     dtype = getattr(torch, spec.dtype)
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    from trl_selfdistill.memory import MemoryMeter
+
     meter = MemoryMeter(device)
     generator = torch.Generator(device=device).manual_seed(0)
 

@@ -30,7 +30,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark as bench  # noqa: E402 - its memory meter, step timer, worker runner and merge of repeats
+import benchmark as bench  # noqa: E402 - its step timer, worker runner and merge of repeats
+
+from trl_selfdistill.memory import MemoryMeter  # noqa: E402
 
 METHODS = ("sft", "selfdistill", "freeze", "lora_sft", "lora_selfdistill", "l2init", "gkd", "sdft")
 
@@ -53,7 +55,7 @@ def run_method(spec: dict) -> dict:
     method = parse_methods(spec["method"])[0]
     splits = protocol.splits(spec["seed"], control=method.spec.control)
     splits = splits.known_only() if method.spec.control else splits
-    meter = bench.MemoryMeter(device)
+    meter = MemoryMeter(device)
     gc.collect()
     meter.reset_peak()
     base_mb = meter.current_mb()

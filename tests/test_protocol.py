@@ -146,13 +146,13 @@ def test_peak_memory_sees_a_block_allocation_that_is_freed_before_the_block_ends
 
     import torch
 
-    from trl_selfdistill.protocol import PeakMemory
+    from trl_selfdistill.memory import MemoryMeter
 
-    with PeakMemory() as memory:
+    with MemoryMeter() as memory:
         block = torch.ones(64, 2**20)  # 256 MiB, written so the pages are resident
         time.sleep(0.2)
         del block
-    assert memory.peak_mb is not None and memory.peak_mb > 200
+    assert memory.used_mb is not None and memory.used_mb > 200
 
 
 def test_peak_memory_of_a_later_block_is_not_hidden_by_memory_an_earlier_block_freed():
@@ -160,7 +160,7 @@ def test_peak_memory_of_a_later_block_is_not_hidden_by_memory_an_earlier_block_f
 
     import torch
 
-    import trl_selfdistill.protocol as protocol
+    from trl_selfdistill.memory import MemoryMeter
 
     def churn():  # 300 × 1 MiB: below glibc's mmap threshold once it has adapted, so freed blocks stay in the heap
         blocks = [torch.ones(2**18) for _ in range(300)]
@@ -168,11 +168,11 @@ def test_peak_memory_of_a_later_block_is_not_hidden_by_memory_an_earlier_block_f
         del blocks
 
     churn()
-    with protocol.PeakMemory() as memory:
+    with MemoryMeter() as memory:
         churn()
     # What the earlier churn freed was handed back first, so this one grows the process (without `malloc_trim` the
     # allocator reuses the freed blocks and the growth reads ≈ 0 MB: measured 0.004 MB against 300 MB with it)
-    assert memory.peak_mb > 250
+    assert memory.used_mb > 250
 
 
 def test_relation_table_pools_the_held_out_answers_of_every_seed_per_relation():
@@ -207,12 +207,12 @@ def test_a_run_whose_trainer_fails_to_build_leaves_no_memory_sampler_running(tmp
         raise ValueError("bad settings")
 
     protocol.trainer = fail
-    before = sum(t.name == "PeakMemory" for t in threading.enumerate())
+    before = sum(t.name == "MemoryMeter" for t in threading.enumerate())
     with pytest.raises(ValueError, match="bad settings"):
         protocol.run(
             parse_methods("sft")[0], splits=SimpleNamespace(sizes={}), snapshot="unused", seed=0, out=tmp_path
         )
-    assert sum(t.name == "PeakMemory" for t in threading.enumerate()) == before
+    assert sum(t.name == "MemoryMeter" for t in threading.enumerate()) == before
 
 
 @pytest.mark.parametrize("min_gain, epochs_run", [(0.01, 1), (-1.0, 3)])

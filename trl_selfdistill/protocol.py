@@ -17,12 +17,8 @@ Per seed:
    `frontier.png`.
 """
 
-import contextlib
-import ctypes
-import gc
 import json
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,6 +41,7 @@ from .knowledge.stats import (
     relative_forgetting,
     sign_test,
 )
+from .memory import MemoryMeter, free_memory
 from .methods import Build, Method
 from .recipes import count_parameters, save_and_push, sft_baseline
 from .trainer import SelfDistillSFTTrainer
@@ -219,7 +216,7 @@ class Protocol:
             {"step": e["step"], "monitor_accuracy": e["heldout_known_accuracy"]} for e in monitor.history
         ]
         del trainer
-        _free_memory()
+        free_memory()
         return str(out / "snapshot"), curve
 
     # ---- 3. one stage-2 run -----------------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ class Protocol:
         self.log(f"\nStage 2, seed {seed}: {method.title} — {run_splits.sizes}")
         run_out = out / method.name.replace(":", "_")
         # From the trainer's construction on (its teacher copy or θ₀ counts); the sampler stops however this ends
-        with PeakMemory() as memory:
+        with MemoryMeter() as memory:
             trainer = self.trainer(method, run_splits, snapshot, seed, run_out, push=save and self.args.push_to_hub)
             if self.base_name:
                 trainer.model.config._name_or_path = self.base_name  # the card names the base, not the snapshot folder
@@ -280,7 +277,7 @@ class Protocol:
             "wall_time_s": wall,
             "steps": steps,
             "s_per_step": (wall - forgetting.eval_seconds - (monitor.eval_seconds if monitor else 0)) / max(steps, 1),
-            "peak_memory_mb": memory.peak_mb,
+            "peak_memory_mb": memory.used_mb,
             "trainable_parameters": count_parameters(trainer.model)[0],
             "heldout_by_relation": accuracy_by(splits.heldout["relation"], heldout_end),
             "heldout_by_relation_start": accuracy_by(splits.heldout["relation"], results["per_fact"]["heldout_start"]),
@@ -296,7 +293,7 @@ class Protocol:
             },
         }
         del trainer, forgetting, budget, monitor
-        _free_memory()
+        free_memory()
         return result
 
     def trainer(
@@ -827,55 +824,6 @@ def plot_frontier(study: dict, path: Path) -> None:
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory of a block in MB: `torch.cuda.max_memory_allocated` on CUDA, else the process's resident set size
-    sampled every 20 ms (psutil), minus its value when the block began. None when neither can be read. A block starts
-    by releasing what earlier blocks freed (`_free_memory`, with glibc's `malloc_trim` on CPU), so a later block's
-    growth is not hidden by memory the allocator kept; on CPU the value still includes allocator slack, and
-    `benchmarks/benchmark.py`, one process per variant, is the reference for memory. A context manager: `peak_mb`
-    is set when the block ends, however it ends."""
-
-    def __enter__(self) -> "PeakMemory":
-        self.peak_mb = None
-        _free_memory()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        try:
-            import psutil
-        except ImportError:
-            return self
-        self._process, self._stop = psutil.Process(), threading.Event()
-        self._base = self._peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, name="PeakMemory", daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.02):
-            self._peak = max(self._peak, self._process.memory_info().rss)
-
-    def __exit__(self, *exc):
-        if torch.cuda.is_available():
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
-        elif hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = (max(self._peak, self._process.memory_info().rss) - self._base) / 2**20
-        return False
-
-
-def _free_memory():
-    """Collect garbage and hand freed memory back: CUDA's cache, and on glibc the heap pages `malloc_trim` can return
-    (freed blocks the allocator would otherwise keep in the resident set)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class _Plateau(TrainerCallback):
     """Stops format learning at the first epoch-end evaluation that beats the best earlier one by < `min_gain`."""
 
