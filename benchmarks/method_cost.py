@@ -43,7 +43,7 @@ def run_method(spec: dict) -> dict:
 
     from trl_selfdistill.demo import build_protocol, make_parser
     from trl_selfdistill.methods import parse_methods
-    from trl_selfdistill.recipes import count_parameters
+    from trl_selfdistill.scripts.utils import count_parameters
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -64,13 +64,14 @@ import argparse
 
 from trl import ModelConfig, TrlParser
 
-from trl_selfdistill import FreezeConfig, SelfDistillConfig, SelfDistillSFTTrainer, recipes
+from trl_selfdistill import FreezeConfig, SelfDistillConfig, SelfDistillSFTTrainer
 from trl_selfdistill.embedded import EMBEDDED, resolve
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, build_splits
+from trl_selfdistill.scripts import utils
 
 
 def make_parser() -> TrlParser:
-    parser = TrlParser((recipes.FactsArguments, SelfDistillConfig, ModelConfig, FreezeConfig), description=__doc__,
+    parser = TrlParser((utils.FactsArguments, SelfDistillConfig, ModelConfig, FreezeConfig), description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     # FreezeConfig.attention_only() and plain SFT, unless the command line or the YAML file says otherwise
     parser.set_defaults(model_name_or_path=EMBEDDED, distill_coef=0.0, **vars(FreezeConfig.attention_only()))
@@ -79,22 +80,22 @@ def make_parser() -> TrlParser:
 
 def parse_args(
     argv: list[str] | None = None,
-) -> tuple[recipes.FactsArguments, SelfDistillConfig, ModelConfig, FreezeConfig]:
+) -> tuple[utils.FactsArguments, SelfDistillConfig, ModelConfig, FreezeConfig]:
     """The command line (or `argv`) and an optional `--config` YAML file; `--smoke` first sets the smoke defaults."""
-    return recipes.parse_script_args(make_parser(), argv, recipes.SMOKE_DEFAULTS, prefix="freeze_attention_only")
+    return utils.parse_script_args(make_parser(), argv, utils.SMOKE_DEFAULTS, prefix="freeze_attention_only")
 
 
-def main(script_args: recipes.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig,
+def main(script_args: utils.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig,
          freeze_config: FreezeConfig):
     log = training_args.distributed_state.print  # main process only
-    name = recipes.tiny_checkpoint() if script_args.smoke else resolve(model_args.model_name_or_path)
+    name = utils.tiny_checkpoint() if script_args.smoke else resolve(model_args.model_name_or_path)
     # The trainer loads the model from `name` with these (and a `--teacher_model_name_or_path` teacher too)
-    training_args.model_init_kwargs = recipes.model_init_kwargs(model_args, training_args)
+    training_args.model_init_kwargs = utils.model_init_kwargs(model_args, training_args)
     if training_args.teacher_model_name_or_path:
         training_args.teacher_model_name_or_path = resolve(training_args.teacher_model_name_or_path)
     fmt = AnswerFormat()
 
-    facts = recipes.categorised_facts(script_args, training_args, fmt, name)  # probes a copy of `name`, then frees it
+    facts = utils.categorised_facts(script_args, training_args, fmt, name)  # probes a copy of `name`, then frees it
     splits = build_splits(facts, train_size=script_args.train_size, heldout_size=script_args.heldout_size,
                           unknown_share=script_args.unknown_share, control=False, seed=training_args.seed)
     train_dataset = fmt.training_dataset(splits.train(seed=training_args.seed))
@@ -104,13 +105,13 @@ def main(script_args: recipes.FactsArguments, training_args: SelfDistillConfig, 
                                     freeze_config=freeze_config)
     callback = ForgettingCallback(splits, fmt=fmt, eval_steps=script_args.forgetting_eval_steps or None,
                                   teacher=trainer.teacher).attach(trainer)
-    log(recipes.run_summary(trainer, facts, splits, script_args.dataset_name,
+    log(utils.run_summary(trainer, facts, splits, script_args.dataset_name,
                             parameters=trainer.freeze_report.to_markdown()))  # trainable / frozen parameters by group
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    log(recipes.final_summary(callback.final))
-    recipes.save_and_push(trainer, script_args.dataset_name, log)
+    log(utils.final_summary(callback.final))
+    utils.save_and_push(trainer, script_args.dataset_name, log)
     trainer.end()
     return trainer
 

@@ -65,34 +65,35 @@ import argparse
 
 from trl import ModelConfig, TrlParser
 
-from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer, recipes
+from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer
 from trl_selfdistill.embedded import EMBEDDED, resolve
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, build_splits
+from trl_selfdistill.scripts import utils
 
 
 def make_parser() -> TrlParser:
-    parser = TrlParser((recipes.FactsArguments, SelfDistillConfig, ModelConfig), description=__doc__,
+    parser = TrlParser((utils.FactsArguments, SelfDistillConfig, ModelConfig), description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(model_name_or_path=EMBEDDED)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[recipes.FactsArguments, SelfDistillConfig, ModelConfig]:
+def parse_args(argv: list[str] | None = None) -> tuple[utils.FactsArguments, SelfDistillConfig, ModelConfig]:
     """The command line (or `argv`) and an optional `--config` YAML file; `--smoke` first sets the smoke defaults."""
-    return recipes.parse_script_args(make_parser(), argv, recipes.SMOKE_DEFAULTS, prefix="full_ft_selfdistill")
+    return utils.parse_script_args(make_parser(), argv, utils.SMOKE_DEFAULTS, prefix="full_ft_selfdistill")
 
 
-def main(script_args: recipes.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig):
+def main(script_args: utils.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig):
     log = training_args.distributed_state.print  # main process only
-    name = recipes.tiny_checkpoint() if script_args.smoke else resolve(model_args.model_name_or_path)
+    name = utils.tiny_checkpoint() if script_args.smoke else resolve(model_args.model_name_or_path)
     # The trainer loads the student from `name` with these; a `--teacher_model_name_or_path` teacher is loaded with
     # them too, so both share the dtype
-    training_args.model_init_kwargs = recipes.model_init_kwargs(model_args, training_args)
+    training_args.model_init_kwargs = utils.model_init_kwargs(model_args, training_args)
     if training_args.teacher_model_name_or_path:
         training_args.teacher_model_name_or_path = resolve(training_args.teacher_model_name_or_path)
     fmt = AnswerFormat()
 
-    facts = recipes.categorised_facts(script_args, training_args, fmt, name)  # probes a copy of `name`, then frees it
+    facts = utils.categorised_facts(script_args, training_args, fmt, name)  # probes a copy of `name`, then frees it
     splits = build_splits(facts, train_size=script_args.train_size, heldout_size=script_args.heldout_size,
                           unknown_share=script_args.unknown_share, control=False, seed=training_args.seed)
     train_dataset = fmt.training_dataset(splits.train(seed=training_args.seed))
@@ -100,12 +101,12 @@ def main(script_args: recipes.FactsArguments, training_args: SelfDistillConfig, 
     trainer = SelfDistillSFTTrainer(model=name, args=training_args, train_dataset=train_dataset)
     callback = ForgettingCallback(splits, fmt=fmt, eval_steps=script_args.forgetting_eval_steps or None,
                                   teacher=trainer.teacher).attach(trainer)
-    log(recipes.run_summary(trainer, facts, splits, script_args.dataset_name))
+    log(utils.run_summary(trainer, facts, splits, script_args.dataset_name))
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    log(recipes.final_summary(callback.final))
-    recipes.save_and_push(trainer, script_args.dataset_name, log)
+    log(utils.final_summary(callback.final))
+    utils.save_and_push(trainer, script_args.dataset_name, log)
     trainer.end()
     return trainer
 

@@ -78,17 +78,18 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, TrlParser
 
-from trl_selfdistill import SelfDistillConfig, recipes
+from trl_selfdistill import SelfDistillConfig
 from trl_selfdistill.embedded import EMBEDDED, resolve
 from trl_selfdistill.knowledge import SLICK_CATEGORIES, AnswerFormat
 from trl_selfdistill.methods import parse_methods
 from trl_selfdistill.protocol import Protocol, frontier_table, parse_seeds, study_table
+from trl_selfdistill.scripts import utils
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze")  # the paper's four stage-2 runs, (a)-(d)
 
 
 @dataclass
-class ReproduceArguments(recipes.FactsArguments):
+class ReproduceArguments(utils.FactsArguments):
     """`FactsArguments` with the paper's defaults (EntityQuestions, paper probe), plus the protocol's own flags."""
 
     dataset_name: str = field(
@@ -140,7 +141,7 @@ class ReproduceArguments(recipes.FactsArguments):
 
 
 # The smoke run probes (1 prompt, FAKE categories) 6 facts of each of the 12 curated relations
-SMOKE = {**recipes.SMOKE_DEFAULTS, "dataset_name": "curated", "max_facts_per_relation": 6, "probe": "cheap",
+SMOKE = {**utils.SMOKE_DEFAULTS, "dataset_name": "curated", "max_facts_per_relation": 6, "probe": "cheap",
          "heldout_size": 6, "forgetting_eval_steps": 0}
 
 
@@ -153,7 +154,7 @@ def make_parser() -> TrlParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ReproduceArguments, SelfDistillConfig, ModelConfig]:
     """The command line (or `argv`) and an optional `--config` YAML file; `--smoke` first sets the smoke defaults."""
-    return recipes.parse_script_args(make_parser(), argv, SMOKE, prefix="reproduce_paper")
+    return utils.parse_script_args(make_parser(), argv, SMOKE, prefix="reproduce_paper")
 
 
 def fake_categories(facts: Dataset) -> Dataset:
@@ -195,17 +196,17 @@ def main(args: ReproduceArguments, training_args: SelfDistillConfig, model_args:
     log = training_args.distributed_state.print  # main process only
     methods, seeds = parse_methods(args.runs), parse_seeds(args.seeds or [training_args.seed])
     start = time.time()
-    name = recipes.tiny_checkpoint() if args.smoke else resolve(model_args.model_name_or_path)
-    training_args.model_init_kwargs = recipes.model_init_kwargs(model_args, training_args)
+    name = utils.tiny_checkpoint() if args.smoke else resolve(model_args.model_name_or_path)
+    training_args.model_init_kwargs = utils.model_init_kwargs(model_args, training_args)
     fmt = AnswerFormat()
 
     # Step 1 of the protocol always probes the initial model, even facts that carry categories
-    facts = recipes.categorised_facts(args, training_args, fmt, name, keep_categories=False,
+    facts = utils.categorised_facts(args, training_args, fmt, name, keep_categories=False,
                                       after_probe=fake_categories if args.smoke else None)
     counts = Counter(facts["category"])
     log(f"SliCK categories of {len(facts)} facts: " + ", ".join(f"{c} {counts[c]}" for c in SLICK_CATEGORIES))
     facts = keep_known_relations(facts, args.known_categories, args.min_known_share, log)
-    log(f"Effective batch {recipes.describe_batch(training_args)}")
+    log(f"Effective batch {utils.describe_batch(training_args)}")
     protocol = Protocol(
         model=name, facts=facts, args=training_args, fmt=fmt, train_size=args.train_size,
         heldout_size=args.heldout_size, unknown_share=args.unknown_share, new_facts="real",
@@ -215,7 +216,7 @@ def main(args: ReproduceArguments, training_args: SelfDistillConfig, model_args:
     )
     settings = {
         "model": "tiny random model (smoke)" if args.smoke else model_args.model_name_or_path, **asdict(args),
-        "effective_batch": recipes.effective_batch(training_args), "slick_counts": dict(counts),
+        "effective_batch": utils.effective_batch(training_args), "slick_counts": dict(counts),
         "relations_kept": sorted(set(facts["relation"])),
     }
     out = Path(training_args.output_dir)

@@ -63,33 +63,34 @@ import argparse
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer, recipes
+from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer
 from trl_selfdistill.embedded import EMBEDDED, load_model
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, build_splits
+from trl_selfdistill.scripts import utils
 
 
 def make_parser() -> TrlParser:
-    parser = TrlParser((recipes.FactsArguments, SelfDistillConfig, ModelConfig), description=__doc__,
+    parser = TrlParser((utils.FactsArguments, SelfDistillConfig, ModelConfig), description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(model_name_or_path=EMBEDDED, use_peft=True, lora_target_modules=["all-linear"])
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[recipes.FactsArguments, SelfDistillConfig, ModelConfig]:
+def parse_args(argv: list[str] | None = None) -> tuple[utils.FactsArguments, SelfDistillConfig, ModelConfig]:
     """The command line (or `argv`) and an optional `--config` YAML file; `--smoke` first sets the smoke defaults."""
-    smoke_defaults = {**recipes.SMOKE_DEFAULTS, "lora_r": 4, "lora_alpha": 8}
-    return recipes.parse_script_args(make_parser(), argv, smoke_defaults, prefix="sft_selfdistill")
+    smoke_defaults = {**utils.SMOKE_DEFAULTS, "lora_r": 4, "lora_alpha": 8}
+    return utils.parse_script_args(make_parser(), argv, smoke_defaults, prefix="sft_selfdistill")
 
 
-def main(script_args: recipes.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig):
+def main(script_args: utils.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig):
     log = training_args.distributed_state.print  # main process only
-    name = recipes.tiny_checkpoint() if script_args.smoke else model_args.model_name_or_path
+    name = utils.tiny_checkpoint() if script_args.smoke else model_args.model_name_or_path
     model, tokenizer = load_model(name, trust_remote_code=training_args.trust_remote_code,
-                                  **recipes.model_init_kwargs(model_args, training_args))
+                                  **utils.model_init_kwargs(model_args, training_args))
     model.to(training_args.device)  # for the probe; the trainer keeps it there
     fmt = AnswerFormat()
 
-    facts = recipes.categorised_facts(script_args, training_args, fmt, name, lambda: (model, tokenizer))
+    facts = utils.categorised_facts(script_args, training_args, fmt, name, lambda: (model, tokenizer))
     splits = build_splits(facts, train_size=script_args.train_size, heldout_size=script_args.heldout_size,
                           unknown_share=script_args.unknown_share, control=False, seed=training_args.seed)
     train_dataset = fmt.training_dataset(splits.train(seed=training_args.seed))
@@ -98,12 +99,12 @@ def main(script_args: recipes.FactsArguments, training_args: SelfDistillConfig, 
                                     processing_class=tokenizer, peft_config=get_peft_config(model_args))
     callback = ForgettingCallback(splits, fmt=fmt, eval_steps=script_args.forgetting_eval_steps or None,
                                   teacher=trainer.teacher).attach(trainer)
-    log(recipes.run_summary(trainer, facts, splits, script_args.dataset_name))
+    log(utils.run_summary(trainer, facts, splits, script_args.dataset_name))
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    log(recipes.final_summary(callback.final))
-    recipes.save_and_push(trainer, script_args.dataset_name, log)
+    log(utils.final_summary(callback.final))
+    utils.save_and_push(trainer, script_args.dataset_name, log)
     trainer.end()
     return trainer
 

@@ -101,7 +101,7 @@ def test_budget_methods_adapt_or_stop_as_their_mode_says(tmp_path, monkeypatch):
 
     from trl_selfdistill.budget import ForgettingBudgetCallback
     from trl_selfdistill.methods import parse_methods
-    from trl_selfdistill.recipes import tiny_checkpoint
+    from trl_selfdistill.scripts.utils import tiny_checkpoint
 
     monkeypatch.setattr(ForgettingBudgetCallback, "_check_forgetting_callback", lambda self, args: None)
     monkeypatch.setattr(ForgettingBudgetCallback, "_evaluation",

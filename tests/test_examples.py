@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trl_selfdistill.recipes import tiny_checkpoint
+from trl_selfdistill.scripts.utils import tiny_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ["sft_selfdistill", "qlora_selfdistill", "full_ft_selfdistill", "freeze_attention_only", "reproduce_paper"]

@@ -220,7 +220,7 @@ def test_format_learning_stops_once_the_monitor_facts_stop_improving(tmp_path, m
     from trl_selfdistill.demo import SIZES, base_config, make_parser
     from trl_selfdistill.knowledge import builtin_facts
     from trl_selfdistill.protocol import Protocol
-    from trl_selfdistill.recipes import tiny_checkpoint
+    from trl_selfdistill.scripts.utils import tiny_checkpoint
 
     args = base_config(make_parser().parse_args(["--output_dir", str(tmp_path)]), SIZES["smoke"])
     protocol = Protocol(model=tiny_checkpoint(), facts=builtin_facts("curated-smollm2"), args=args, train_size=16,
@@ -268,7 +268,7 @@ def test_known_rows_only_puts_no_distillation_on_new_fact_rows(tmp_path):
     from trl_selfdistill.demo import SIZES, base_config, make_parser
     from trl_selfdistill.knowledge import builtin_facts
     from trl_selfdistill.protocol import Protocol
-    from trl_selfdistill.recipes import tiny_checkpoint
+    from trl_selfdistill.scripts.utils import tiny_checkpoint
 
     args = base_config(make_parser().parse_args(["--output_dir", str(tmp_path)]), SIZES["smoke"])
     protocol = Protocol(model="unused", facts=builtin_facts("curated-smollm2"), args=args, train_size=16,

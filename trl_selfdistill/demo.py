@@ -29,7 +29,7 @@ from .knowledge.heuristics import parse_heuristics
 from .knowledge.splits import concatenate_facts
 from .methods import METHODS, parse_methods
 from .protocol import NEW_FACTS, Protocol, combine, frontier_table, parse_seeds, study_table
-from .recipes import tiny_checkpoint
+from .scripts.utils import tiny_checkpoint
 
 DEFAULT_METHODS = "known_only,sft,selfdistill,freeze"
 # The embedded model's categorised facts, each with heuristic labels: the world set (cities, airports, capitals,

@@ -43,7 +43,7 @@ from .knowledge.stats import (
 )
 from .memory import MemoryMeter, free_memory
 from .methods import Build, Method
-from .recipes import count_parameters, save_and_push, sft_baseline
+from .scripts.utils import count_parameters, save_and_push, sft_baseline
 from .trainer import SelfDistillSFTTrainer
 
 NEW_FACTS = ("real", "mixed", "synthetic-name", "synthetic-uuid")

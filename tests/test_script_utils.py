@@ -13,11 +13,12 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from trl import TrlParser
 
-from trl_selfdistill import SelfDistillConfig, recipes
+from trl_selfdistill import SelfDistillConfig
 from trl_selfdistill.embedded import EMBEDDED_HUB_ID, cache_dir
 from trl_selfdistill.knowledge import AnswerFormat
 from trl_selfdistill.model_card import base_model_name
-from trl_selfdistill.recipes import FactsArguments
+from trl_selfdistill.scripts import utils
+from trl_selfdistill.scripts.utils import FactsArguments
 
 CPU = ["--use_cpu", "--bf16", "false", "--report_to", "none"]
 
@@ -36,17 +37,17 @@ def test_count_parameters_counts_trainable_and_tied_once():
     model = tiny_model(tie_word_embeddings=True)
     model.model.embed_tokens.requires_grad_(False)  # also the tied lm_head
     unique = {id(p): p for p in model.parameters()}.values()
-    trainable, total = recipes.count_parameters(model)
+    trainable, total = utils.count_parameters(model)
     assert total == sum(p.numel() for p in unique) < sum(p.numel() for _, p in model.named_parameters(
         remove_duplicate=False))
     assert trainable == total - model.model.embed_tokens.weight.numel()
-    assert recipes.trainable_parameters(model).startswith(f"trainable parameters: {trainable:,} / {total:,} (")
+    assert utils.trainable_parameters(model).startswith(f"trainable parameters: {trainable:,} / {total:,} (")
 
 
 def test_count_parameters_of_a_peft_model_is_peft_s_count():
     model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert recipes.count_parameters(model) == model.get_nb_trainable_parameters()
-    assert 0 < recipes.count_parameters(model)[0] < recipes.count_parameters(model)[1]
+    assert utils.count_parameters(model) == model.get_nb_trainable_parameters()
+    assert 0 < utils.count_parameters(model)[0] < utils.count_parameters(model)[1]
 
 
 # ---- parsing ----
@@ -60,7 +61,7 @@ def test_smoke_sets_defaults_that_yaml_and_flags_override(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train_size: 6\nheldout_size: 3\n")
     argv = ["--smoke", "--config", str(recipe), "--train_size", "10"]
-    facts_args, training_args = recipes.parse_script_args(make_parser(), argv, recipes.SMOKE_DEFAULTS, "demo")
+    facts_args, training_args = utils.parse_script_args(make_parser(), argv, utils.SMOKE_DEFAULTS, "demo")
     assert facts_args.smoke and facts_args.train_size == 10  # flag > YAML > smoke default
     assert facts_args.heldout_size == 3  # YAML > smoke default
     assert facts_args.dataset_name == "curated-smollm2" and training_args.max_steps == 2  # smoke defaults
@@ -71,23 +72,23 @@ def test_smoke_sets_defaults_that_yaml_and_flags_override(tmp_path):
 
 def test_without_smoke_the_defaults_stay(tmp_path):
     for argv in ([], ["--smoke", "false"]):
-        facts_args, training_args = recipes.parse_script_args(
-            make_parser(), [*argv, *CPU, "--output_dir", str(tmp_path)], recipes.SMOKE_DEFAULTS, "demo")
+        facts_args, training_args = utils.parse_script_args(
+            make_parser(), [*argv, *CPU, "--output_dir", str(tmp_path)], utils.SMOKE_DEFAULTS, "demo")
         assert not facts_args.smoke and facts_args.dataset_name == "curated" and facts_args.train_size == 200
         assert training_args.max_steps == -1 and training_args.output_dir == str(tmp_path)
 
 
 def test_unknown_smoke_defaults_are_refused():
     with pytest.raises(ValueError, match="lora_r"):
-        recipes.parse_script_args(make_parser(), ["--smoke"], {**recipes.SMOKE_DEFAULTS, "lora_r": 4}, "demo")
+        utils.parse_script_args(make_parser(), ["--smoke"], {**utils.SMOKE_DEFAULTS, "lora_r": 4}, "demo")
 
 
 def test_model_init_kwargs_explicit_keywords_win():
     model_args = SimpleNamespace(dtype="bfloat16", model_revision="main", attn_implementation="sdpa")
     training_args = SimpleNamespace(model_init_kwargs={"dtype": "float32"})
-    assert recipes.model_init_kwargs(model_args, training_args) == {
+    assert utils.model_init_kwargs(model_args, training_args) == {
         "dtype": "float32", "revision": "main", "attn_implementation": "sdpa"}
-    assert recipes.model_init_kwargs(model_args, SimpleNamespace(model_init_kwargs=None))["dtype"] == "bfloat16"
+    assert utils.model_init_kwargs(model_args, SimpleNamespace(model_init_kwargs=None))["dtype"] == "bfloat16"
 
 
 # ---- categorised facts ----
@@ -108,7 +109,7 @@ class ScriptedProbe:
 @pytest.fixture
 def scripted_probe(monkeypatch):
     probe = ScriptedProbe()
-    monkeypatch.setattr(recipes, "probe", probe)
+    monkeypatch.setattr(utils, "probe", probe)
     return probe
 
 
@@ -118,7 +119,7 @@ def categorise(tmp_path, loads: list, **facts_args):
         return "model", "tokenizer"
 
     args = FactsArguments(**{"dataset_name": "curated", "max_facts_per_relation": 2, **facts_args})
-    return recipes.categorised_facts(args, config(tmp_path), AnswerFormat(), "tiny", load_initial)
+    return utils.categorised_facts(args, config(tmp_path), AnswerFormat(), "tiny", load_initial)
 
 
 def test_categorised_facts_probe_once_then_read_the_cache(tmp_path, scripted_probe):
@@ -126,7 +127,7 @@ def test_categorised_facts_probe_once_then_read_the_cache(tmp_path, scripted_pro
     facts = categorise(tmp_path, loads)
     relations = set(facts["relation"])
     assert len(facts) == 2 * len(relations) and len(scripted_probe.configs) == 1 and loads == [1]
-    cache = tmp_path / "out" / recipes.CATEGORISED_FILE
+    cache = tmp_path / "out" / utils.CATEGORISED_FILE
     meta = json.loads(cache.with_suffix(".meta.json").read_text())
     assert meta["model"] == "tiny" and meta["num_facts"] == len(facts) and meta["probe"]["num_prompts"] == 3
 
@@ -147,11 +148,11 @@ def test_categorised_facts_keep_given_categories_unless_told(tmp_path, scripted_
         return facts.map(lambda _: {"category": "Unknown"})
 
     args = FactsArguments(dataset_name="curated-smollm2", max_facts_per_relation=1, smoke=True)
-    probed = recipes.categorised_facts(args, config(tmp_path), AnswerFormat(), "tiny", lambda: ("model", "tokenizer"),
+    probed = utils.categorised_facts(args, config(tmp_path), AnswerFormat(), "tiny", lambda: ("model", "tokenizer"),
                                        keep_categories=False, after_probe=all_unknown)
     assert set(probed["category"]) == {"Unknown"}  # `after_probe` ran after the probe, and its result is cached
     assert (scripted_probe.configs[0].num_prompts, scripted_probe.configs[0].max_new_tokens) == (1, 4)  # smoke probe
-    cached = (tmp_path / "out" / recipes.CATEGORISED_FILE).read_text().splitlines()
+    cached = (tmp_path / "out" / utils.CATEGORISED_FILE).read_text().splitlines()
     assert {json.loads(line)["category"] for line in cached} == {"Unknown"}
 
 
@@ -163,7 +164,7 @@ def test_run_summary_and_final_summary():
                            num_train_epochs=2, divergence="forward_kl", distill_coef=1.0, distill_temperature=0.5)
     trainer = SimpleNamespace(args=args, train_dataset=[None] * 50, model=tiny_model(), teacher=None)
     facts = Dataset.from_dict({"category": ["Unknown", "HighlyKnown", "Unknown"]})
-    text = recipes.run_summary(trainer, facts, SimpleNamespace(sizes={"train": 2}), "curated",
+    text = utils.run_summary(trainer, facts, SimpleNamespace(sizes={"train": 2}), "curated",
                                parameters="frozen: all but q")
     assert "SliCK categories {'HighlyKnown': 1, 'Unknown': 2}" in text
     assert "effective batch: 4 per device × 2 accumulation × 3 processes = 24; ≈5 optimizer steps" in text
@@ -171,7 +172,7 @@ def test_run_summary_and_final_summary():
     final = {"heldout_known_initial": 0.5, "heldout_known_accuracy": 0.25, "forgetting_from_start": 0.5,
              "forgetting_from_peak": None, "new_fact_accuracy": 1.0, "task_accuracy": 0.75,
              "per_category": {"Unknown": 1.0}}
-    assert recipes.final_summary(final) == ("held-out Known accuracy 0.500 → 0.250 (forgetting 0.500 from the start, "
+    assert utils.final_summary(final) == ("held-out Known accuracy 0.500 → 0.250 (forgetting 0.500 from the start, "
                                             "– from the peak), new-fact accuracy 1.000, task accuracy 0.750")
 
 
@@ -183,7 +184,7 @@ def test_tiny_checkpoint_is_saved_with_the_embedded_tokenizer():
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    first, other = recipes.tiny_checkpoint(), recipes.tiny_checkpoint(seed=1)
+    first, other = utils.tiny_checkpoint(), utils.tiny_checkpoint(seed=1)
     assert first.startswith(tempfile.gettempdir())
     loaded = AutoConfig.from_pretrained(first)
     assert loaded.num_hidden_layers == 2 and loaded.hidden_size == 64
@@ -210,7 +211,7 @@ def test_a_model_loaded_from_the_embedded_cache_folder_is_named_by_its_hub_id(tm
 def test_sft_baseline_takes_plain_sft_final_numbers():
     final = {"task_accuracy": 1.0, "new_fact_accuracy": 0.9, "heldout_known_accuracy": 0.8,
              "forgetting_from_peak": 0.1, "heldout_known_peak": 0.89}
-    assert recipes.sft_baseline({"known_only": {"final": final}}) is None
-    baseline = recipes.sft_baseline({"sft": {"final": final}})
+    assert utils.sft_baseline({"known_only": {"final": final}}) is None
+    baseline = utils.sft_baseline({"sft": {"final": final}})
     assert baseline == {"name": "plain SFT (same data and steps)", "task_accuracy": 1.0, "new_fact_accuracy": 0.9,
                         "heldout_known_accuracy": 0.8, "forgetting_from_peak": 0.1}

@@ -1,4 +1,5 @@
-"""What every example script does the same way, so each script reads as its own recipe.
+"""What every example script does the same way, so each script reads as its own recipe (`recipes/` holds YAML
+configurations of the `sft` command; this module, as TRL's `trl/scripts/utils.py`, the scripts' shared code).
 
 `FactsArguments` (facts, probe, splits, forgetting evaluation, `--smoke`), `parse_script_args` (`--smoke` sets
 defaults, YAML and flags still win), `categorised_facts` (load, cap per relation, SliCK probe of the initial model
@@ -20,8 +21,8 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers.hf_argparser import string_to_bool
 
-from .embedded import EMBEDDED, load_model, tiny_model_like
-from .knowledge import AnswerFormat, ProbeConfig, load_facts, probe
+from ..embedded import EMBEDDED, load_model, tiny_model_like
+from ..knowledge import AnswerFormat, ProbeConfig, load_facts, probe
 
 CATEGORISED_FILE = "facts_categorised.jsonl"
 
