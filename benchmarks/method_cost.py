@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark as bench  # noqa: E402 - its step timer, worker runner and merge of repeats
+import common as bench  # noqa: E402 - the step timer, worker runner and merge of repeats
 
 from trl_selfdistill.memory import MemoryMeter  # noqa: E402
 
