@@ -82,7 +82,8 @@ from trl_selfdistill import SelfDistillConfig
 from trl_selfdistill.embedded import EMBEDDED, resolve
 from trl_selfdistill.knowledge import SLICK_CATEGORIES, AnswerFormat
 from trl_selfdistill.methods import parse_methods
-from trl_selfdistill.protocol import Protocol, frontier_table, parse_seeds, study_table
+from trl_selfdistill.protocol import Protocol, parse_seeds
+from trl_selfdistill.report import frontier_table, study_table
 from trl_selfdistill.scripts import utils
 
 RUNS = ("known_only", "sft", "selfdistill", "freeze")  # the paper's four stage-2 runs, (a)-(d)

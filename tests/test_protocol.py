@@ -1,16 +1,12 @@
-"""`trl_selfdistill.protocol`: method and seed parsing, and the study summary on hand-made per-seed results."""
+"""`trl_selfdistill.protocol`, `study` and `report`: method and seed parsing, and the study summary and tables on
+hand-made per-seed results."""
 
 import pytest
 
 from trl_selfdistill.methods import Method, parse_methods
-from trl_selfdistill.protocol import (
-    frontier_readings,
-    frontier_table,
-    make_study,
-    parse_seeds,
-    study_table,
-    summarize,
-)
+from trl_selfdistill.protocol import parse_seeds
+from trl_selfdistill.report import frontier_table, study_table
+from trl_selfdistill.study import frontier_readings, make_study, summarize
 
 
 def test_parse_methods_reads_kinds_and_parameters():
@@ -176,7 +172,7 @@ def test_peak_memory_of_a_later_block_is_not_hidden_by_memory_an_earlier_block_f
 
 
 def test_relation_table_pools_the_held_out_answers_of_every_seed_per_relation():
-    from trl_selfdistill.protocol import relation_table
+    from trl_selfdistill.report import relation_table
 
     per_seed = _study()
     for seed in per_seed:  # facts 0-4 are capitals, 5-9 languages; SFT loses capitals 0-3, self-distillation 0

@@ -28,7 +28,8 @@ from .knowledge import AnswerFormat, ProbeConfig, builtin_facts, probe
 from .knowledge.heuristics import parse_heuristics
 from .knowledge.splits import concatenate_facts
 from .methods import METHODS, parse_methods
-from .protocol import NEW_FACTS, Protocol, combine, frontier_table, parse_seeds, study_table
+from .protocol import NEW_FACTS, Protocol, parse_seeds
+from .report import combine, frontier_table, study_table
 from .scripts.utils import tiny_checkpoint
 
 DEFAULT_METHODS = "known_only,sft,selfdistill,freeze"
