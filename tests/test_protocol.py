@@ -88,6 +88,17 @@ def test_study_table_has_one_row_per_method_and_says_when_a_target_is_not_reache
     assert "not reached (0/2 seeds)" in frontier[3] and "+22.0% [+22.0, +22.0] (n=2)" in frontier[3]
 
 
+def test_per_seed_table_gives_each_seeds_paired_difference_within_it():
+    from trl_selfdistill.report import per_seed_table
+
+    lines = per_seed_table({"per_seed": _study()}).splitlines()
+    assert len(lines) == 2 + 2 * 2  # header, rule, then 2 seeds × 2 methods
+    # Within each seed: SFT loses 4 of 10, self-distillation 1; the 3 facts only SFT lost decide the difference
+    assert lines[2].startswith("| 0 | SFT | 40.0% [") and "| 1.000 |" not in lines[2]
+    assert lines[3].startswith("| 0 | self-distillation | 10.0% [") and "| +30.0% [" in lines[3]
+    assert "| 3 / 0 |" in lines[3] and lines[5].startswith("| 1 | self-distillation | 10.0% [")
+
+
 def test_frontier_paired_difference_uses_the_seeds_where_both_reach_the_target():
     readings = frontier_readings(_study(), targets=(0.5,))
     # at new-fact accuracy 0.5: SFT 0.8 → 20% forgetting, self-distillation 0.95 → 5%, in both seeds
