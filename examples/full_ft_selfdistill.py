@@ -36,7 +36,7 @@ the *initial* model, so both stages hold out the same facts):
     accelerate launch examples/full_ft_selfdistill.py \\
         --model_name_or_path Qwen2.5-1.5B-stage1 --teacher_model_name_or_path Qwen2.5-1.5B-stage1 --dtype bfloat16 \\
         --dataset_name Qwen2.5-1.5B-stage1/facts_categorised.jsonl --train_size 200 --heldout_size 100 \\
-        --distill_coef 1.0 --distill_temperature 0.5 --num_train_epochs 3 --learning_rate 1e-5 \\
+        --distill_coef 1.0 --distill_temperature 2.0 --num_train_epochs 3 --learning_rate 1e-5 \\
         --per_device_train_batch_size 16 --output_dir Qwen2.5-1.5B-selfdistill-facts
 
 (Leaving out `--teacher_model_name_or_path` in stage 2 gives the same teacher, copied in memory instead of loaded.)

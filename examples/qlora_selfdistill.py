@@ -35,7 +35,7 @@ Single GPU (`--dtype` is also the 4-bit compute dtype):
         --dataset_name curated --train_size 200 --heldout_size 100 \\
         --lora_r 16 --lora_alpha 32 --learning_rate 2e-4 --num_train_epochs 3 \\
         --per_device_train_batch_size 16 \\
-        --distill_coef 1.0 --distill_temperature 0.5 \\
+        --distill_coef 1.0 --distill_temperature 2.0 \\
         --output_dir Qwen2.5-1.5B-qlora-selfdistill-facts
 
 Multi-GPU (8 processes, DDP: each process holds its own 4-bit copy of the base; effective batch = per-device ×

@@ -34,7 +34,7 @@ Single GPU:
         --dataset_name curated --train_size 200 --heldout_size 100 \\
         --lora_r 16 --lora_alpha 32 --learning_rate 1e-4 --num_train_epochs 3 \\
         --per_device_train_batch_size 16 --gradient_accumulation_steps 1 \\
-        --distill_coef 1.0 --distill_temperature 0.5 \\
+        --distill_coef 1.0 --distill_temperature 2.0 \\
         --output_dir Qwen2.5-1.5B-selfdistill-facts
 
 Multi-GPU (8 processes; the effective batch is per-device × accumulation × processes, so divide one of them by 8

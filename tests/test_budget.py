@@ -61,7 +61,9 @@ def logged(trainer, key):
 def test_lambda_rises_over_budget_falls_far_below_and_reaches_the_loss(tmp_path):
     # Forgetting from the start (a₀ = 0.8): 0.25, 0.375, 0.025, 0.075, 0.0, 0.0, 0.25 against a budget of 0.1
     heldout = [0.8, 0.6, 0.5, 0.78, 0.74, 0.8, 0.8, 0.6]
-    trainer, budget = run(tmp_path, dict(budget=0.1, mode="adapt", max_coef=4.0, min_coef=0.5), heldout)
+    # τ = 0.5: sharp distributions, so the KL is large enough to check the term's scaling on
+    trainer, budget = run(tmp_path, dict(budget=0.1, mode="adapt", max_coef=4.0, min_coef=0.5), heldout,
+                          distill_temperature=0.5)
     # Over: ×2; far below (< 0.05): ÷2; in the band [0.05, 0.1]: held; clamped to [0.5, 4]
     expected = [1.0, 2.0, 4.0, 2.0, 2.0, 1.0, 0.5, 1.0]
     assert [entry["distill_coef"] for entry in budget.history] == expected
@@ -70,11 +72,12 @@ def test_lambda_rises_over_budget_falls_far_below_and_reaches_the_loss(tmp_path)
     assert [entry["exceeded"] for entry in budget.history] == [False, True, True, False, False, False, False, True]
     assert budget.stopped_at is None and trainer.state.global_step == 7
     assert trainer.distill_coef == 1.0 and trainer.args.distill_coef == 1.0  # args keep the configured λ
-    # Each step's loss used the λ set at the evaluation before it, and the term scaled with it (τ = 0.5 by default)
+    # Each step's loss used the λ set at the evaluation before it, and the term scaled with it (λ·τ²·KL)
     assert [coef for _, coef in logged(trainer, "distill_coef")] == expected[:-1]
     for log in trainer.state.log_history:
         if "kl" in log:
-            assert log["distill_loss"] == pytest.approx(log["distill_coef"] * 0.25 * log["kl"], rel=1e-6)
+            tau = trainer.args.distill_temperature
+            assert log["distill_loss"] == pytest.approx(log["distill_coef"] * tau**2 * log["kl"], rel=1e-6)
             assert log["loss"] == pytest.approx(log["sft_loss"] + log["distill_loss"], rel=1e-6)  # what was optimised
     assert max(log["kl"] for log in trainer.state.log_history if "kl" in log) > 0.1
     assert logged(trainer, "budget/distill_coef") == list(enumerate(expected))

@@ -161,14 +161,15 @@ def test_categorised_facts_keep_given_categories_unless_told(tmp_path, scripted_
 
 def test_run_summary_and_final_summary():
     args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=3, max_steps=-1,
-                           num_train_epochs=2, divergence="forward_kl", distill_coef=1.0, distill_temperature=0.5)
+                           num_train_epochs=2, divergence="forward_kl", distill_coef=1.0, distill_temperature=0.5,
+                           distill_scope="all")
     trainer = SimpleNamespace(args=args, train_dataset=[None] * 50, model=tiny_model(), teacher=None)
     facts = Dataset.from_dict({"category": ["Unknown", "HighlyKnown", "Unknown"]})
     text = utils.run_summary(trainer, facts, SimpleNamespace(sizes={"train": 2}), "curated",
                                parameters="frozen: all but q")
     assert "SliCK categories {'HighlyKnown': 1, 'Unknown': 2}" in text
     assert "effective batch: 4 per device × 2 accumulation × 3 processes = 24; ≈5 optimizer steps" in text
-    assert "frozen: all but q" in text and "teacher: none" in text and "λ = 1.0, τ = 0.5" in text
+    assert "frozen: all but q" in text and "teacher: none" in text and "λ = 1.0, τ = 0.5, scope all" in text
     final = {"heldout_known_initial": 0.5, "heldout_known_accuracy": 0.25, "forgetting_from_start": 0.5,
              "forgetting_from_peak": None, "new_fact_accuracy": 1.0, "task_accuracy": 0.75,
              "per_category": {"Unknown": 1.0}}

@@ -170,11 +170,11 @@ def test_dataset_types_train_and_log_metrics(tmp_path, dataset):
 def test_scope_selects_completion_or_all_real_positions(tmp_path):
     ds = prompt_completion_dataset()
     completion = SelfDistillSFTTrainer(
-        model=tiny_model(), args=config(tmp_path / "c"), train_dataset=ds, processing_class=make_tokenizer(),
-        peft_config=lora(),
+        model=tiny_model(), args=config(tmp_path / "c", distill_scope="completion"), train_dataset=ds,
+        processing_class=make_tokenizer(), peft_config=lora(),
     )
-    everything = SelfDistillSFTTrainer(
-        model=tiny_model(), args=config(tmp_path / "a", distill_scope="all"), train_dataset=ds,
+    everything = SelfDistillSFTTrainer(  # the default scope
+        model=tiny_model(), args=config(tmp_path / "a"), train_dataset=ds,
         processing_class=make_tokenizer(), peft_config=lora(),
     )
     inputs = one_batch(completion)

@@ -95,7 +95,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--snapshot_learning_rate", type=float, default=5e-5)
     parser.add_argument("--distill_coef", type=float, default=1.0)
-    parser.add_argument("--distill_temperature", type=float, default=0.5)
+    parser.add_argument("--distill_temperature", type=float, default=2.0)
     parser.add_argument("--distill_scope", default="all", choices=["all", "completion", "prompt"])
     parser.add_argument("--snapshot_max_epochs", type=positive_int, default=6,
                         help="format learning: up to this many epochs, stopped once an epoch gains < 1 point on "

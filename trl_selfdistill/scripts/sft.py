@@ -471,8 +471,10 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     )
     if embedded:  # the card and the Hub name the model, not the local cache folder
         trainer.accelerator.unwrap_model(trainer.model).config._name_or_path = EMBEDDED_HUB_ID
-    teacher = f"teacher: {trainer.teacher.source}" if trainer.teacher else "no teacher (plain SFT)"
-    trainer.accelerator.print(f"[trl_selfdistill] engine: {describe_engine(trainer.accelerator)}; {teacher}")
+    args = training_args
+    loss = (f"loss: CE + λ·τ²·{args.divergence} (λ={args.distill_coef}, τ={args.distill_temperature}, scope "
+            f"{args.distill_scope}); teacher: {trainer.teacher.source}" if trainer.teacher else "loss: CE (plain SFT)")
+    trainer.accelerator.print(f"[trl_selfdistill] engine: {describe_engine(trainer.accelerator)}; {loss}")
     monitor = knowledge_callback(trainer, knowledge_args, facts, exemplars, fmt) if facts is not None else None
     if knowledge_args.early_stopping_patience:  # after the knowledge callback, which puts itself first
         trainer.add_callback(EarlyStoppingCallback(knowledge_args.early_stopping_patience))

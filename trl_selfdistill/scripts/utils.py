@@ -211,7 +211,8 @@ def run_summary(trainer, facts: Dataset, splits, dataset_name: str, parameters: 
         f"effective batch: {describe_batch(args)}; ≈{steps} optimizer steps",
         parameters or trainable_parameters(trainer.model),
         f"teacher: {teacher.kind} — {teacher.source}" if teacher else "teacher: none (distill_coef=0: plain SFT)",
-        f"loss: CE + λ·τ²·{args.divergence}, λ = {args.distill_coef}, τ = {args.distill_temperature}"
+        f"loss: CE + λ·τ²·{args.divergence}, λ = {args.distill_coef}, τ = {args.distill_temperature}, scope "
+        f"{args.distill_scope}"
         if args.distill_coef else "loss: CE (plain SFT)",
     ])
 
