@@ -61,6 +61,10 @@ for key in ("optim", "max_grad_norm", "average_tokens_across_devices"):
     if key in spec:
         extra[key] = spec[key]
 sft = spec.get("trainer") == "sft"
+if not sft:
+    # The KL shares the CE's global-batch denominator only over the answer tokens (`completion`); `all` averages per
+    # micro-batch, so 2 processes × 2 rows equal 1 × 4 only when every row covers as many positions
+    extra["distill_scope"] = spec.get("scope", "completion")
 args = config(
     out, SFTConfig if sft else SelfDistillConfig, use_cpu=not engine_launch, max_steps=spec["steps"],
     per_device_train_batch_size=spec["batch"],
