@@ -197,3 +197,6 @@ def test_collapse_onto_the_mixs_default_answer_is_reported_and_warned_on_the_car
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()
     assert ("Collapse onto default answers" in card) is fires
+    # Every card reports the diagnostic, fired or not
+    line = f"Held-out Known facts lost since the start: {collapse['lost']}, {collapse['lost_to_default']} of them"
+    assert line in card

@@ -244,7 +244,23 @@ def _results_context(results: dict | None) -> dict:
         "per_category": {k: _format(v) for k, v in (final.get("per_category") or {}).items() if v is not None},
         "num_evaluations": len(results.get("history") or []),
         "collapse": _collapse_warning(results.get("collapse")),
+        "collapse_line": _collapse_line(results.get("collapse")),
     }
+
+
+def _collapse_line(collapse: dict | None) -> str | None:
+    """The collapse diagnostic in one sentence, for every run that recorded it (`knowledge.metrics.collapse`)."""
+    if not collapse:
+        return None
+    share = _format(collapse.get("lost_to_default_share"), True)
+    start, end = collapse.get("default_answer_share_start"), collapse.get("default_answer_share_end")
+    text = f"Held-out Known facts lost since the start: {collapse['lost']}"
+    if collapse["lost"]:
+        text += f", {collapse['lost_to_default']} of them ({share}) now answered with a default answer"
+    if start is not None and end is not None:
+        text += (f"; default answers among all held-out answers: {_format(start, True)} at the start, "
+                 f"{_format(end, True)} at the end")
+    return text + "."
 
 
 def _collapse_warning(collapse: dict | None) -> str | None:
