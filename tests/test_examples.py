@@ -130,7 +130,7 @@ def test_full_ft_loads_a_snapshot_teacher(tmp_path):
     trainer = module.main(*module.parse_args(["--smoke", "--output_dir", str(out),
                                               "--teacher_model_name_or_path", snapshot]))
     assert trainer.teacher.kind == "model_copy" and Path(snapshot).name in trainer.teacher.source
-    assert logged(trainer, "kl")[0] > 0.1  # a different teacher from the first step
+    assert logged(trainer, "kl")[0] > 1e-3  # a different teacher from the first step (a copy gives exactly 0)
     assert_forgetting_results(out)
 
 
