@@ -218,9 +218,7 @@ def _load_facts(source: str, columns: FactColumns | None = None, categories: boo
 
 
 def _probe(argv: list[str]) -> None:
-    from .embedded import model_id
     from .knowledge import SLICK_CATEGORIES, AnswerFormat, ProbeConfig, probe
-    from .knowledge.probe import PROBE_MODEL
 
     parser = _parser((ProbeArguments, ModelArguments, ProbeConfig, AnswerFormat, FactColumns), "trl-selfdistill probe",
                      num_prompts=3, num_samples=0)
@@ -241,7 +239,6 @@ def _probe(argv: list[str]) -> None:
     categorised = probe(facts, model, tokenizer, exemplars=exemplars, fmt=fmt, config=config,
                         progress=not model_args.quiet)
     seconds = time.perf_counter() - start
-    categorised = categorised.add_column(PROBE_MODEL, [model_id(model_args.model)] * len(categorised))
     categorised.to_json(args.out, lines=True, force_ascii=False)
     counts = Counter(categorised["category"])
     print(f"{len(categorised)} facts probed in {seconds:.0f} s on {model.device} ({model.dtype}) with {config}")

@@ -55,28 +55,33 @@ def log_between_steps(trainer, model, control, logs: dict) -> None:
 
 class ForgettingCallback(TrainerCallback):
     """
-    Evaluates the model on `splits` (greedy, zero-shot, in the training format `fmt`) at the start of training, every
-    `eval_steps` optimizer steps, and at the end; keeps `.history`, `.peak` and `.final`; and writes
-    `<output_dir>/forgetting_results.json` when training ends. Works with any Trainer, with or without an
-    `eval_dataset`. Metrics reach `report_to` through `trainer.log` once the callback is attached:
+    Evaluates the model (greedy) on `splits` at the start of training, every `eval_steps` optimizer steps, and at the
+    end; keeps `.history`, `.peak` and `.final`; and writes `<output_dir>/forgetting_results.json` when training ends.
+    Works with any Trainer, with or without an `eval_dataset`. Metrics reach `report_to` through `trainer.log` once
+    the callback is attached (a `SelfDistillSFTTrainer` attaches those in its `callbacks=[...]`; another trainer's
+    only reach `trainer.state.log_history`):
 
         trainer = SelfDistillSFTTrainer(model=model, args=args, train_dataset=fmt.training_dataset(splits.train()))
         ForgettingCallback(splits, fmt=fmt, eval_steps=20, teacher=trainer.teacher).attach(trainer)
 
-    Passed through `callbacks=[...]` instead, it still evaluates and writes the results, but its metrics only go to
-    `trainer.state.log_history`.
+    `splits` is `KnowledgeSplits`, or a fact set to monitor (a `Dataset` or a name `load_facts` reads): when training
+    begins the model is then probed (`probe_config`, shared by the ranks) unless the facts carry categories that this
+    model probed (`knowledge.probe.reusable_categories`; `reprobe` forces it), and up to `heldout_size` of its Known
+    facts with a heuristic label in `heuristics` are monitored; `results()["probe"]` says how.
+
+    `fmt=None` asks in the format of the attached trainer's data (`AnswerFormat.for_data`: chat for conversational
+    data, else plain `Q:/A:`). With `num_shots`, each fact is asked after `num_shots` same-relation exemplars from
+    `exemplars` (fixed per fact, drawn with `seed`, never the fact itself), as the SliCK probe asks it: a model whose
+    training data does not teach the answer format (a chat model, the user's own data) is then still measured on what
+    it knows rather than on how it phrases it. `num_shots=None`: `MONITOR_SHOTS` when there is an exemplar pool (a
+    monitored fact set is its own), else zero-shot. `.prompts` holds the evaluation prompts of the train Known, train
+    Unknown and held-out facts. `facts_source` names the fact set in the results.
 
     `drift_kl` is the mean KL(reference ‖ model) of the first-answer-token distribution on up to `drift_size`
     held-out prompts; the reference is `teacher` when given, else the model as it was when training began
     (`drift_size=0` disables it). `representation_drift` is the paper's mechanism signal on the same prompts: mean
     1 − cos of the middle layer's hidden state at the subject's last token, against the model when training began
     (None when no held-out fact names its subject).
-
-    With `num_shots`, each fact is asked after `num_shots` same-relation exemplars from `exemplars` (fixed per fact,
-    drawn with `seed`, never the fact itself), as the SliCK probe asks it: a model whose training data does not
-    teach the answer format (a chat model, the user's own data) is then still measured on what it knows rather than
-    on how it phrases it. Default 0: zero-shot, in the format the training teaches. `.prompts` holds the evaluation
-    prompts of the train Known, train Unknown and held-out facts. `facts_source` names the fact set in the results.
 
     `answered_known_accuracy` is the held-out accuracy on the facts the model answered correctly at the first
     evaluation (step 0): SliCK's few-shot "Known" does not imply a correct zero-shot answer in the evaluation format,
@@ -91,8 +96,9 @@ class ForgettingCallback(TrainerCallback):
     Every `Trainer.evaluate()` also returns the latest metrics as `eval_knowledge/<name>` (evaluating first when the
     last evaluation is from an earlier step), so `metric_for_best_model="knowledge/heldout_known_accuracy"`,
     `load_best_model_at_end` and `EarlyStoppingCallback` can use them. `attach` puts the callback first so that
-    callbacks that read the metrics in `on_evaluate` see them. In a multi-process run every process evaluates the
-    same facts with its own copy of the model; the main process writes the results.
+    callbacks that read the metrics in `on_evaluate` see them. In a multi-process run every rank calls the callback
+    and takes its share of the generation and drift batches (`sharding`); every rank gets every result, and the main
+    process writes them.
     """
 
     def __init__(
@@ -132,7 +138,6 @@ class ForgettingCallback(TrainerCallback):
             check_facts(splits, "fact set to monitor", categories=False)
             self.facts = splits
             exemplars = splits if exemplars is None else exemplars
-            num_shots = MONITOR_SHOTS if num_shots is None else num_shots
             self.probe_config = probe_config or ProbeConfig.cheap(seed=seed, batch_size=batch_size,
                                                                   max_new_tokens=max_new_tokens)
             self.heldout_size, self.heuristics = heldout_size, heuristics
@@ -300,7 +305,6 @@ class ForgettingCallback(TrainerCallback):
         else:
             categorised = probe(self.facts, model, tokenizer, exemplars=self.exemplars, fmt=fmt, config=config,
                                 progress=self.progress and state.is_world_process_zero, shard=True)
-            categorised = categorised.add_column("probe_model", [name] * len(categorised))
         splits = monitor_splits(categorised, heldout_size=self.heldout_size, heuristics=self.heuristics,
                                 seed=self.seed)
         counts = Counter(categorised["category"])
@@ -335,9 +339,8 @@ class ForgettingCallback(TrainerCallback):
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
                 json.dump(results, f, indent=2)
-            fired = results["collapse"] and results["collapse"]["fired"]
-            if fired:
-                c = results["collapse"]
+            c = results["collapse"]
+            if c and c["fired"]:
                 logger.warning(
                     f"Collapse onto default answers: {c['lost_to_default']} of the {c['lost']} held-out Known facts "
                     "lost in this run are now answered with a default answer (the training mix's most common "

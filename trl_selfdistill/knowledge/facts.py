@@ -99,8 +99,9 @@ def builtin_facts(name: str) -> Dataset:
     facts = load_facts(BUILTIN[name])
     if name.endswith("-smollm2"):  # categorised by the embedded model
         from ..embedded import EMBEDDED_HUB_ID
+        from .probe import PROBE_MODEL
 
-        facts = facts.add_column("probe_model", [EMBEDDED_HUB_ID] * len(facts))
+        facts = facts.add_column(PROBE_MODEL, [EMBEDDED_HUB_ID] * len(facts))
     return facts
 
 

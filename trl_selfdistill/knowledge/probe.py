@@ -24,8 +24,8 @@ from .generation import GenerateFn, Generator
 from .heuristics import FICTIONAL_PER_RELATION, default_answers, fictional_facts, label_heuristics
 
 SLICK_CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-PROBE_COLUMNS = ("p_greedy", "p_sample", "category", "greedy_answers", "heuristic", "defaults", "probe_model")
 PROBE_MODEL = "probe_model"  # the column naming the model that probed the categories (`embedded.model_id`)
+PROBE_COLUMNS = ("p_greedy", "p_sample", "category", "greedy_answers", "heuristic", "defaults", PROBE_MODEL)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,9 @@ def probe(
     Categorise `facts` with SliCK. Generation runs with `model` + `tokenizer`, or an injected `generate_fn`.
     `exemplars` defaults to `facts` itself (a fact is never its own exemplar). Returns `facts` with the columns
     `p_greedy`, `p_sample` (None without samples), `category`, `greedy_answers`, `heuristic` (`copy`, `prior` or
-    `none`) and `defaults` (the relation's default answers, normalised). With `shard`, every rank of a multi-process
+    `none`), `defaults` (the relation's default answers, normalised) and, with a `model`, `probe_model` (its
+    recorded name, `model_name`: what later runs check before reusing the categories). With `shard`, every rank of a
+    multi-process
     run calls `probe` and the ranks share the generation (`Generator(shard=True)`); every rank gets the result.
     """
     config = config or ProbeConfig.cheap()
@@ -192,7 +194,8 @@ def probe(
         .add_column("category", categories)
         .add_column("greedy_answers", greedy_answers)
     )
-    return _label(probed, relations, fictional_greedy)
+    probed = _label(probed, relations, fictional_greedy)
+    return probed if model is None else probed.add_column(PROBE_MODEL, [model_name(model)] * len(probed))
 
 
 def label_with_model(
