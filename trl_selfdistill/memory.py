@@ -10,23 +10,22 @@ an earlier block freed. A benchmark that needs exact per-variant figures runs on
 
 import contextlib
 import ctypes
-import gc
 import re
 import sys
 import threading
 from pathlib import Path
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 
 SAMPLE_SECONDS = 0.02
 
 
 def free_memory() -> None:
-    """Collect garbage and hand freed memory back: CUDA's cache, and on glibc the heap pages `malloc_trim` can return
-    (freed blocks the allocator would otherwise keep in the resident set)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """Collect garbage and hand freed memory back: the accelerator's cache (accelerate's `clear_device_cache`), and on
+    glibc the heap pages `malloc_trim` can return (freed blocks the allocator would otherwise keep in the resident
+    set)."""
+    clear_device_cache(garbage_collection=True)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -264,18 +264,14 @@ def _collapse_line(collapse: dict | None) -> str | None:
 
 
 def _collapse_warning(collapse: dict | None) -> str | None:
-    """The card's warning when the collapse diagnostic fired (`knowledge.metrics.collapse`), else None."""
+    """The card's warning when the collapse diagnostic fired (`knowledge.metrics.collapse`), else None; the counts and
+    shares are in `_collapse_line`, printed just above it."""
     if not collapse or not collapse.get("fired"):
         return None
-    start, end = collapse.get("default_answer_share_start"), collapse.get("default_answer_share_end")
-    shares = (f" Default answers make up {_format(end, True)} of the held-out answers at the end, "
-              f"{_format(start, True)} at the start." if start is not None and end is not None else "")
-    share = _format(collapse["lost_to_default_share"], True)
-    return (f"**Collapse onto default answers.** {collapse['lost_to_default']} of the {collapse['lost']} held-out "
-            f"Known facts this run lost ({share}) are now answered with a default "
-            "answer (the training mix's most common answers, or what the model answers about any entity of the "
-            f"relation).{shares} The new facts' common answers are taking over what the model knew: mix Known facts "
-            "with varied answers, lower the learning rate or stop earlier.")
+    return ("**Collapse onto default answers.** Most held-out Known facts this run lost are now answered with a "
+            "default answer (the training mix's most common answers, or what the model answers about any entity of "
+            "the relation): the new facts' common answers are taking over what the model knew. Mix Known facts with "
+            "varied answers, lower the learning rate or stop earlier.")
 
 
 def render_model_card(info: CardInfo) -> ModelCard:

@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import AutoModelForCausalLM
 from trl.trainer.utils import use_adapter
 
 from .distributed import check_engine, forward_through, full_shape, is_partitioned, unwrap
@@ -131,8 +132,6 @@ class ModelTeacher(Teacher):
         (the name or path it was loaded from, with `model_init_kwargs`), and refused when there is none."""
         partitioned = any(is_partitioned(p) for p in model.parameters())
         if partitioned and source is not None:
-            from transformers import AutoModelForCausalLM
-
             from .embedded import resolve
 
             loaded = AutoModelForCausalLM.from_pretrained(resolve(source), **(model_init_kwargs or {}))
@@ -195,8 +194,6 @@ def make_teacher(model: nn.Module, args, accelerator, *, given_peft_model: bool,
             )
         teacher = ModelTeacher.copy_of(unwrap(model), source=model_source, model_init_kwargs=args.model_init_kwargs)
     else:
-        from transformers import AutoModelForCausalLM
-
         check_model_source(args.teacher_model_name_or_path, "teacher_model_name_or_path", tokenizer=False,
                            model_init_kwargs=args.model_init_kwargs)
         path = args.teacher_model_name_or_path

@@ -116,7 +116,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         check_not_empty(kwargs.get("train_dataset"), "train")
         # Whether the raw training data is conversational: the format a knowledge monitor asks its facts in
         self.conversational = _is_conversational(kwargs.get("train_dataset"))
-        self._model_source = model if isinstance(model, str) else None  # where a ZeRO-3 teacher loads from
+        model_source = model if isinstance(model, str) else None  # where a ZeRO-3 teacher loads from
         super().__init__(model, args, **kwargs)
         check_token_ids(self)
         self.freeze_report = None
@@ -132,7 +132,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         if args.distill_coef > 0:
             self._check_loss_options()
         self.teacher = make_teacher(self.model, args, self.accelerator, given_peft_model=given_peft_model,
-                                    model_source=self._model_source) if args.distill_coef > 0 else None
+                                    model_source=model_source) if args.distill_coef > 0 else None
         self._distill_coef = args.distill_coef
         if self.teacher is not None:
             self._check_teacher_weights()
