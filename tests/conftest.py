@@ -129,6 +129,14 @@ def tokenizer():
     return make_tokenizer()
 
 
+def write_jsonl(path, rows):
+    """`rows` (dicts) as a JSONL file at `path`; returns `path`."""
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def answered_facts(path, questions, relation: str = "capital", seed: int = 42):
     """
     Facts the tiny random model (`tiny_model()`, `make_tokenizer()`) "knows", written to `path` as JSONL: each fact's
@@ -136,8 +144,6 @@ def answered_facts(path, questions, relation: str = "capital", seed: int = 42):
     training seed; SFTConfig's default is 42), so a probe finds them Known (a random model knows no real fact). The
     evaluation during training asks each fact with the probe's first prompt, so the model also answers them at step 0.
     """
-    import json
-
     from trl_selfdistill.knowledge import AnswerFormat, ProbeConfig, load_facts, probe
 
     facts = load_facts([{"question": q, "answers": ["x"], "relation": relation} for q in questions])
@@ -146,5 +152,4 @@ def answered_facts(path, questions, relation: str = "capital", seed: int = 42):
                    progress=False)
     rows = [{"id": fact["id"], "question": fact["question"], "relation": relation, "answers": ["x", *greedy]}
             for fact, greedy in zip(facts, probed["greedy_answers"], strict=True)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_jsonl(path, rows)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import answered_facts, make_tokenizer, tiny_model
+from conftest import answered_facts, make_tokenizer, tiny_model, write_jsonl
 
 HERE = Path(__file__).parent
 QUESTIONS = [f"What is the capital of {country}?" for country in
@@ -47,6 +47,27 @@ def workdir(tmp_path_factory) -> Path:
     return path
 
 
+def sft_command(workdir: Path, out: Path, facts: Path, *extra: str) -> list[str]:
+    """The user's command: `trl-selfdistill sft` from the model folder, on the chat data, monitoring `facts`."""
+    return [sys.executable, "-m", "trl_selfdistill.cli", "sft", "--model_name_or_path", str(workdir / "model"),
+            "--dataset_name", str(HERE / "data" / "chat"), "--output_dir", str(out), "--report_to", "none", "--bf16",
+            "false", "--disable_tqdm", "true", "--save_strategy", "no", "--knowledge_facts", str(facts),
+            "--knowledge_batch_size", "4",
+            "--knowledge_heuristics", "any",  # a random model answers every capital alike: all `prior`
+            *extra]
+
+
+def run_command(cmd: list[str], out: Path, engines: bool) -> tuple[dict, str, float]:
+    """(the run's forgetting results, its stdout, its wall seconds)."""
+    path = [str(HERE / "cpu_engines"), str(HERE.parent)] if engines else [str(HERE.parent)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "forgetting_results.json").read_text()), proc.stdout, wall
+
+
 @pytest.fixture(scope="module")
 def sft(workdir):
     """`sft(engine, mode)`: (results, stdout, wall seconds) of the CLI run; engine None: 1 process, batch 4."""
@@ -56,23 +77,12 @@ def sft(workdir):
         if (engine, mode) in done:
             return done[engine, mode]
         out = workdir / f"{engine}-{mode}"
-        cmd = [sys.executable, "-m", "trl_selfdistill.cli", "sft", *LAUNCH[engine],
-               "--model_name_or_path", str(workdir / "model"), "--dataset_name", str(HERE / "data" / "chat"),
-               "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2" if engine else "4",
-               "--learning_rate", "0.05", "--report_to", "none", "--bf16", "false", "--disable_tqdm", "true",
-               "--save_strategy", "no", "--knowledge_facts", str(workdir / "facts.jsonl"),
-               "--knowledge_batch_size", "4", "--knowledge_eval_steps", "1", "--knowledge_drift_size", "8",
-               "--knowledge_heuristics", "any",  # a random model answers every capital alike: all `prior`
-               *(LORA if mode == "lora" else [])]
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(HERE / "cpu_engines"), str(HERE.parent)])}
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        wall = time.perf_counter() - start
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        results = json.loads((out / "forgetting_results.json").read_text())
+        cmd = sft_command(workdir, out, workdir / "facts.jsonl", *LAUNCH[engine], "--max_steps", "2",
+                          "--per_device_train_batch_size", "2" if engine else "4", "--learning_rate", "0.05",
+                          "--knowledge_eval_steps", "1", "--knowledge_drift_size", "8",
+                          *(LORA if mode == "lora" else []))
+        results, stdout, wall = done[engine, mode] = run_command(cmd, out, engines=True)
         print(f"\n{engine or 'one process'} {mode}: {wall:.1f} s, probe {results['probe']['seconds']:.2f} s")  # -s
-        done[engine, mode] = (results, proc.stdout, wall)
         return done[engine, mode]
 
     return run
@@ -119,29 +129,25 @@ def test_knowledge_monitor_shared_by_two_processes_equals_one(sft, engine, mode)
 
 
 def test_probe_file_is_reused_for_its_model_and_redone_for_another(sft, workdir, tmp_path):
-    """Categories from `trl-selfdistill probe`-like output are used as they are when this model probed them."""
+    """Categories from `trl-selfdistill probe`-like output are used as they are when this model probed them: the file
+    calls half of the facts the model knows Unknown, so what is monitored shows whose categories were used."""
     one, _, _ = sft(None, "lora")
     facts = [json.loads(line) for line in (workdir / "facts.jsonl").read_text().splitlines()]
-    ids = set(one["per_fact"]["heldout_ids"])
+    probed_known = sorted(one["per_fact"]["heldout_ids"])
+    listed = set(probed_known[: len(probed_known) // 2])
     for model, reused in ((str(workdir / "model"), True), ("some/other-model", False)):
-        rows = [{**fact, "category": "HighlyKnown" if fact["id"] in ids else "Unknown", "heuristic": "none",
+        rows = [{**fact, "category": "HighlyKnown" if fact["id"] in listed else "Unknown", "heuristic": "none",
                  "probe_model": model} for fact in facts]
-        path = tmp_path / f"categorised-{reused}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        path = write_jsonl(tmp_path / f"categorised-{reused}.jsonl", rows)
         out = tmp_path / f"out-{reused}"
-        cmd = [sys.executable, "-m", "trl_selfdistill.cli", "sft", "--model_name_or_path", str(workdir / "model"),
-               "--dataset_name", str(HERE / "data" / "chat"), "--output_dir", str(out), "--max_steps", "1",
-               "--per_device_train_batch_size", "2", "--report_to", "none", "--bf16", "false", "--disable_tqdm",
-               "true", "--save_strategy", "no", "--knowledge_facts", str(path), "--knowledge_batch_size", "4",
-               "--knowledge_drift_size", "0", "--knowledge_heuristics", "any"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        results = json.loads((out / "forgetting_results.json").read_text())
+        results, stdout, _ = run_command(sft_command(workdir, out, path, "--max_steps", "1",
+                                                     "--per_device_train_batch_size", "2", "--knowledge_drift_size",
+                                                     "0"), out, engines=False)
         assert results["probe"]["reused"] is reused
-        if reused:  # said at start-up, before any model loads; the file's categories decide what is monitored
-            assert f"knowledge: using the categories in the fact set, probed with {workdir / 'model'}" in proc.stdout
-            assert set(results["per_fact"]["heldout_ids"]) == ids
-        else:
-            assert "not " + str(workdir / "model") in proc.stdout
+        if reused:  # said at start-up, before the model loads; the file's categories decide what is monitored
+            assert f"knowledge: using the categories in the fact set, probed with {workdir / 'model'}" in stdout
+            assert set(results["per_fact"]["heldout_ids"]) == listed
+        else:  # probed again: every fact the model knows is monitored
+            assert "not " + str(workdir / "model") in stdout
+            assert sorted(results["per_fact"]["heldout_ids"]) == probed_known
             assert results["probe"]["categories"] == one["probe"]["categories"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import answered_facts, make_tokenizer, tiny_model
+from conftest import answered_facts, make_tokenizer, tiny_model, write_jsonl
 
 from trl_selfdistill.scripts.sft import parse_and_run
 
@@ -30,11 +30,6 @@ def common(model_dir, output_dir, data="chat", *extra):
     return ["--model_name_or_path", str(model_dir), "--dataset_name", str(DATA / data), "--output_dir",
             str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
             "--bf16", "false", "--disable_tqdm", "true", "--save_strategy", "no", *extra]
-
-
-def write_facts(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ def test_knowledge_monitor_and_early_stopping_on_eval_knowledge_metrics(tmp_path
 
 
 def test_knowledge_set_the_model_does_not_know(tmp_path, model_dir):
-    facts = write_facts(tmp_path / "facts.jsonl",
+    facts = write_jsonl(tmp_path / "facts.jsonl",
                         [{"question": q, "answers": ["Zzyzx"], "relation": "capital"} for q in QUESTIONS])
     with pytest.raises(ValueError, match="knows none of the 8 facts .*larger or easier fact set"):
         parse_and_run(common(model_dir, tmp_path / "out", "chat", "--knowledge_facts", str(facts)))
@@ -122,13 +117,13 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("what, bad, message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_is_refused_before_training(tmp_path, what, bad, message):
-    write_facts(tmp_path / "bad_facts.jsonl", [{"question": "What is the capital of France?", "answers": 3}])
+    write_jsonl(tmp_path / "bad_facts.jsonl", [{"question": "What is the capital of France?", "answers": 3}])
     (tmp_path / "typo.yaml").write_text("distil_coef: 1.0\n")
     data = "prompt_completion"
     if isinstance(bad, dict):
         data = tmp_path / "data"
         data.mkdir()
-        write_facts(data / "train.jsonl", [bad, bad])
+        write_jsonl(data / "train.jsonl", [bad, bad])
         bad = []
     # The model folder does not exist: every error must come before the model is needed
     argv = common(tmp_path / "no-model", tmp_path / "out", str(data), *[a.format(tmp=tmp_path) for a in bad])
