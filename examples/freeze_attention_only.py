@@ -66,7 +66,7 @@ from trl import ModelConfig, TrlParser
 
 from trl_selfdistill import FreezeConfig, SelfDistillConfig, SelfDistillSFTTrainer
 from trl_selfdistill.embedded import EMBEDDED, resolve
-from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, build_splits
+from trl_selfdistill.knowledge import AnswerFormat
 from trl_selfdistill.scripts import utils
 
 
@@ -87,7 +87,6 @@ def parse_args(
 
 def main(script_args: utils.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig,
          freeze_config: FreezeConfig):
-    log = training_args.distributed_state.print  # main process only
     name = utils.tiny_checkpoint() if script_args.smoke else resolve(model_args.model_name_or_path)
     # The trainer loads the model from `name` with these (and a `--teacher_model_name_or_path` teacher too)
     training_args.model_init_kwargs = utils.model_init_kwargs(model_args, training_args)
@@ -95,25 +94,12 @@ def main(script_args: utils.FactsArguments, training_args: SelfDistillConfig, mo
         training_args.teacher_model_name_or_path = resolve(training_args.teacher_model_name_or_path)
     fmt = AnswerFormat()
 
-    facts = utils.categorised_facts(script_args, training_args, fmt, name)  # probes a copy of `name`, then frees it
-    splits = build_splits(facts, train_size=script_args.train_size, heldout_size=script_args.heldout_size,
-                          unknown_share=script_args.unknown_share, control=False, seed=training_args.seed)
-    train_dataset = fmt.training_dataset(splits.train(seed=training_args.seed))
-
+    facts, splits, train_dataset = utils.fact_splits(script_args, training_args, fmt, name)  # probes a copy of `name`
     # The trainer freezes everything outside the selection before the optimizer is built, and prints the report
     trainer = SelfDistillSFTTrainer(model=name, args=training_args, train_dataset=train_dataset,
                                     freeze_config=freeze_config)
-    callback = ForgettingCallback(splits, fmt=fmt, eval_steps=script_args.forgetting_eval_steps or None,
-                                  teacher=trainer.teacher).attach(trainer)
-    log(utils.run_summary(trainer, facts, splits, script_args.dataset_name,
-                            parameters=trainer.freeze_report.to_markdown()))  # trainable / frozen parameters by group
-
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-
-    log(utils.final_summary(callback.final))
-    utils.save_and_push(trainer, script_args.dataset_name, log)
-    trainer.end()
-    return trainer
+    # trainable / frozen parameters by group in the run summary
+    return utils.train_and_report(trainer, script_args, facts, splits, fmt, trainer.freeze_report.to_markdown())
 
 
 if __name__ == "__main__":

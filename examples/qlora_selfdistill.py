@@ -64,7 +64,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_selfdistill import SelfDistillConfig, SelfDistillSFTTrainer
 from trl_selfdistill.embedded import EMBEDDED, load_model
-from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, build_splits
+from trl_selfdistill.knowledge import AnswerFormat
 from trl_selfdistill.scripts import utils
 
 
@@ -83,7 +83,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[utils.FactsArguments, Sel
 
 
 def main(script_args: utils.FactsArguments, training_args: SelfDistillConfig, model_args: ModelConfig):
-    log = training_args.distributed_state.print  # main process only
     name = utils.tiny_checkpoint() if script_args.smoke else model_args.model_name_or_path
     quantization_config = get_quantization_config(model_args)  # nf4, compute dtype = --dtype
     if quantization_config is None or not model_args.use_peft:
@@ -95,26 +94,13 @@ def main(script_args: utils.FactsArguments, training_args: SelfDistillConfig, mo
                                   **utils.model_init_kwargs(model_args, training_args))
     fmt = AnswerFormat()
 
-    facts = utils.categorised_facts(script_args, training_args, fmt, name, lambda: (model, tokenizer))
-    splits = build_splits(facts, train_size=script_args.train_size, heldout_size=script_args.heldout_size,
-                          unknown_share=script_args.unknown_share, control=False, seed=training_args.seed)
-    train_dataset = fmt.training_dataset(splits.train(seed=training_args.seed))
-
+    facts, splits, train_dataset = utils.fact_splits(script_args, training_args, fmt, name, lambda: (model, tokenizer))
     trainer = SelfDistillSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                     processing_class=tokenizer, peft_config=get_peft_config(model_args))
-    callback = ForgettingCallback(splits, fmt=fmt, eval_steps=script_args.forgetting_eval_steps or None,
-                                  teacher=trainer.teacher).attach(trainer)
     weights = (f"base weights: 4-bit {quantization_config.bnb_4bit_quant_type}, compute dtype "
                f"{quantization_config.bnb_4bit_compute_dtype}")
-    log(utils.run_summary(trainer, facts, splits, script_args.dataset_name,
-                            parameters=f"{weights}\n{utils.trainable_parameters(trainer.model)}"))
-
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-
-    log(utils.final_summary(callback.final))
-    utils.save_and_push(trainer, script_args.dataset_name, log)
-    trainer.end()
-    return trainer
+    return utils.train_and_report(trainer, script_args, facts, splits, fmt,
+                                  f"{weights}\n{utils.trainable_parameters(trainer.model)}")
 
 
 if __name__ == "__main__":

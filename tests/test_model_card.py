@@ -502,6 +502,23 @@ def test_card_shows_only_this_runs_results(tmp_path):
     assert metrics_of(card) == FINAL_METRICS
 
 
+def test_card_reports_the_trainers_knowledge_monitor_and_names_the_given_base_model(tmp_path):
+    """A budget's steering monitor (attached later, so first among the callbacks) never becomes the card's results;
+    `card_base_model` names the base of a model loaded from a local snapshot folder."""
+    args = config(tmp_path, max_steps=1, card_base_model="someone/the-base")
+    trainer = SelfDistillSFTTrainer(
+        tiny_model(), args=args, train_dataset=prompt_completion_dataset(8), processing_class=make_tokenizer()
+    )
+    reported = RecordedResults(RESULTS).attach(trainer)
+    steering = copy.deepcopy(RESULTS)
+    steering["final"]["heldout_known_accuracy"] = 0.123
+    RecordedResults(steering).attach(trainer, report=False)
+    assert trainer.knowledge_monitor is reported and trainer.callback_handler.callbacks[0] is not reported
+    card = ModelCard.load(write_model_card(trainer))
+    assert metrics_of(card) == FINAL_METRICS
+    assert card.data.base_model == "someone/the-base"
+
+
 def test_model_index_names_the_fact_set_measured_and_the_answered_subset():
     results = copy.deepcopy(RESULTS)
     results["facts"] = "curated"

@@ -145,6 +145,14 @@ class SelfDistillConfig(SFTConfig):
             "same autocast as the student's."
         },
     )
+    card_base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The base model the model card names (a Hub id, in the card's `base_model` metadata). Default: "
+            "the trained model's own name or path. Set it when the model was loaded from a local copy or a snapshot "
+            "of a Hub model, so the card links the model it derives from."
+        },
+    )
 
     @classmethod
     def from_sft_config(cls, config, **distill_fields) -> "SelfDistillConfig":

@@ -23,6 +23,7 @@ from peft import PeftModel
 from .config import HF_TOKEN
 from .embedded import EMBEDDED_HUB_ID, cache_dir
 from .knowledge.callback import RESULTS_FILE, ForgettingCallback
+from .knowledge.results import ForgettingResults
 from .teacher import causal_lm
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -174,7 +175,7 @@ def _eval_results(info: CardInfo) -> list[EvalResult]:
     ]
 
 
-def eval_results_entries(results: dict | None, source_url: str | None = None) -> dict[str, list[dict]]:
+def eval_results_entries(results: ForgettingResults | None, source_url: str | None = None) -> dict[str, list[dict]]:
     """
     The Hub's eval results (`.eval_results/<name>.yaml`, https://hf.co/docs/hub/eval-results) of `results`: one file
     per evaluated set that has a Hub dataset id: the knowledge facts when they were loaded from the Hub (held-out Known
@@ -206,7 +207,9 @@ def eval_results_entries(results: dict | None, source_url: str | None = None) ->
     return files
 
 
-def write_eval_results(folder: str | os.PathLike, results: dict | None, source_url: str | None = None) -> list[Path]:
+def write_eval_results(
+    folder: str | os.PathLike, results: ForgettingResults | None, source_url: str | None = None
+) -> list[Path]:
     """Write `eval_results_entries` as `<folder>/.eval_results/<name>.yaml`; returns the files written."""
     import yaml
 
@@ -219,7 +222,7 @@ def write_eval_results(folder: str | os.PathLike, results: dict | None, source_u
     return written
 
 
-def _results_context(results: dict | None) -> dict:
+def _results_context(results: ForgettingResults | None) -> dict:
     if not results:
         return {"result_rows": [], "baseline_name": None}
     final = results.get("final") or {}
@@ -458,17 +461,19 @@ def _hyperparameters(trainer, model) -> dict[str, Any]:
     return hyperparameters
 
 
-def run_results(trainer) -> dict | None:
-    """This run's forgetting results: those of the `ForgettingCallback` registered with `trainer` that has evaluated.
+def run_results(trainer) -> ForgettingResults | None:
+    """This run's forgetting results, once it has evaluated: those of `trainer.knowledge_monitor` (the
+    `ForgettingCallback` attached to report, see `ForgettingCallback.attach`), or of a trainer that has none, such as a
+    plain `trl.SFTTrainer` given `callbacks=[ForgettingCallback(...)]`, of its reporting `ForgettingCallback`.
 
     A results file in `output_dir` is never read: it may be an earlier run's, and a card must describe this one.
     """
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, ForgettingCallback):
-            results = callback.results()
-            if results.get("final"):
-                return results
-    return None
+    monitor = getattr(trainer, "knowledge_monitor", None)
+    if monitor is None:
+        callbacks = trainer.callback_handler.callbacks
+        monitor = next((c for c in callbacks if isinstance(c, ForgettingCallback) and c.report), None)
+    results = monitor.results() if monitor is not None else None
+    return results if results and results.get("final") else None
 
 
 def card_info(trainer, model_name=None, dataset_name=None, tags=None) -> CardInfo:
@@ -485,7 +490,7 @@ def card_info(trainer, model_name=None, dataset_name=None, tags=None) -> CardInf
     train_dataset = trainer.train_dataset
     return CardInfo(
         model_name=model_name,
-        base_model=base_model_name(model),
+        base_model=getattr(args, "card_base_model", None) or base_model_name(model),
         distill_coef=distill_coef,
         distill_temperature=getattr(args, "distill_temperature", None) if distill_coef else None,
         divergence=getattr(args, "divergence", None) if distill_coef else None,

@@ -25,8 +25,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from trl import SFTConfig
 
+from .base_trainer import GuardedSFTTrainer
 from .config import SelfDistillConfig
-from .trainer import SelfDistillSFTTrainer
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -121,7 +121,7 @@ FIXED: dict[str, dict] = {
 # l2init: SFT + μ·‖θ − θ₀‖²
 
 
-class L2InitSFTTrainer(SelfDistillSFTTrainer):
+class L2InitSFTTrainer(GuardedSFTTrainer):
     r"""
     Plain SFT plus a pull toward the initial weights θ₀ (the paper's control):
 
@@ -141,13 +141,13 @@ class L2InitSFTTrainer(SelfDistillSFTTrainer):
 
     _tag_names = ["trl", "sft", "l2-init", "trl-selfdistill"]
 
-    def __init__(self, model, args: SelfDistillConfig, l2init_coef: float, **kwargs):
+    def __init__(self, model, args: SFTConfig, l2init_coef: float, **kwargs):
         number = isinstance(l2init_coef, (int, float)) and not isinstance(l2init_coef, bool)
         if not number or not 0 <= l2init_coef < math.inf:
             raise ValueError(
                 f"`l2init_coef` (μ) must be a finite number ≥ 0, got {l2init_coef!r}. Use 0 for plain SFT."
             )
-        if args.distill_coef != 0:
+        if getattr(args, "distill_coef", 0):
             raise ValueError(
                 f"L2InitSFTTrainer is SFT plus an L2 pull, but `distill_coef={args.distill_coef}` would add the "
                 "distillation term too. Set `distill_coef=0` (the `l2init` factory does)."

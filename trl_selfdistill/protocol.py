@@ -32,6 +32,7 @@ from .config import SelfDistillConfig
 from .knowledge import AnswerFormat, ForgettingCallback, KnowledgeSplits, build_splits, synthetic_facts
 from .knowledge.facts import FACT_COLUMNS
 from .knowledge.metrics import accuracy_by
+from .knowledge.results import MethodResult, SeedResult
 from .knowledge.splits import GENUINE_ONLY, entity_of, known_facts
 from .memory import MemoryMeter, free_memory
 from .methods import Build, Method
@@ -220,7 +221,7 @@ class Protocol:
         out: Path,
         baseline: dict | None = None,
         save: bool = False,
-    ) -> dict:
+    ) -> MethodResult:
         """One method from the snapshot: the `ForgettingCallback` results plus cost and per-relation numbers."""
         run_splits = splits.known_only() if method.spec.control else splits
         self.log(f"\nStage 2, seed {seed}: {method.title} — {run_splits.sizes}")
@@ -228,8 +229,6 @@ class Protocol:
         # From the trainer's construction on (its teacher copy or θ₀ counts); the sampler stops however this ends
         with MemoryMeter() as memory:
             trainer = self.trainer(method, run_splits, snapshot, seed, run_out, push=save and self.args.push_to_hub)
-            if self.base_name:
-                trainer.model.config._name_or_path = self.base_name  # the card names the base, not the snapshot folder
             teacher = getattr(trainer, "teacher", None)
             forgetting = ForgettingCallback(
                 run_splits, fmt=self.fmt, eval_steps=self.eval_steps, teacher=teacher, baseline=baseline
@@ -246,7 +245,7 @@ class Protocol:
                     fmt=self.fmt,
                     drift_size=0,
                     eval_steps=max(1, (self.eval_steps or 16) // 2),
-                ).attach(trainer)
+                ).attach(trainer, report=False)
                 options = {"budget": DEFAULT_BUDGET, **self.budget_defaults, "mode": method.spec.budget_mode}
                 if method.value is not None:
                     options["budget"] = method.value
@@ -260,7 +259,7 @@ class Protocol:
             save_and_push(trainer, self.dataset_name, self.log)
         results = forgetting.results()
         heldout_end = results["per_fact"]["heldout_end"]
-        result = {
+        result: MethodResult = {
             **results,
             "method": method.name,
             "title": method.title,
@@ -311,6 +310,7 @@ class Protocol:
             "save_strategy": "no",
             "push_to_hub": False,
             "hub_model_id": self.args.hub_model_id if overrides.get("push_to_hub") else None,
+            "card_base_model": self.base_name,  # the card names the base model, not the snapshot folder
             **overrides,
         }
         if overrides.get("distill_coef") == 0:
@@ -318,7 +318,7 @@ class Protocol:
         return replace(self.args, **overrides)
 
     # ---- 4. seeds and study -----------------------------------------------------------------------------------------
-    def run_seed(self, seed: int, methods: Sequence[Method], out: Path, save: bool = False) -> dict:
+    def run_seed(self, seed: int, methods: Sequence[Method], out: Path, save: bool = False) -> SeedResult:
         """
         Splits, snapshot and every method for one seed; returns {"seed", "splits", "control", "runs"}, also written
         to `out/seed_results.json` after each run, so an interrupted seed keeps the runs it finished.
@@ -329,7 +329,7 @@ class Protocol:
             f"Seed {seed}: splits {splits.sizes}" + (f", control {len(splits.control)}" if splits.control else "")
         )
         snapshot, curve = self.snapshot(splits, seed, out)
-        result = {
+        result: SeedResult = {
             "seed": seed,
             "splits": splits.sizes,
             "snapshot_curve": curve,

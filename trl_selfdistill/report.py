@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .knowledge.results import MethodResult, SeedResult
 from .study import FRONTIER_TARGETS, frontier_by_step, heldout_start, make_study, summarize
 
 SEED_RESULTS = "seed_results.json"
@@ -39,7 +40,7 @@ def combine(paths: Sequence[str | Path], out: str | Path, methods: Sequence[str]
 
 
 
-def _merge_seeds(per_seed: Sequence[dict]) -> list[dict]:
+def _merge_seeds(per_seed: Sequence[SeedResult]) -> list[dict]:
     """One entry per seed: runs of the same seed from separate invocations (e.g. methods added later) are merged
     when they share the splits and S's held-out answers, i.e. the same snapshot; a method given twice is refused."""
     merged: dict[int, dict] = {}
@@ -186,7 +187,7 @@ def relation_table(study: dict) -> str | None:
     return "\n".join(lines)
 
 
-def run_table(runs: dict) -> str:
+def run_table(runs: dict[str, MethodResult]) -> str:
     """One seed's runs: held-out Known at S and at the end, forgetting, new-fact and task accuracy, wall time."""
 
     def fmt(value):

@@ -9,6 +9,7 @@ stability–plasticity curves at fixed new-fact accuracies (`frontier_readings`)
 from collections.abc import Sequence
 
 from .knowledge.metrics import accuracy
+from .knowledge.results import MethodResult, SeedResult
 from .knowledge.stats import (
     bootstrap,
     discordant,
@@ -22,12 +23,14 @@ BASELINE = "sft"  # the paired comparisons are against plain SFT
 FRONTIER_TARGETS = (0.8, 0.9)
 
 
-def heldout_start(seed: dict) -> list[int]:
+def heldout_start(seed: SeedResult) -> list[int]:
     """Per held-out fact of a seed, whether S answered it (the same in every run of the seed)."""
     return next(iter(seed["runs"].values()))["per_fact"]["heldout_start"]
 
 
-def make_study(per_seed: Sequence[dict], methods: Sequence[str] | None = None, settings: dict | None = None) -> dict:
+def make_study(
+    per_seed: Sequence[SeedResult], methods: Sequence[str] | None = None, settings: dict | None = None
+) -> dict:
     """The study of `per_seed` results (`Protocol.run_seed` outputs): the summary and frontier readings over them.
     `methods` defaults to every method any seed ran; a method run on some seeds only is summarised over those (the
     table says over how many)."""
@@ -47,11 +50,11 @@ def make_study(per_seed: Sequence[dict], methods: Sequence[str] | None = None, s
 
 
 
-def _per_fact(per_seed: Sequence[dict], method: str, key: str) -> list[list[int]]:
+def _per_fact(per_seed: Sequence[SeedResult], method: str, key: str) -> list[list[int]]:
     return [seed["runs"][method]["per_fact"][key] for seed in per_seed]
 
 
-def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
+def summarize(per_seed: Sequence[SeedResult], resamples: int = 2000) -> dict:
     """
     Per method, over the seeds that ran it: relative forgetting from S and new-fact accuracy at the end, each the mean
     over seeds with a two-level bootstrap interval (`knowledge.stats.bootstrap`); and against plain SFT, over the
@@ -130,7 +133,7 @@ def summarize(per_seed: Sequence[dict], resamples: int = 2000) -> dict:
     return summary
 
 
-def _methods(per_seed: Sequence[dict]) -> list[str]:
+def _methods(per_seed: Sequence[SeedResult]) -> list[str]:
     """Every method of any seed, in the order they first appear."""
     return list(dict.fromkeys(method for seed in per_seed for method in seed["runs"]))
 
@@ -140,7 +143,7 @@ def _difference(start, base_end, end, indices) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def frontier_by_step(result: dict) -> dict[int, tuple[float, float]]:
+def frontier_by_step(result: MethodResult) -> dict[int, tuple[float, float]]:
     """Step → (new-fact accuracy, held-out Known accuracy) at each evaluation of a run, in training order."""
     return {
         h["step"]: (h["new_fact_accuracy"], h["heldout_known_accuracy"])
@@ -149,12 +152,12 @@ def frontier_by_step(result: dict) -> dict[int, tuple[float, float]]:
     }
 
 
-def frontier_points(result: dict) -> list[tuple[float, float]]:
+def frontier_points(result: MethodResult) -> list[tuple[float, float]]:
     """(new-fact accuracy, held-out Known accuracy) at each evaluation of a run, in training order."""
     return list(frontier_by_step(result).values())
 
 
-def frontier_readings(per_seed: Sequence[dict], targets: Sequence[float] = FRONTIER_TARGETS) -> dict:
+def frontier_readings(per_seed: Sequence[SeedResult], targets: Sequence[float] = FRONTIER_TARGETS) -> dict:
     """
     Per method and target new-fact accuracy: relative forgetting from S where the run's stability–plasticity curve
     first reaches the target (`stats.reading_at`), the mean over the seeds that reach it with a Student-t interval,
@@ -181,7 +184,7 @@ def frontier_readings(per_seed: Sequence[dict], targets: Sequence[float] = FRONT
     return readings
 
 
-def _reading(result: dict, target: float) -> float | None:
+def _reading(result: MethodResult, target: float) -> float | None:
     """Relative forgetting from the run's first evaluation where its curve reaches new-fact accuracy `target`."""
     heldout = reading_at(frontier_points(result), target)
     initial = result["history"][0]["heldout_known_accuracy"]

@@ -10,54 +10,19 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
-from trl import SFTTrainer
 
+from .base_trainer import CE_FIX, GuardedSFTTrainer, NonFiniteError, nonfinite_parameters
 from .config import SelfDistillConfig
-from .data_checks import (
-    check_not_empty,
-    check_prepared_dataset,
-    check_raw_dataset,
-    check_real,
-    check_token_ids,
-)
-from .distributed import full_shape, full_tensors, gathered_heads, local_shard, unwrap
+from .data_checks import check_real
+from .distributed import full_shape, full_tensors, gathered_heads, unwrap
 from .freezing import FreezeConfig, apply_freeze, freeze_for_peft, restrict_peft_config
-from .hub import push_checkpoint, push_to_hub, save_with_manifest
 from .losses import TeacherTarget, fused_token_losses, teacher_topk
-from .model_card import write_model_card
 from .teacher import adapter_parameters, causal_lm, make_teacher
 from .teacher_cache import TeacherCache, row_key, tensor_digest, vocab_digest
-from .validation import check_model_source, check_output_dir, check_training_length
+
+__all__ = ["NonFiniteError", "SelfDistillSFTTrainer", "nonfinite_parameters"]
 
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "use_cache", "num_items_in_batch")
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss term, a teacher output or a weight about to be saved is NaN or infinite; training stops."""
-
-
-def _is_conversational(dataset) -> bool:
-    if dataset is None:
-        return False
-    from trl.data_utils import is_conversational
-
-    try:
-        return is_conversational(next(iter(dataset)))
-    except StopIteration:
-        return False
-
-
-def nonfinite_parameters(model: torch.nn.Module, trainable_only: bool = False) -> list[str]:
-    """Names of the parameters holding a NaN or an infinity (the local shard of a sharded parameter)."""
-    bad = []
-    for name, param in model.named_parameters():
-        if trainable_only and not param.requires_grad:
-            continue
-        local = local_shard(param).detach()
-        # min and max propagate NaN and ±inf, and need no copy of the tensor (`isfinite` makes ~1.7 of them)
-        if local.numel() and not torch.isfinite(torch.stack(torch.aminmax(local))).all():
-            bad.append(name)
-    return bad
 
 
 @contextmanager
@@ -71,12 +36,8 @@ def capture_outputs(module: torch.nn.Module):
         handle.remove()
 
 
-_CE_FIX = (
-    "Lower the learning rate, set `max_grad_norm`, use bf16/fp32 instead of fp16, and check the data of this batch."
-)
 
-
-class SelfDistillSFTTrainer(SFTTrainer):
+class SelfDistillSFTTrainer(GuardedSFTTrainer):
     """
     [`~trl.SFTTrainer`] whose loss adds a distillation term toward a frozen teacher (arXiv 2604.15574):
 
@@ -85,7 +46,8 @@ class SelfDistillSFTTrainer(SFTTrainer):
     The CE keeps SFTTrainer's normalisation and metrics. Both terms come from one projection of the student's last
     hidden states per chunk of the selected positions (`losses.fused_token_losses`), chunks sized to a memory budget.
     The teacher is picked by `args.teacher_mode` (see `trl_selfdistill.teacher`). With `distill_coef=0` this is
-    exactly SFTTrainer. `freeze_config` restricts what trains (full fine-tuning) or where adapters go (PEFT).
+    exactly SFTTrainer. The input checks, NaN/inf guards, card and push are `GuardedSFTTrainer`'s. `freeze_config`
+    restricts what trains (full fine-tuning) or where adapters go (PEFT).
 
     λ is `args.distill_coef` when the trainer is built and `trainer.distill_coef` afterwards: a callback may change it
     between steps (e.g. `ForgettingBudgetCallback`); `args` keeps the configured value.
@@ -104,21 +66,11 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 f"`args` is a {type(args).__name__}; SelfDistillSFTTrainer needs a SelfDistillConfig. Convert it with "
                 "`SelfDistillConfig.from_sft_config(your_config, distill_coef=1.0)` (it keeps every field you set)."
             )
-        # What the user passed is checked before the model loads (`trl_selfdistill.validation`)
-        check_training_length(args.max_steps, args.num_train_epochs)
-        check_output_dir(args.output_dir)
-        if isinstance(model, str):
-            check_model_source(model, "model", tokenizer=kwargs.get("processing_class") is None,
-                               model_init_kwargs=args.model_init_kwargs)
         given_peft_model = isinstance(model, PeftModel)
         if freeze_config is not None and kwargs.get("peft_config") is not None and isinstance(model, PreTrainedModel):
             kwargs["peft_config"] = restrict_peft_config(kwargs["peft_config"], model, freeze_config)
-        check_not_empty(kwargs.get("train_dataset"), "train")
-        # Whether the raw training data is conversational: the format a knowledge monitor asks its facts in
-        self.conversational = _is_conversational(kwargs.get("train_dataset"))
         model_source = model if isinstance(model, str) else None  # where a ZeRO-3 teacher loads from
-        super().__init__(model, args, **kwargs)
-        check_token_ids(self)
+        super().__init__(model, args, **kwargs)  # the input checks run first (`GuardedSFTTrainer`)
         self.freeze_report = None
         if freeze_config is not None:
             freeze = freeze_for_peft if isinstance(self.model, PeftModel) else apply_freeze
@@ -138,11 +90,6 @@ class SelfDistillSFTTrainer(SFTTrainer):
             self._check_teacher_weights()
         self.teacher_cache = self._make_teacher_cache() if args.teacher_cache_dir and self.teacher else None
         self._row_weights = self._read_row_weights() if self.teacher is not None else None
-        from .knowledge.callback import ForgettingCallback
-
-        for callback in list(self.callback_handler.callbacks):  # `callbacks=[ForgettingCallback(...)]` ≡ `.attach`
-            if isinstance(callback, ForgettingCallback) and callback.trainer is None:
-                callback.attach(self)
 
     @property
     def distill_coef(self) -> float:
@@ -364,25 +311,9 @@ class SelfDistillSFTTrainer(SFTTrainer):
                 return str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
         return str(self.teacher.head.weight.dtype).removeprefix("torch.")
 
-    def _stop_if_nonfinite(self, *checks: tuple[torch.Tensor, str, str]) -> None:
-        """Raise before the optimizer step when a checked value holds a NaN or an infinity (nothing saved is
-        overwritten). Each check is (value, what it is, the fix to name); all are read in one host transfer (one GPU
-        sync for all)."""
-        device = checks[0][0].device
-        finite = torch.stack([torch.isfinite(v.detach()).all().to(device) for v, _, _ in checks]).tolist()
-        for ok, (_, term, fix) in zip(finite, checks, strict=True):
-            if not ok:
-                step, epoch = self.state.global_step, self.state.epoch or 0.0
-                raise NonFiniteError(
-                    f"Non-finite {term} at optimizer step {step + 1} (epoch {epoch:.2f}): training stopped before "
-                    f"this step's update, so the weights in memory and every checkpoint saved so far are intact. {fix}"
-                )
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.teacher is None:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self._stop_if_nonfinite((result[0] if return_outputs else result, "SFT loss (CE)", _CE_FIX))
-            return result
+        if self.teacher is None:  # plain SFT, with the guard
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         args = self.args
         positions, shifted = self._distill_positions(inputs)
@@ -457,7 +388,7 @@ class SelfDistillSFTTrainer(SFTTrainer):
         ce_sum, kl_sum = fused.ce.sum(), torch.where(covered, fused.divergence, 0.0).sum()
         self._stop_if_nonfinite(
             *checks,
-            (ce_sum, "SFT loss (CE)", _CE_FIX),
+            (ce_sum, "SFT loss (CE)", CE_FIX),
             (
                 kl_sum,
                 "distillation term (KL to the teacher" + (", from the teacher cache)" if cached else ")"),
@@ -560,51 +491,3 @@ class SelfDistillSFTTrainer(SFTTrainer):
         metrics["distill_coef"].append(self.distill_coef)
         if use_cache:
             metrics["teacher_cache_hit"].append(float(cached is not None))
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Saving, model card and Hub
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """`Trainer.save_model`, refused when a trainable weight is NaN/inf (non-finite weights never overwrite a save)
-        or when a folder stands where a file is written. Records the files it wrote, which a push uploads
-        (`hub.save_with_manifest`)."""
-        check_output_dir(output_dir or self.args.output_dir)
-        bad = nonfinite_parameters(self.model, trainable_only=True)
-        if bad:
-            raise NonFiniteError(
-                f"Refusing to save: {len(bad)} trainable tensors hold NaN/inf ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}) at step {self.state.global_step}. What is on disk is kept. "
-                "Resume "
-                "from the last checkpoint with a lower learning rate, `max_grad_norm`, or bf16/fp32 instead of fp16."
-            )
-        save = super().save_model
-        return save_with_manifest(self, lambda: save(output_dir, _internal_call), output_dir or self.args.output_dir)
-
-    def end(self):
-        """Release what training holds (transformers ≥ 5.18's `Trainer.end`); nothing to do on earlier versions."""
-        parent = getattr(super(), "end", None)
-        if parent is not None:
-            parent()
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **_hub_kwargs):
-        """The package's own card (method, freeze report, forgetting results), written to `output_dir`."""
-        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
-        """Save the model, card and results in `output_dir` first, then upload; a failed upload loses nothing."""
-        return push_to_hub(self, commit_message=commit_message, blocking=blocking, **kwargs)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Trainer's checkpoint push uploads the whole output folder: send only the allowlisted files instead
-        push_checkpoint(self, checkpoint_folder)
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Data
-
-    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """SFTTrainer's preparation between two checks (`trl_selfdistill.data_checks`): raw columns, then tokens."""
-        check_raw_dataset(dataset, args, formatting_func, dataset_name)
-        raw_rows = len(dataset) if hasattr(dataset, "__len__") else None
-        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        check_prepared_dataset(prepared, raw_rows, processing_class, args, packing, dataset_name)
-        return prepared

@@ -29,6 +29,7 @@ from .metrics import (
     score,
 )
 from .probe import SLICK_CATEGORIES, ProbeConfig, few_shot_prompts, model_name, probe, reusable_categories
+from .results import Evaluation, Final, ForgettingResults
 from .splits import GENUINE_ONLY, KnowledgeSplits, monitor_splits
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class ForgettingCallback(TrainerCallback):
     process writes them.
     """
 
+    report = True  # the run's results: the results file, the card (`attach(trainer, report=False)`: steering only)
+
     def __init__(
         self,
         splits: "KnowledgeSplits | Dataset | str",
@@ -152,7 +155,7 @@ class ForgettingCallback(TrainerCallback):
         if self.facts is None:
             self._use(splits)
         self.trainer = None
-        self.history: list[dict] = []
+        self.history: list[Evaluation] = []
         self.per_category: dict[str, float] = {}
         self.answered: list[bool] | None = None  # held-out facts answered correctly at the first evaluation
         self.correct: list[list[bool]] | None = None
@@ -196,12 +199,17 @@ class ForgettingCallback(TrainerCallback):
                 self._prompts = [[fmt.prompt_for(q) for q in facts["question"]] for facts in sets]
         return self._prompts
 
-    def attach(self, trainer) -> "ForgettingCallback":
+    def attach(self, trainer, report: bool = True) -> "ForgettingCallback":
         """
         Register with `trainer`, first among its callbacks, and log through `trainer.log`, so every `report_to`
         integration sees the metrics and every later callback's `on_evaluate` sees `eval_knowledge/...`.
+        With `report` (the default) this is the trainer's `knowledge_monitor`: its results are the run's
+        `forgetting_results.json`, model card and Hub eval results. A monitor that only steers (a forgetting budget's
+        own facts) attaches with `report=False`.
         """
-        self.trainer = trainer
+        self.trainer, self.report = trainer, report
+        if report:
+            trainer.knowledge_monitor = self
         callbacks = trainer.callback_handler.callbacks
         if self not in callbacks:
             trainer.add_callback(self)
@@ -215,17 +223,17 @@ class ForgettingCallback(TrainerCallback):
         return self._every
 
     @property
-    def peak(self) -> dict | None:
+    def peak(self) -> Evaluation | None:
         """The history entry with the best held-out Known accuracy."""
         scored = [entry for entry in self.history if entry["heldout_known_accuracy"] is not None]
         return max(scored, key=lambda entry: entry["heldout_known_accuracy"]) if scored else None
 
     @property
-    def final(self) -> dict | None:
+    def final(self) -> Final | None:
         """The `final` block of the results (last evaluation, peak, start, forgetting)."""
         return forgetting_summary(self.history, self.per_category) if self.history else None
 
-    def results(self) -> dict:
+    def results(self) -> ForgettingResults:
         """Everything `forgetting_results.json` holds."""
         return {
             "final": self.final,
@@ -335,7 +343,7 @@ class ForgettingCallback(TrainerCallback):
         if not self.history or self.history[-1]["step"] != state.global_step:
             self._evaluate(state, control, model)
         results = self.results()
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and self.report:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
                 json.dump(results, f, indent=2)
@@ -371,8 +379,10 @@ class ForgettingCallback(TrainerCallback):
         metrics["default_answer_share"] = default_share(answers[2], self.defaults)
         if "heuristic" in splits.heldout.column_names:
             metrics["heldout_by_heuristic"] = accuracy_by(splits.heldout["heuristic"], correct[2])
-        entry = {"step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None,
-                 "representation_drift": self._representation(model) if self._representation else None}
+        entry: Evaluation = {
+            "step": state.global_step, **metrics, "drift_kl": self._drift(model) if self._drift else None,
+            "representation_drift": self._representation(model) if self._representation else None,
+        }
         self.eval_seconds += time.perf_counter() - start
         self.history.append(entry)
         by_heuristic = metrics.pop("heldout_by_heuristic", {})

@@ -20,6 +20,7 @@ from datasets import Dataset
 from .facts import is_correct, normalize_answer
 from .formats import AnswerFormat, Prompt
 from .generation import GenerateFn
+from .results import Evaluation, Final
 from .splits import KnowledgeSplits
 
 # Readings averaged over the last evaluations, so that one noisy evaluation cannot flip a result
@@ -180,7 +181,7 @@ def evaluate_knowledge(
     return knowledge_metrics(splits, correct_zero_shot(generate_fn, sets, fmt), answered)
 
 
-def forgetting_summary(history: Sequence[dict], per_category: dict[str, float]) -> dict:
+def forgetting_summary(history: Sequence[Evaluation], per_category: dict[str, float]) -> Final:
     """The `final` block of the results: last evaluation, held-out peak and start, and forgetting from both."""
     last = history[-1]
     heldout = [entry["heldout_known_accuracy"] for entry in history if entry["heldout_known_accuracy"] is not None]

@@ -22,7 +22,8 @@ from peft import PeftModel
 from transformers.hf_argparser import string_to_bool
 
 from ..embedded import EMBEDDED, load_model, tiny_model_like
-from ..knowledge import AnswerFormat, ProbeConfig, load_facts, probe
+from ..knowledge import AnswerFormat, KnowledgeSplits, ProbeConfig, build_splits, load_facts, probe
+from ..knowledge.results import Final, ForgettingResults
 
 CATEGORISED_FILE = "facts_categorised.jsonl"
 
@@ -171,6 +172,34 @@ def categorised_facts(args: FactsArguments, training_args, fmt: AnswerFormat, mo
     return facts
 
 
+def fact_splits(args: FactsArguments, training_args, fmt: AnswerFormat, model_name: str,
+                load_initial: Callable | None = None) -> tuple[Dataset, KnowledgeSplits, Dataset]:
+    """The examples' first half: the categorised facts (`categorised_facts`), their splits (`--train_size`,
+    `--heldout_size`, `--unknown_share`, seeded by `--seed`) and the training dataset in `fmt`."""
+    facts = categorised_facts(args, training_args, fmt, model_name, load_initial)
+    splits = build_splits(facts, train_size=args.train_size, heldout_size=args.heldout_size,
+                          unknown_share=args.unknown_share, control=False, seed=training_args.seed)
+    return facts, splits, fmt.training_dataset(splits.train(seed=training_args.seed))
+
+
+def train_and_report(trainer, args: FactsArguments, facts: Dataset, splits: KnowledgeSplits, fmt: AnswerFormat,
+                     parameters: str | None = None):
+    """The examples' second half: monitor `splits` with a `ForgettingCallback`, print the run summary, train, print
+    the forgetting line, save (and push) the model, results and card. Returns the trainer."""
+    from ..knowledge import ForgettingCallback
+
+    training_args = trainer.args
+    log = training_args.distributed_state.print  # main process only
+    callback = ForgettingCallback(splits, fmt=fmt, eval_steps=args.forgetting_eval_steps or None,
+                                  teacher=trainer.teacher).attach(trainer)
+    log(run_summary(trainer, facts, splits, args.dataset_name, parameters))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    log(final_summary(callback.final))
+    save_and_push(trainer, args.dataset_name, log)
+    trainer.end()
+    return trainer
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), tied tensors counted once; PEFT counts 4-bit weights at their unpacked size."""
     if hasattr(model, "get_nb_trainable_parameters"):
@@ -217,7 +246,7 @@ def run_summary(trainer, facts: Dataset, splits, dataset_name: str, parameters: 
     ])
 
 
-def final_summary(final: dict) -> str:
+def final_summary(final: Final) -> str:
     """One line from a `ForgettingCallback`'s `final` block."""
     final = {k: "–" if v is None else f"{v:.3f}" for k, v in final.items() if k != "per_category"}
     return (f"held-out Known accuracy {final['heldout_known_initial']} → {final['heldout_known_accuracy']} "
@@ -226,7 +255,7 @@ def final_summary(final: dict) -> str:
             f"task accuracy {final['task_accuracy']}")
 
 
-def sft_baseline(results: dict) -> dict | None:
+def sft_baseline(results: dict[str, ForgettingResults]) -> dict | None:
     """The plain-SFT run's final numbers as the self-distilled card's baseline (None before run (b) has finished)."""
     if "sft" not in results:
         return None
