@@ -262,6 +262,9 @@ def test_each_method_is_one_entry_whose_overrides_set_what_it_says():
     assert overrides("selfdistill_tau:2") == {"distill_coef": 1.0, "distill_temperature": 2.0}
     assert overrides("lora_selfdistill:0.5") == {"distill_coef": 0.5, "learning_rate": pytest.approx(1e-3)}
     assert overrides("lora_sft") == {"distill_coef": 0.0, "learning_rate": pytest.approx(1e-3)}
+    assert overrides("freeze_mlp") == {"distill_coef": 0.0}
+    assert overrides("asft:0.5") == {"distill_coef": 0.5, "loss_type": "dft", "distill_temperature": 1.0,
+                                     "divergence": "forward_kl", "distill_scope": "completion"}
     assert [k for k, spec in METHODS.items() if spec.control] == ["known_only"]
     assert {k: spec.budget_mode for k, spec in METHODS.items() if spec.budget_mode} == {
         "budget": "adapt", "budget_stop": "adapt_or_stop", "stop_at_budget": "stop"}

@@ -45,6 +45,10 @@ def _frozen_trainer(build: Build):
     return _sft_trainer(build, freeze_config=FreezeConfig.attention_only())
 
 
+def _mlp_trainer(build: Build):
+    return _sft_trainer(build, freeze_config=FreezeConfig.mlp_only())
+
+
 def _peer_trainer(build: Build):
     from transformers import AutoTokenizer
 
@@ -76,6 +80,13 @@ def _scoped(scope: str) -> Callable:
 def _tempered(method: "Method", protocol: "Protocol") -> dict:
     temperature = protocol.args.distill_temperature if method.value is None else method.value
     return {"distill_coef": protocol.args.distill_coef, "distill_temperature": temperature}
+
+
+def _asft(method: "Method", protocol: "Protocol") -> dict:
+    """ASFT (arXiv 2509.23753): DFT's CE, p(y)·CE with p detached, plus λ·KL(p_start ‖ p_θ) at the answer tokens,
+    τ = 1, the start being S (the frozen model at the start of stage 2), as in its reference code."""
+    return {**_distilled(method, protocol), "loss_type": "dft", "distill_temperature": 1.0,
+            "divergence": "forward_kl", "distill_scope": "completion"}
 
 
 def _budgeted(method: "Method", protocol: "Protocol") -> dict:
@@ -118,6 +129,8 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "selfdistill_cache": MethodSpec("self-distillation, teacher cache", "λ", overrides=_distilled, teacher_cache=True),
     "freeze": MethodSpec("attention only", build=_frozen_trainer),
+    "freeze_mlp": MethodSpec("MLP only (attention frozen)", build=_mlp_trainer),
+    "asft": MethodSpec("ASFT (DFT + KL anchor on the answer)", "λ", overrides=_asft),
     "lora_sft": MethodSpec("LoRA SFT", overrides=_lora(_plain), build=_lora_trainer),
     "lora_selfdistill": MethodSpec("LoRA self-distillation", "λ", overrides=_lora(_distilled), build=_lora_trainer),
     "budget": MethodSpec("self-distillation, forgetting budget", "budget", overrides=_budgeted, budget_mode="adapt"),
