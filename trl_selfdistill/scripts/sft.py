@@ -458,6 +458,8 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
     )
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
+    if embedded and training_args.card_base_model is None:  # the card names the model, not the local cache folder
+        training_args.card_base_model = EMBEDDED_HUB_ID
 
     trainer = SelfDistillSFTTrainer(
         model=model_args.model_name_or_path,
@@ -469,8 +471,6 @@ def main(script_args, training_args, model_args, dataset_args, freeze_args=None,
         peft_config=get_peft_config(model_args),
         freeze_config=freeze_config,
     )
-    if embedded:  # the card and the Hub name the model, not the local cache folder
-        trainer.accelerator.unwrap_model(trainer.model).config._name_or_path = EMBEDDED_HUB_ID
     args = training_args
     loss = (f"loss: CE + λ·τ²·{args.divergence} (λ={args.distill_coef}, τ={args.distill_temperature}, scope "
             f"{args.distill_scope}); teacher: {trainer.teacher.source}" if trainer.teacher else "loss: CE (plain SFT)")
