@@ -38,6 +38,7 @@ def test_every_new_field_has_help():
         "teacher_cache_prefill_batch_size",
         "loss_chunk_rows",
         "cast_lm_head_to_fp32",
+        "card_base_model",
     }
     for f in dataclasses.fields(SelfDistillConfig):
         if f.name in NEW_FIELDS:
