@@ -109,8 +109,9 @@ def test_builtin_sets_are_complete_and_light():
         assert all(re.fullmatch(r"P\d+", r) for r in facts["relation"])
         assert sum(bool(s) for s in facts["subject"]) / len(facts) > 0.95
     assert (DATA_DIR / "entityquestions" / "LICENSE").read_text().startswith("MIT License")
-    # the shipped sets stay light (the `world` set's categories are the largest part)
-    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file()) < 2_000_000
+    # the shipped sets stay light (the `world` set's categories are the largest part: 1.5 MB for the 5,934 facts that
+    # give the embedded model 1,059 genuine Known facts, issue #23)
+    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file()) < 3_000_000
     with pytest.raises(ValueError, match="Choose one of"):
         builtin_facts("trivia")
 
