@@ -8,6 +8,7 @@ from trl import SFTTrainer
 
 from trl_selfdistill import SelfDistillSFTTrainer
 from trl_selfdistill.knowledge import AnswerFormat, ForgettingCallback, Generator, KnowledgeSplits, evaluate_knowledge
+from trl_selfdistill.knowledge.results import Collapse, Evaluation, Final, ForgettingResults, PerFact
 
 HISTORY_KEYS = {"step", "task_accuracy", "new_fact_accuracy", "heldout_known_accuracy", "answered_known_accuracy",
                 "drift_kl", "default_answer_share", "representation_drift"}
@@ -155,6 +156,12 @@ def test_callback_from_facts_given_in_callbacks_probes_in_the_datas_format_and_r
     assert callback.trainer is trainer and trainer.callback_handler.callbacks[0] is callback
     trainer.train()
     results = callback.results()
+    # The results have the typed shape the protocol, budget and card read, key for key
+    assert set(results) == ForgettingResults.__required_keys__ and set(results["final"]) == set(Final.__annotations__)
+    assert set(results["collapse"]) == set(Collapse.__annotations__)
+    assert set(results["per_fact"]) == set(PerFact.__annotations__)
+    assert all(set(entry) <= set(Evaluation.__annotations__) for entry in results["history"])
+    assert trainer.knowledge_monitor is callback
     assert results["format"] == {"prompt": "{question} Reply with the answer only.", "chat": True, "num_shots": 4}
     assert results["probe"]["reused"] is False and results["probe"]["categories"] == {"HighlyKnown": 6}
     assert results["sizes"]["heldout_known"] == 6 and results["history"][0]["heldout_known_accuracy"] == 1.0
