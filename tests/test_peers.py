@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from trl_selfdistill import ForgettingCallback, SelfDistillSFTTrainer
 from trl_selfdistill.knowledge.formats import AnswerFormat
-from trl_selfdistill.peers import DEFAULTS, PEERS, peer_settings, sdft_dataset, tokenize_like_sft
+from trl_selfdistill.peers import DEFAULTS, PEERS, MatchedL2SFTTrainer, peer_settings, sdft_dataset, tokenize_like_sft
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,83 @@ def test_l2init_penalty_counts_once_per_optimizer_step(snapshot, tmp_path):
 def test_l2init_refuses_a_bad_coef(snapshot, tmp_path, coef):
     with pytest.raises(ValueError, match="l2init_coef"):
         PEERS["l2init"](snapshot, config(tmp_path), facts_dataset(), make_tokenizer(), l2init_coef=coef)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# l2match: the pull's gradient norm is the distillation term's
+
+
+def _grads(model, loss) -> torch.Tensor:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, trainable)])
+
+
+@pytest.mark.parametrize("scope", ["all", "completion"])
+def test_l2match_pull_has_the_distillation_terms_gradient_norm(snapshot, tmp_path, scope):
+    """μ_t = ‖∇ λτ²KL‖ / (2‖θ − θ₀‖), with ∇ λτ²KL measured independently: self-distillation's gradient minus plain
+    SFT's on the same batch and weights; the loss is CE + μ_t·Σ(θ−θ₀)², so its gradient is ∇CE + 2μ_t(θ−θ₀)."""
+    args = config(tmp_path, distill_coef=1.5, distill_temperature=2.0, distill_scope=scope)
+    trainer = MatchedL2SFTTrainer(snapshot, args, train_dataset=facts_dataset(), processing_class=make_tokenizer())
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model = trainer.model.train()
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    items = (batch["labels"][:, 1:] != -100).sum()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    reference = SelfDistillSFTTrainer(snapshot, args, train_dataset=facts_dataset(), processing_class=make_tokenizer())
+    reference.model.load_state_dict(model.state_dict())
+    reference.model.train()
+    reference.current_gradient_accumulation_steps = 1
+    sft_args = config(tmp_path, distill_coef=0.0)
+    plain = SelfDistillSFTTrainer(snapshot, sft_args, train_dataset=facts_dataset(), processing_class=make_tokenizer())
+    plain.model.load_state_dict(model.state_dict())
+    plain.model.train()
+    ce_grad = _grads(plain.model, plain.compute_loss(plain.model, batch, num_items_in_batch=items))
+    distilled = reference.compute_loss(reference.model, batch, num_items_in_batch=items)
+    kl_grad = _grads(reference.model, distilled) - ce_grad
+    start = torch.cat([trainer.initial_weights[n].flatten() for n, p in model.named_parameters() if p.requires_grad])
+    delta = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]) - start
+    expected_coef = kl_grad.norm() / (2 * delta.norm())
+    assert kl_grad.norm() > 0
+
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=items)
+    coef = trainer._metrics["train"]["l2match_coef"][-1]
+    assert coef == pytest.approx(expected_coef.item(), rel=1e-4)
+    assert trainer._metrics["train"]["l2match_kl_grad_norm"][-1] == pytest.approx(kl_grad.norm().item(), rel=1e-4)
+    pull = _grads(model, loss) - ce_grad
+    torch.testing.assert_close(pull, 2 * coef * delta, rtol=1e-3, atol=1e-6)
+    assert pull.norm().item() == pytest.approx(kl_grad.norm().item(), rel=1e-3)
+    # one step's metrics logged once: the distillation ones from the measured pass, not from the CE pass
+    assert len(trainer._metrics["train"]["kl"]) == len(trainer._metrics["train"]["l2match_coef"]) == 1
+
+
+def test_l2match_starts_as_sft_and_stays_closer_to_the_start(snapshot, tmp_path):
+    """At θ = θ₀ the pull is 0: the first step is plain SFT's. Over steps it keeps the weights nearer S than SFT."""
+    sft = SelfDistillSFTTrainer(snapshot, config(tmp_path, distill_coef=0.0, max_steps=1, optim="sgd"),
+                                train_dataset=facts_dataset(), processing_class=make_tokenizer())
+    sft.train()
+    matched = MatchedL2SFTTrainer(snapshot, config(tmp_path, distill_coef=1.0, max_steps=1, optim="sgd"),
+                                  train_dataset=facts_dataset(), processing_class=make_tokenizer())
+    matched.train()
+    assert losses(matched) == pytest.approx(losses(sft), rel=1e-5)
+    for name, value in params(sft.model).items():
+        torch.testing.assert_close(dict(matched.model.named_parameters())[name].detach(), value, rtol=1e-5, atol=1e-7)
+    distances = {}
+    for name, cls, coef in (("sft", SelfDistillSFTTrainer, 0.0), ("matched", MatchedL2SFTTrainer, 50.0)):
+        trainer = cls(snapshot, config(tmp_path, distill_coef=coef, max_steps=4, optim="sgd"),
+                      train_dataset=facts_dataset(), processing_class=make_tokenizer())
+        start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        distances[name] = sum((p.detach() - start[n]).pow(2).sum().item() for n, p in trainer.model.named_parameters())
+    assert 0 < distances["matched"] < distances["sft"]
+
+
+def test_l2match_refuses_no_distillation_term(snapshot, tmp_path):
+    with pytest.raises(ValueError, match="distill_coef"):
+        MatchedL2SFTTrainer(snapshot, config(tmp_path, distill_coef=0.0), train_dataset=facts_dataset(),
+                            processing_class=make_tokenizer())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -106,6 +106,34 @@ def test_frontier_paired_difference_uses_the_seeds_where_both_reach_the_target()
     assert readings["selfdistill"]["0.5"]["vs_sft"]["n"] == 2 and "vs_sft" not in readings["sft"]["0.5"]
 
 
+def test_drift_is_summarised_at_the_end_and_at_matched_new_fact_accuracy():
+    from trl_selfdistill.report import drift_table
+
+    per_seed = _study()
+    for seed, shift in zip(per_seed, (0.0, 0.02), strict=True):
+        for run, slope in ((seed["runs"]["sft"], 0.1), (seed["runs"]["selfdistill"], 0.01)):
+            for h in run["history"]:  # drift grows with training: slope × step, + a per-seed shift after step 0
+                h["representation_drift"] = slope * h["step"] + (shift if h["step"] else 0.0)
+                h["drift_kl"] = 10 * h["representation_drift"]
+    summary = summarize(per_seed, resamples=20)
+    sft, sd = summary["sft"]["drift"], summary["selfdistill"]["drift"]
+    assert sft["representation_drift"]["mean"] == pytest.approx(0.2 + 0.01)  # step 2, seeds 0 and 1
+    assert sft["drift_kl"]["mean"] == pytest.approx(2.1)
+    # SFT reaches new-fact accuracy 0.8 between steps 1 (0.5) and 2 (1.0): 60% of the way
+    assert sft["representation_drift_at_0.8"]["mean"] == pytest.approx(0.1 + 0.6 * 0.1 + 0.01)
+    assert sd["representation_drift_at_0.8"]["mean"] == pytest.approx(0.02 + 0.01)  # step 2 hits 0.8
+    assert sd["representation_drift_at_0.9"]["n"] == 0  # self-distillation never reaches 0.9
+    lines = drift_table({"summary": summary}).splitlines()
+    assert len(lines) == 4 and lines[3].startswith("| self-distillation | 0.03 [")
+    assert lines[3].split(" | ")[3] == "–"  # not reached at 0.9
+    for seed in per_seed:  # runs without drift measurements: no drift block, no table
+        for run in seed["runs"].values():
+            for h in run["history"]:
+                h.pop("representation_drift"), h.pop("drift_kl")
+    assert "drift" not in summarize(per_seed, resamples=20)["sft"]
+    assert drift_table({"summary": summarize(per_seed, resamples=20)}) is None
+
+
 def test_budget_monitor_facts_are_known_and_about_entities_the_splits_do_not_mention(tmp_path):
     from trl_selfdistill.demo import SIZES, base_config, make_parser
     from trl_selfdistill.knowledge import builtin_facts
@@ -263,6 +291,7 @@ def test_each_method_is_one_entry_whose_overrides_set_what_it_says():
     assert overrides("lora_selfdistill:0.5") == {"distill_coef": 0.5, "learning_rate": pytest.approx(1e-3)}
     assert overrides("lora_sft") == {"distill_coef": 0.0, "learning_rate": pytest.approx(1e-3)}
     assert overrides("freeze_mlp") == {"distill_coef": 0.0}
+    assert overrides("l2match:2") == {"distill_coef": 2.0}  # λ of the KL whose gradient norm the pull matches
     assert overrides("asft:0.5") == {"distill_coef": 0.5, "loss_type": "dft", "distill_temperature": 1.0,
                                      "divergence": "forward_kl", "distill_scope": "completion"}
     assert [k for k, spec in METHODS.items() if spec.control] == ["known_only"]
@@ -289,6 +318,10 @@ def test_known_rows_only_puts_no_distillation_on_new_fact_rows(tmp_path):
     assert weights == [0.0] * len(splits.train_unknown) + [1.0] * len(splits.train_known)
     plain = protocol.trainer(parse_methods("selfdistill")[0], splits, tiny_checkpoint(), 0, tmp_path)
     assert plain._row_weights is None
+    from trl_selfdistill.peers import MatchedL2SFTTrainer
+
+    matched = protocol.trainer(parse_methods("l2match")[0], splits, tiny_checkpoint(), 0, tmp_path)
+    assert isinstance(matched, MatchedL2SFTTrainer) and matched.distill_coef == args.distill_coef
 
 
 def test_the_summary_reads_forgetting_from_the_mean_of_the_last_evaluations_too():

@@ -32,6 +32,12 @@ def _sft_trainer(build: Build, **extra):
     return SelfDistillSFTTrainer(model=build.snapshot, args=build.args, train_dataset=build.dataset, **extra)
 
 
+def _matched_l2_trainer(build: Build):
+    from .peers import MatchedL2SFTTrainer
+
+    return MatchedL2SFTTrainer(model=build.snapshot, args=build.args, train_dataset=build.dataset)
+
+
 def _lora_trainer(build: Build):
     from peft import LoraConfig
 
@@ -141,6 +147,9 @@ METHODS: dict[str, MethodSpec] = {
         "self-distillation, stopped at the budget", "budget", overrides=_budgeted, budget_mode="stop"
     ),
     "l2init": MethodSpec("SFT + L2 to S", "μ", build=_peer_trainer),
+    # The paper's control: the L2 pull's gradient norm set to the distillation term's (λ) at every step
+    "l2match": MethodSpec("SFT + L2 to S, gradient-matched to the KL", "λ", overrides=_distilled,
+                          build=_matched_l2_trainer),
     "gkd": MethodSpec("GKD (off-policy, teacher copy)", build=_peer_trainer),
     "sdft": MethodSpec("SDFT (on-policy)", build=_peer_trainer),
 }

@@ -27,6 +27,7 @@ from trl import SFTConfig
 
 from .base_trainer import GuardedSFTTrainer
 from .config import SelfDistillConfig
+from .trainer import SelfDistillSFTTrainer
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -117,6 +118,23 @@ FIXED: dict[str, dict] = {
 }
 
 
+def initial_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """θ₀: a detached copy of every trainable weight, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def squared_distance(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ (θ − θ₀)² over the weights of `model` named in `initial`, differentiable."""
+    total = None
+    for name, param in model.named_parameters():
+        if name in initial:
+            term = (param - initial[name].to(param.device)).pow(2).sum()
+            total = term if total is None else total + term
+    if total is None:
+        raise ValueError("No trainable parameter of the model matches the initial copy; nothing to pull back.")
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # l2init: SFT + μ·‖θ − θ₀‖²
 
@@ -159,19 +177,11 @@ class L2InitSFTTrainer(GuardedSFTTrainer):
                 "DeepSpeed/FSDP train. Run it on one process or with DDP."
             )
         self.l2init_coef = float(l2init_coef)
-        self.initial_weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.initial_weights = initial_copy(self.model)
 
     def squared_distance(self, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Σ (θ − θ₀)² over the trainable weights of `model` (default: the trained model), differentiable."""
-        model = self.model if model is None else model
-        total = None
-        for name, param in model.named_parameters():
-            if name in self.initial_weights:
-                term = (param - self.initial_weights[name].to(param.device)).pow(2).sum()
-                total = term if total is None else total + term
-        if total is None:
-            raise ValueError("No trainable parameter of the model matches the initial copy; nothing to pull back.")
-        return total
+        return squared_distance(self.model if model is None else model, self.initial_weights)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -203,6 +213,83 @@ def l2init(model: str, args: SelfDistillConfig, train_dataset, processing_class,
     return L2InitSFTTrainer(
         model, run_args, opts["l2init_coef"], train_dataset=train_dataset, processing_class=processing_class
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# l2match: SFT + an L2 pull whose gradient norm is the distillation term's, step by step
+
+
+class MatchedL2SFTTrainer(SelfDistillSFTTrainer):
+    r"""
+    The paper's control for self-distillation: SFT plus a pull toward the start S, as strong as the distillation term
+    would be, but blind to what the model outputs:
+
+        loss = CE(gold) + μ_t · Σ_i (θ_i − θ₀,i)²,   μ_t = ‖∇_θ λτ²·KL_t‖ / (2‖θ − θ₀‖)   (μ_t detached)
+
+    KL_t is `SelfDistillSFTTrainer`'s distillation term on the same micro-batch (teacher S, the run's `distill_coef`,
+    `distill_temperature`, `distill_scope`), measured and never trained: its gradient norm sets μ_t so that the pull's
+    gradient, 2μ_t(θ − θ₀), has the same norm at every step. If that control forgets as little as self-distillation,
+    the KL protects knowledge as any anchor would; if it forgets more, the KL's direction (toward the teacher's
+    outputs) matters. θ₀ is the trainable weights when the trainer is built, S itself (for an adapter: the adapter's
+    start, the teacher being the base with the adapter off). At θ = θ₀ (the first step) μ_t = 0.
+
+    Each training micro-batch costs one teacher forward, two student forwards and two backward passes (one for the
+    KL's gradient, one for the loss). Evaluation computes `SelfDistillSFTTrainer`'s loss. Logged: `l2match_coef`
+    (μ_t), `l2match_kl_grad_norm` (‖∇ λτ²KL_t‖), `l2init_sq_distance` (Σ(θ−θ₀)²) and the distillation metrics. One
+    process only: θ₀ is a full copy, and the two forwards before one backward do not fit DDP's gradient hooks.
+    """
+
+    _tag_names = ["trl", "sft", "l2-init", "trl-selfdistill"]
+
+    def __init__(self, model, args: SelfDistillConfig, **kwargs):
+        if not getattr(args, "distill_coef", 0) > 0:
+            raise ValueError(
+                "MatchedL2SFTTrainer matches the pull to the distillation term's gradient, which needs "
+                f"`distill_coef` > 0 (got {getattr(args, 'distill_coef', None)}). Use 1.0 (paper), or plain SFT."
+            )
+        if args.world_size > 1:
+            raise ValueError(
+                f"MatchedL2SFTTrainer runs on one process (this launch has {args.world_size}): its two forwards per "
+                "micro-batch do not fit DDP's gradient hooks, and θ₀ is a full copy. Launch it without accelerate."
+            )
+        super().__init__(model, args, **kwargs)
+        self.initial_weights = initial_copy(self.model)
+        self._weights = (1.0, 1.0)  # (CE, distillation) multipliers of the parent's loss scales
+        self._quiet = False
+
+    def _loss_scales(self, label_mask, positions, num_items_in_batch):
+        ce, distill = super()._loss_scales(label_mask, positions, num_items_in_batch)
+        return ce * self._weights[0], distill * self._weights[1]
+
+    def _log_step_metrics(self, *args, **kwargs):
+        if not self._quiet:
+            super()._log_step_metrics(*args, **kwargs)
+
+    def _term(self, model, inputs, num_items_in_batch, ce: float, distill: float, quiet: bool) -> torch.Tensor:
+        """The parent's loss with its CE and distillation terms weighted by `ce` and `distill`."""
+        self._weights, self._quiet = (ce, distill), quiet
+        try:
+            return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._weights, self._quiet = (1.0, 1.0), False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+        distill = self._term(model, inputs, num_items_in_batch, ce=0.0, distill=1.0, quiet=False)  # logs the step
+        grads = torch.autograd.grad(distill, trainable, allow_unused=True)
+        kl_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None))
+        loss = self._term(model, inputs, num_items_in_batch, ce=1.0, distill=0.0, quiet=True)
+        distance = squared_distance(model, self.initial_weights)
+        with torch.no_grad():
+            norm = 2 * distance.detach().double().sqrt()
+            coef = (kl_norm / norm).float() if norm > 0 else torch.zeros((), device=loss.device)
+        metrics = self._metrics["train"]
+        metrics["l2match_coef"].append(coef.item())
+        metrics["l2match_kl_grad_norm"].append(kl_norm.item())
+        metrics["l2init_sq_distance"].append(distance.item())
+        return loss + coef.to(loss.device) * distance
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,34 @@ def frontier_table(study: dict) -> str:
     return "\n".join(lines)
 
 
+def drift_table(study: dict) -> str | None:
+    """Per method, the paper's mechanism signals over the seeds: hidden-state drift at the middle layer and the
+    first-answer-token KL, at the end and at matched new-fact accuracy. None when no run measured them."""
+    rows = {m: r["drift"] for m, r in study["summary"].items() if r.get("drift")}
+    if not rows:
+        return None
+    targets = [f"{t:g}" for t in FRONTIER_TARGETS]
+    columns = [("representation_drift", "hidden-state drift (1 − cos) at the end")]
+    columns += [(f"representation_drift_at_{t}", f"the same at new-fact acc. {t}") for t in targets]
+    columns += [("drift_kl", "first-answer-token KL(S ‖ model) at the end")]
+    columns += [(f"drift_kl_at_{t}", f"the same at new-fact acc. {t}") for t in targets]
+    lines = ["| method | " + " | ".join(c[1] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for method, drift in rows.items():
+        cells = [_number(drift.get(key)) for key, _ in columns]
+        lines.append(f"| {study['summary'][method]['title']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(cell: dict | None) -> str:
+    """A small positive quantity (drift) with 4 significant digits and its interval, or – when not reached."""
+    if cell is None or cell.get("mean") is None:
+        return "–"
+    text = f"{cell['mean']:.4g}"
+    if cell.get("low") is not None:
+        text += f" [{cell['low']:.4g}, {cell['high']:.4g}]"
+    return text + ("" if cell["n"] > 1 else " (n=1)")
+
+
 def relation_table(study: dict) -> str | None:
     """
     Held-out Known accuracy per relation, pooled over the seeds (facts answered / facts): at S and at the end of each
@@ -219,6 +247,8 @@ def write_outputs(study: dict, out: Path) -> None:
         "\nAt matched plasticity (the stability–plasticity curves read at fixed new-fact "
         "accuracies; Student-t intervals over seeds):\n\n" + frontier_table(study),
     ]
+    if (drift := drift_table(study)) is not None:
+        parts.append("\nThe paper's mechanism, drift from S (mean over seeds, Student-t interval):\n\n" + drift)
     if (relations := relation_table(study)) is not None:
         parts.append(
             "\nHeld-out Known accuracy per relation, pooled over the seeds (a method's column: the seeds that "

@@ -93,6 +93,8 @@ def summarize(per_seed: Sequence[SeedResult], resamples: int = 2000) -> dict:
                 [run["peak_memory_mb"] for run in runs if run["peak_memory_mb"] is not None]
             ),
         }
+        if drift := _drift(runs):
+            row["drift"] = drift
         collapses = [run.get("collapse") for run in runs]
         if all(collapses):  # the held-out facts lost since S that now get a default answer, pooled over seeds
             lost, to_default = sum(c["lost"] for c in collapses), sum(c["lost_to_default"] for c in collapses)
@@ -131,6 +133,34 @@ def summarize(per_seed: Sequence[SeedResult], resamples: int = 2000) -> dict:
             row["vs_sft_facts"] = {"method_only": kept, "sft_only": lost, "p_value": sign_test(kept, lost)}
         summary[method] = row
     return summary
+
+
+DRIFTS = ("representation_drift", "drift_kl")
+
+
+def _drift(runs: Sequence[MethodResult], targets: Sequence[float] = FRONTIER_TARGETS) -> dict:
+    """
+    The paper's mechanism signals over the seeds (mean and Student-t interval): `representation_drift` (1 − cos of
+    the middle layer's hidden state at the held-out subject's last token, against S) and `drift_kl` (KL(S ‖ model) of
+    the first answer token), at the last evaluation and where the stability–plasticity curve first reaches each
+    target new-fact accuracy (`_at`: interpolated as the forgetting readings are). Empty when no run measured them.
+    """
+    out = {}
+    for key in DRIFTS:
+        ends = [run["history"][-1].get(key) for run in runs if run["history"]]
+        if not ends or any(v is None for v in ends):
+            continue
+        out[key] = mean_interval(ends)
+        for target in targets:
+            values = [v for run in runs if (v := _at(run, key, target)) is not None]
+            out[f"{key}_at_{target:g}"] = mean_interval(values)
+    return out
+
+
+def _at(result: MethodResult, key: str, target: float) -> float | None:
+    points = [(h["new_fact_accuracy"], h[key]) for h in result["history"]
+              if h["new_fact_accuracy"] is not None and h.get(key) is not None]
+    return reading_at(points, target)
 
 
 def _methods(per_seed: Sequence[SeedResult]) -> list[str]:
