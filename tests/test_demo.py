@@ -47,7 +47,7 @@ def test_demo_smoke_writes_table_plot_results_and_card(tmp_path, capsys):
     assert "{'loss'" not in out and "'knowledge/" not in out
 
 
-def test_demo_with_seeds_writes_one_folder_per_seed_and_the_paired_summary(tmp_path):
+def test_demo_with_seeds_writes_one_folder_per_seed_and_the_paired_summary(tmp_path, capsys):
     main(["demo", "--smoke", "--output_dir", str(tmp_path), "--batch_size", "8", "--methods", "sft,selfdistill:2",
           "--seeds", "3,4"])
     summary = json.loads((tmp_path / "results.json").read_text())
@@ -72,6 +72,13 @@ def test_demo_with_seeds_writes_one_folder_per_seed_and_the_paired_summary(tmp_p
     assert merged["seeds"] == [5] and merged["methods"] == ["sft", "selfdistill:2", "freeze"]
     with pytest.raises(ValueError, match="Seeds repeat"):
         main(["demo", "--combine", str(tmp_path), str(tmp_path / "seed-3"), "--output_dir", str(tmp_path / "x")])
+    # The decision table over regimes, from combined folders
+    capsys.readouterr()
+    main(["demo", "--regimes", f"seeds 3-5={tmp_path / 'all'}", f"seed 5={tmp_path / 'merged'}"])
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[:3] for line in table[2:]] == [
+        ["| seeds 3-5", "SFT", "3"], ["| seeds 3-5", "self-distillation (λ=2)", "3"], ["| seed 5", "SFT", "1"],
+        ["| seed 5", "self-distillation (λ=2)", "1"], ["| seed 5", "attention only", "1"]]
 
 
 def test_mixed_new_facts_are_half_real_unknown_half_fictional(tmp_path):

@@ -134,6 +134,30 @@ def test_drift_is_summarised_at_the_end_and_at_matched_new_fact_accuracy():
     assert drift_table({"summary": summarize(per_seed, resamples=20)}) is None
 
 
+def test_regime_table_gives_each_regime_and_method_its_paired_readings(tmp_path):
+    import json
+
+    from trl_selfdistill.report import read_regimes, regime_table
+
+    per_seed = _study()
+    study = make_study(per_seed)
+    other = make_study([{**seed, "runs": {"sft": seed["runs"]["sft"]}} for seed in per_seed])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(study))
+    studies = read_regimes([f"N=50 names={tmp_path / 'a'}"])
+    lines = regime_table({**studies, "N=200 UUIDs": other}).splitlines()
+    assert len(lines) == 2 + 2 + 1
+    sd = lines[3].split(" | ")
+    assert sd[0] == "| N=50 names" and sd[1] == "self-distillation" and sd[2] == "2"
+    assert sd[5].startswith("+30.0% [") and sd[6] == "+22.0% [+22.0, +22.0] (n=2)"  # at 0.8: 32% vs 10%
+    assert sd[7] == "not reached (0/2)"  # self-distillation never reaches new-fact accuracy 0.9
+    assert lines[2].split(" | ")[6].startswith("(") and lines[4].startswith("| N=200 UUIDs | SFT | 2 |")
+    with pytest.raises(SystemExit, match="LABEL=DIR"):
+        read_regimes([str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--combine"):
+        read_regimes([f"x={tmp_path / 'missing'}"])
+
+
 def test_budget_monitor_facts_are_known_and_about_entities_the_splits_do_not_mention(tmp_path):
     from trl_selfdistill.demo import SIZES, base_config, make_parser
     from trl_selfdistill.knowledge import builtin_facts

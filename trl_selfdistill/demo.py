@@ -29,7 +29,7 @@ from .knowledge.heuristics import parse_heuristics
 from .knowledge.splits import concatenate_facts
 from .methods import METHODS, parse_methods
 from .protocol import NEW_FACTS, Protocol, parse_seeds
-from .report import combine, frontier_table, study_table
+from .report import combine, frontier_table, read_regimes, regime_table, study_table
 from .scripts.utils import tiny_checkpoint
 
 DEFAULT_METHODS = "known_only,sft,selfdistill,freeze"
@@ -112,6 +112,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default=None, help="seeds to run, e.g. `0,1,2` or `0-4` (default: --seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reprobe", action="store_true", help="probe the facts even for the embedded model")
+    parser.add_argument("--regimes", nargs="+", metavar="LABEL=DIR",
+                        help="train nothing: print the decision table of studies already combined (each DIR holds a "
+                        "results.json), one regime each, e.g. 'N=50 names=runs/a' 'N=200 UUIDs=runs/b'")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="train nothing: combine the output folders of demo runs with other seeds (e.g. run in "
                         "parallel) into one study in --output_dir")
@@ -189,6 +192,9 @@ def quiet() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     quiet()
+    if args.regimes:
+        print(regime_table(read_regimes(args.regimes)))
+        return
     if args.combine:
         study = combine(args.combine, args.output_dir)
         print(study_table(study) + "\n\n" + frontier_table(study) + f"\n\nSeeds {study['seeds']} combined in "

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .knowledge.results import MethodResult, SeedResult
-from .study import FRONTIER_TARGETS, frontier_by_step, heldout_start, make_study, summarize
+from .study import BASELINE, FRONTIER_TARGETS, frontier_by_step, heldout_start, make_study, summarize
 
 SEED_RESULTS = "seed_results.json"
 
@@ -175,6 +175,59 @@ def _number(cell: dict | None) -> str:
     if cell.get("low") is not None:
         text += f" [{cell['low']:.4g}, {cell['high']:.4g}]"
     return text + ("" if cell["n"] > 1 else " (n=1)")
+
+
+def read_regimes(specs: Sequence[str]) -> dict[str, dict]:
+    """`["LABEL=DIR", ...]` → {label: the study in DIR/results.json} (a `combine` or demo output folder)."""
+    studies = {}
+    for spec in specs:
+        label, sep, folder = spec.rpartition("=")
+        if not sep or not label.strip():
+            raise SystemExit(f"{spec!r}: give each regime as LABEL=DIR, e.g. 'N=200 UUIDs=runs/n200-uuid'.")
+        file = Path(folder) / "results.json"
+        if not file.is_file():
+            raise SystemExit(f"{file}: not found. Combine the regime's seeds first (`--combine DIRS --output_dir "
+                             f"{folder}`), then pass that folder.")
+        studies[label.strip()] = json.loads(file.read_text())
+    return studies
+
+
+def regime_table(studies: dict[str, dict]) -> str:
+    """
+    The decision table over regimes (number of new facts, key type...): per regime and method, over its seeds,
+    forgetting and new-fact accuracy at the end, the paired SFT − method at the end and at matched new-fact accuracy
+    (the Known-only control's row is then SFT's forgetting beyond training itself), and hidden-state drift from S at
+    the end and at new-fact accuracy 0.9. `studies` maps a regime's label to its study (`make_study`, `combine`).
+    """
+    targets = [f"{t:g}" for t in FRONTIER_TARGETS]
+    lines = [
+        "| regime | method | seeds | relative forgetting [95% CI] | new-fact acc. | SFT − method [95% CI] | "
+        + " | ".join(f"SFT − method at new-fact acc. {t}" for t in targets)
+        + f" | hidden-state drift | the same at new-fact acc. {targets[-1]} |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(targets) + "---:|---:|",
+    ]
+    for label, study in studies.items():
+        for method, row in study["summary"].items():
+            readings = []
+            for target in targets:
+                cell = study["frontier"][method][target]
+                difference = cell.get("vs_sft")
+                if method == BASELINE:
+                    readings.append(f"({_interval(cell)} forgotten)" if cell["reached"] else "not reached")
+                elif difference is None or difference["mean"] is None:
+                    readings.append("–" if cell["reached"] else f"not reached ({cell['reached']}/{cell['seeds']})")
+                else:
+                    readings.append(_interval(difference, signed=True) + f" (n={difference['n']})")
+            drift = row.get("drift", {})
+            new = "–" if row["new_fact_accuracy"] is None else f"{row['new_fact_accuracy']['mean']:.3f}"
+            lines.append(
+                f"| {label} | {row['title']} | {len(row['seeds'])} | {_interval(row['forgetting'])} | "
+                f"{new} | {_interval(row.get('vs_sft'), signed=True)} | "
+                + " | ".join(readings)
+                + f" | {_number(drift.get('representation_drift'))} | "
+                f"{_number(drift.get(f'representation_drift_at_{targets[-1]}'))} |"
+            )
+    return "\n".join(lines)
 
 
 def relation_table(study: dict) -> str | None:
