@@ -95,6 +95,13 @@ def table_row(text: str, label: str) -> list[str]:
 # ---- rendering ----
 
 
+@pytest.mark.parametrize("scope, words", [("all", "every non-padding token"), ("completion", "completion tokens"),
+                                          ("prompt", "prompt tokens")])
+def test_card_says_which_tokens_the_distillation_term_covers(scope, words):
+    row = table_row(str(render_model_card(distilled_info(distill_scope=scope))), "token scope")
+    assert row[1].startswith(words)
+
+
 def test_card_round_trips_through_huggingface_hub(tmp_path):
     path = tmp_path / "README.md"
     render_model_card(distilled_info()).save(path)

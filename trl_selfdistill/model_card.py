@@ -63,7 +63,11 @@ DIVERGENCE_LABELS = {
     "reverse_kl": "reverse KL, KL(student ‖ teacher)",
     "jsd": "generalized Jensen-Shannon divergence",
 }
-SCOPE_LABELS = {"completion": "completion tokens (the tokens the CE loss trains on)", "all": "every non-padding token"}
+SCOPE_LABELS = {
+    "completion": "completion tokens (the tokens the CE loss trains on)",
+    "all": "every non-padding token",
+    "prompt": "prompt tokens (the real tokens the CE loss does not train on)",
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SEGMENT = r"[^\s/\\`'\"()<>\[\]|,;]+"
