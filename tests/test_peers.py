@@ -145,7 +145,14 @@ def test_l2match_pull_has_the_distillation_terms_gradient_norm(snapshot, tmp_pat
     expected_coef = kl_grad.norm() / (2 * delta.norm())
     assert kl_grad.norm() > 0
 
+    # θ₀ is the teacher's frozen copy of S, not a third copy of the model
+    frozen = dict(trainer.teacher.model.named_parameters())
+    assert all(trainer.initial_weights[n] is frozen[n] for n, p in model.named_parameters() if p.requires_grad)
+    forwards = []
+    teacher_forward = trainer.teacher.last_hidden_state
+    trainer.teacher.last_hidden_state = lambda inputs: forwards.append(1) or teacher_forward(inputs)
     loss = trainer.compute_loss(model, batch, num_items_in_batch=items)
+    assert len(forwards) == 1  # one teacher forward serves the measured pass and the CE pass
     coef = trainer._metrics["train"]["l2match_coef"][-1]
     assert coef == pytest.approx(expected_coef.item(), rel=1e-4)
     assert trainer._metrics["train"]["l2match_kl_grad_norm"][-1] == pytest.approx(kl_grad.norm().item(), rel=1e-4)
@@ -157,7 +164,8 @@ def test_l2match_pull_has_the_distillation_terms_gradient_norm(snapshot, tmp_pat
 
 
 def test_l2match_starts_as_sft_and_stays_closer_to_the_start(snapshot, tmp_path):
-    """At θ = θ₀ the pull is 0: the first step is plain SFT's. Over steps it keeps the weights nearer S than SFT."""
+    """At θ = θ₀ the pull and the KL's gradient are 0: the first step is plain SFT's (the CE pass has SFT's loss and
+    normalisation). Over steps it keeps the weights nearer S than SFT."""
     sft = SelfDistillSFTTrainer(snapshot, config(tmp_path, distill_coef=0.0, max_steps=1, optim="sgd"),
                                 train_dataset=facts_dataset(), processing_class=make_tokenizer())
     sft.train()

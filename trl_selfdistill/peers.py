@@ -231,12 +231,13 @@ class MatchedL2SFTTrainer(SelfDistillSFTTrainer):
     gradient, 2μ_t(θ − θ₀), has the same norm at every step. If that control forgets as little as self-distillation,
     the KL protects knowledge as any anchor would; if it forgets more, the KL's direction (toward the teacher's
     outputs) matters. θ₀ is the trainable weights when the trainer is built, S itself (for an adapter: the adapter's
-    start, the teacher being the base with the adapter off). At θ = θ₀ (the first step) μ_t = 0.
+    start, the teacher being the base with the adapter off); under full fine-tuning it is read from the teacher, the
+    frozen copy of S, not copied again. At θ = θ₀ (the first step) μ_t = 0.
 
     Each training micro-batch costs one teacher forward, two student forwards and two backward passes (one for the
     KL's gradient, one for the loss). Evaluation computes `SelfDistillSFTTrainer`'s loss. Logged: `l2match_coef`
     (μ_t), `l2match_kl_grad_norm` (‖∇ λτ²KL_t‖), `l2init_sq_distance` (Σ(θ−θ₀)²) and the distillation metrics. One
-    process only: θ₀ is a full copy, and the two forwards before one backward do not fit DDP's gradient hooks.
+    process only: the two forwards before one backward do not fit DDP's gradient hooks.
     """
 
     _tag_names = ["trl", "sft", "l2-init", "trl-selfdistill"]
@@ -250,37 +251,58 @@ class MatchedL2SFTTrainer(SelfDistillSFTTrainer):
         if args.world_size > 1:
             raise ValueError(
                 f"MatchedL2SFTTrainer runs on one process (this launch has {args.world_size}): its two forwards per "
-                "micro-batch do not fit DDP's gradient hooks, and θ₀ is a full copy. Launch it without accelerate."
+                "micro-batch do not fit DDP's gradient hooks. Launch it without accelerate."
             )
         super().__init__(model, args, **kwargs)
-        self.initial_weights = initial_copy(self.model)
+        self.initial_weights = self._initial_weights()
         self._weights = (1.0, 1.0)  # (CE, distillation) multipliers of the parent's loss scales
-        self._quiet = False
+        self._teacher_states = None  # during a training micro-batch: the teacher's hidden states, computed once
+
+    def _initial_weights(self) -> dict[str, torch.Tensor]:
+        """θ₀. Under full fine-tuning the teacher is already a frozen copy of S with the same parameter names: its
+        weights are θ₀, and no third copy of the model is made. Otherwise (an adapter, another teacher) a copy."""
+        if self.teacher.kind == "model_copy" and self.args.teacher_model_name_or_path is None:
+            frozen = dict(self.teacher.model.named_parameters())
+            trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            if all(n in frozen for n in trainable):
+                return {n: frozen[n] for n in trainable}
+        return initial_copy(self.model)
 
     def _loss_scales(self, label_mask, positions, num_items_in_batch):
         ce, distill = super()._loss_scales(label_mask, positions, num_items_in_batch)
         return ce * self._weights[0], distill * self._weights[1]
 
     def _log_step_metrics(self, *args, **kwargs):
-        if not self._quiet:
+        if self._weights[1]:  # the CE pass (distillation weight 0) logs nothing: the measured pass logged the step
             super()._log_step_metrics(*args, **kwargs)
 
-    def _term(self, model, inputs, num_items_in_batch, ce: float, distill: float, quiet: bool) -> torch.Tensor:
+    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        if self._teacher_states is None:
+            return super()._teacher_hidden(inputs)
+        if not self._teacher_states:
+            self._teacher_states.append(super()._teacher_hidden(inputs))
+        return self._teacher_states[0]
+
+    def _term(self, model, inputs, num_items_in_batch, ce: float, distill: float) -> torch.Tensor:
         """The parent's loss with its CE and distillation terms weighted by `ce` and `distill`."""
-        self._weights, self._quiet = (ce, distill), quiet
+        self._weights = (ce, distill)
         try:
             return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         finally:
-            self._weights, self._quiet = (1.0, 1.0), False
+            self._weights = (1.0, 1.0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        trainable = [p for n, p in model.named_parameters() if p.requires_grad]
-        distill = self._term(model, inputs, num_items_in_batch, ce=0.0, distill=1.0, quiet=False)  # logs the step
-        grads = torch.autograd.grad(distill, trainable, allow_unused=True)
-        kl_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None))
-        loss = self._term(model, inputs, num_items_in_batch, ce=1.0, distill=0.0, quiet=True)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self._teacher_states = []  # one teacher forward serves both passes
+        try:
+            distill = self._term(model, inputs, num_items_in_batch, ce=0.0, distill=1.0)  # logs the step
+            grads = torch.autograd.grad(distill, trainable, allow_unused=True)
+            kl_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None))
+            loss = self._term(model, inputs, num_items_in_batch, ce=1.0, distill=0.0)
+        finally:
+            self._teacher_states = None
         distance = squared_distance(model, self.initial_weights)
         with torch.no_grad():
             norm = 2 * distance.detach().double().sqrt()
