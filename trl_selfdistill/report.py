@@ -69,16 +69,26 @@ def _collapse(cell: dict | None) -> str:
     return f"{cell['lost_to_default']} of {cell['lost']} ({100 * cell['share']:.0f}%)"
 
 
-def _interval(cell: dict | None, percent: bool = True, signed: bool = False) -> str:
+def _interval(cell: dict | None, percent: bool = True, signed: bool = False, spec: str = ".3f") -> str:
+    """`mean [low, high]`: in percent with one decimal, or as plain numbers formatted with `spec`; – when empty."""
     if cell is None or cell.get("mean") is None:
         return "–"
     scale, unit = (100, "%") if percent else (1, "")
     sign = "+" if signed else ""
-    text = f"{scale * cell['mean']:{sign}.1f}{unit}" if percent else f"{cell['mean']:.3f}"
+    text = f"{scale * cell['mean']:{sign}.1f}{unit}" if percent else f"{cell['mean']:{spec}}"
     if cell.get("low") is not None:
-        low, high = scale * cell["low"], scale * cell["high"]
-        text += f" [{low:{sign}.1f}, {high:{sign}.1f}]" if percent else f" [{cell['low']:.3f}, {cell['high']:.3f}]"
+        if percent:
+            text += f" [{scale * cell['low']:{sign}.1f}, {scale * cell['high']:{sign}.1f}]"
+        else:
+            text += f" [{cell['low']:{spec}}, {cell['high']:{spec}}]"
     return text
+
+
+def _paired(difference: dict | None) -> str:
+    """A paired SFT − method reading at a plasticity target, with the number of seeds it pairs; – when none."""
+    if difference is None or difference["mean"] is None:
+        return "–"
+    return _interval(difference, signed=True) + f" (n={difference['n']})"
 
 
 def study_table(study: dict) -> str:
@@ -138,13 +148,7 @@ def frontier_table(study: dict) -> str:
                 cells += [f"not reached (0/{cell['seeds']} seeds)", "–"]
                 continue
             reached = "" if cell["reached"] == cell["seeds"] else f" ({cell['reached']}/{cell['seeds']} seeds)"
-            difference = cell.get("vs_sft")
-            paired = (
-                "–"
-                if difference is None or difference["mean"] is None
-                else (_interval(difference, signed=True) + f" (n={difference['n']})")
-            )
-            cells += [_interval(cell) + reached, paired]
+            cells += [_interval(cell) + reached, _paired(cell.get("vs_sft"))]
         lines.append(f"| {study['summary'][method]['title']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,12 +173,8 @@ def drift_table(study: dict) -> str | None:
 
 def _number(cell: dict | None) -> str:
     """A small positive quantity (drift) with 4 significant digits and its interval, or – when not reached."""
-    if cell is None or cell.get("mean") is None:
-        return "–"
-    text = f"{cell['mean']:.4g}"
-    if cell.get("low") is not None:
-        text += f" [{cell['low']:.4g}, {cell['high']:.4g}]"
-    return text + ("" if cell["n"] > 1 else " (n=1)")
+    text = _interval(cell, percent=False, spec=".4g")
+    return text if text == "–" or cell["n"] > 1 else text + " (n=1)"
 
 
 def read_regimes(specs: Sequence[str]) -> dict[str, dict]:
@@ -211,13 +211,12 @@ def regime_table(studies: dict[str, dict]) -> str:
             readings = []
             for target in targets:
                 cell = study["frontier"][method][target]
-                difference = cell.get("vs_sft")
                 if method == BASELINE:
                     readings.append(f"({_interval(cell)} forgotten)" if cell["reached"] else "not reached")
-                elif difference is None or difference["mean"] is None:
-                    readings.append("–" if cell["reached"] else f"not reached ({cell['reached']}/{cell['seeds']})")
+                elif not cell["reached"]:
+                    readings.append(f"not reached (0/{cell['seeds']})")
                 else:
-                    readings.append(_interval(difference, signed=True) + f" (n={difference['n']})")
+                    readings.append(_paired(cell.get("vs_sft")))
             drift = row.get("drift", {})
             new = "–" if row["new_fact_accuracy"] is None else f"{row['new_fact_accuracy']['mean']:.3f}"
             lines.append(
